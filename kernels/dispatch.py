@@ -18,6 +18,20 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:
+    class _Absent:
+        """Stands in for triton so kernel files still import; use_triton() is then always False."""
+
+        def __getattr__(self, name):
+            return self
+
+        def __call__(self, *args, **kwargs):
+            return self
+
+    triton = tl = _Absent()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _backend = os.environ.get("ENGINE_KERNELS", "auto")

@@ -1,0 +1,100 @@
+"""Short model names, and where a model's files are found.
+
+Resolution order for a name: a local directory; the Hugging Face cache
+(HF_HOME / HF_HUB_CACHE, models--ORG--NAME/snapshots/*); a huggingface_hub download when the
+network allows. The tiny presets need no files: random weights from a built-in config and
+the tokenizer shipped in models/assets/tiny-tokenizer.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_TOKENIZER = ASSETS / "tiny-tokenizer"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    repo: str | None                  # Hugging Face repository, None for built-in presets
+    family: str
+    chat: bool = False                # instruct/chat checkpoints get the chat template by default
+    config: dict = field(default_factory=dict, hash=False)   # built-in presets only
+
+
+def _tiny(model_type: str, **extra) -> dict:
+    return {"model_type": model_type, "vocab_size": 4096, "hidden_size": 256, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 0,
+            "tie_word_embeddings": True, **extra}
+
+
+REGISTRY = {spec.name: spec for spec in [
+    ModelSpec("qwen1.5-0.5b", "Qwen/Qwen1.5-0.5B-Chat", "qwen2", chat=True),
+    ModelSpec("qwen2-0.5b", "Qwen/Qwen2-0.5B-Instruct", "qwen2", chat=True),
+    ModelSpec("qwen2-1.5b", "Qwen/Qwen2-1.5B-Instruct", "qwen2", chat=True),
+    ModelSpec("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", chat=True),
+    ModelSpec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2", chat=True),
+    ModelSpec("bloom-389m-zh", "Langboat/bloom-389m-zh", "bloom"),
+    ModelSpec("bloom-1b4-zh", "Langboat/bloom-1b4-zh", "bloom"),
+    ModelSpec("bloom-560m", "bigscience/bloom-560m", "bloom"),
+    ModelSpec("bloom-1b7", "bigscience/bloom-1b7", "bloom"),
+    ModelSpec("tiny-qwen2", None, "qwen2", config=_tiny(
+        "qwen2", intermediate_size=688, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+        max_position_embeddings=1024)),
+    ModelSpec("tiny-bloom", None, "bloom", config=_tiny("bloom", layer_norm_epsilon=1e-5)),
+]}
+
+PAPER_MODELS = ["qwen1.5-0.5b", "qwen2-0.5b", "qwen2-1.5b", "bloom-389m-zh", "bloom-1b4-zh", "bloom-560m", "bloom-1b7"]
+
+
+def lookup(name: str) -> ModelSpec | None:
+    return REGISTRY.get(name)
+
+
+def _hub_cache_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    dirs.append(hf_home / "hub")
+    return dirs
+
+
+def cached_snapshot(repo: str) -> Path | None:
+    """The newest snapshot of `repo` in the local Hugging Face cache that holds a config.json."""
+    folder = "models--" + repo.replace("/", "--")
+    for cache in _hub_cache_dirs():
+        snapshots = sorted((cache / folder / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+        if snapshots:
+            return snapshots[-1].parent
+    return None
+
+
+def _download(repo: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"the weights of {repo} are not in the Hugging Face cache and could not be downloaded ({type(e).__name__}).\n"
+            f"  online:  huggingface-cli download {repo}\n"
+            f"  offline: copy the repository's files (config.json, *.safetensors or pytorch_model.bin, tokenizer.json) "
+            f"to a folder and pass that folder instead of the name") from None
+
+
+def resolve(name_or_path) -> tuple[Path | None, ModelSpec | None]:
+    """(directory holding config.json or None for built-in presets, registry entry or None)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: point at a Hugging Face model folder")
+        return path, None
+    spec = lookup(str(name_or_path))
+    if spec is None:
+        known = ", ".join(REGISTRY)
+        raise ValueError(f"unknown model {name_or_path!r}: not a folder and not one of the short names ({known})")
+    if spec.repo is None:
+        return None, spec
+    return cached_snapshot(spec.repo) or _download(spec.repo), spec
