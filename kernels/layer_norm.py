@@ -1,20 +1,103 @@
 """LayerNorm (BLOOM): y = (x - mean) / sqrt(var + eps) * weight + bias, statistics in fp32.
 
-x [..., H] (fp32 or bf16), weight and bias [H] -> y like x.
+x [..., H] (fp32 or bf16), weight and bias [H] -> y like x (computed in fp32, cast once).
+
+Triton path: one program per row keeps mean and rstd ([rows] fp32 each) for the backward.
+With xhat = (x - mean) * rstd and g = dy * weight (fp32):
+    dx = rstd * (g - xhat * mean(g * xhat) - mean(g)),
+    dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy,
+reduced like rms_norm's dweight: per-program fp32 partial rows, then a torch sum.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import tl, triton, use_triton
+from kernels.rms_norm import as_rows, launch_config, partial_programs
+
+__all__ = ["launch_config", "layer_norm", "layer_norm_reference"]
 
 
 def layer_norm_reference(x, weight, bias, eps: float):
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
+@triton.jit
+def _layer_norm_forward_kernel(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / n_cols
+    centered = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (centered * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_backward_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_x, stride_dx,
+                                n_rows, n_cols, rows_per_program, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    db = tl.zeros([BLOCK], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: rows * stride may pass 2^31
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row in range(row_start, row_end):
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (x - tl.load(MEAN + row)) * rstd, 0.0)
+        dw += dy * xhat
+        db += dy
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols) - tl.sum(g, axis=0) / n_cols)
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+    tl.store(DB_PARTIAL + pid * n_cols + cols, db, mask=mask)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x2 = as_rows(x)
+        n_rows, n_cols = x2.shape
+        y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+        mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        block, num_warps = launch_config(n_cols)
+        _layer_norm_forward_kernel[(n_rows,)](x2, weight, bias, y, mean, rstd, x2.stride(0), y.stride(0), n_cols, eps,
+                                              BLOCK=block, num_warps=num_warps)
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.bias_dtype = bias.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        dy2 = as_rows(dy)
+        n_rows, n_cols = x2.shape
+        dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+        programs = partial_programs(n_rows, x2.device)
+        dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+        db_partial = torch.empty_like(dw_partial)
+        block, num_warps = launch_config(n_cols)
+        _layer_norm_backward_kernel[(programs,)](dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
+                                                 dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
+                                                 triton.cdiv(n_rows, programs), BLOCK=block, num_warps=num_warps)
+        dweight = dw_partial.sum(0).to(weight.dtype)
+        dbias = db_partial.sum(0).to(ctx.bias_dtype)
+        return dx.view(dy.shape), dweight, dbias, None
+
+
 def layer_norm(x, weight, bias, eps: float):
     if use_triton(x):
-        raise NotImplementedError("Triton layer_norm lands with the kernels issue")
+        return LayerNormFunction.apply(x, weight, bias, eps)
     return layer_norm_reference(x, weight, bias, eps)

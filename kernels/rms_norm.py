@@ -1,14 +1,26 @@
 """RMSNorm (Qwen2): y = weight * (x / sqrt(mean(x^2) + eps)), statistics in fp32.
 
-x [..., H] (fp32 or bf16), weight [H] -> y like x. The normalized value is cast back to x's
-dtype before the weight multiply, as transformers does. With `residual`, the sum
-x + residual is normalized and returned too: (y, x + residual).
+x [..., H] (fp32 or bf16), weight [H] -> y like x (torch's type promotion of x and weight).
+The normalized value is cast back to x's dtype before the weight multiply, as transformers
+does. With `residual`, the sum s = x + residual (in x's dtype) is normalized and returned
+too: (y, s); the Triton path fuses the add into the norm kernel and writes s once.
+
+Triton path: one program per row computes rstd = 1 / sqrt(mean(s^2) + eps) in fp32 and keeps
+it ([rows] fp32) for the backward. With n = s * rstd, g = dy * weight (fp32):
+    ds = rstd * (g - n * mean(g * n)) (+ the gradient flowing into the returned sum),
+    dx = dresidual = ds,  dweight = sum over rows of dy * cast(n).
+The backward runs a fixed number of programs (one per SM on a GPU), each looping over a
+contiguous chunk of rows and writing its fp32 partial dweight row; a torch sum reduces them
+(no atomics, so bf16 weights are fine). Helpers `launch_config`, `as_rows` and
+`partial_programs` are shared with layer_norm.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import tl, triton, use_triton
+
+MAX_FUSED_COLS = 65536  # one row must fit in one program's registers
 
 
 def rms_norm_reference(x, weight, eps: float):
@@ -17,10 +29,134 @@ def rms_norm_reference(x, weight, eps: float):
     return weight * normed.to(x.dtype)
 
 
+def launch_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a row-wise kernel whose program holds one row of n_cols."""
+    if n_cols > MAX_FUSED_COLS:
+        raise ValueError(f"row kernels hold a whole row in one program: {n_cols} columns > {MAX_FUSED_COLS}")
+    block = triton.next_power_of_2(n_cols)
+    num_warps = 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2
+    return block, num_warps
+
+
+def partial_programs(n_rows: int, device: torch.device) -> int:
+    """How many programs a backward with per-program partial sums runs: one per SM on a GPU."""
+    if device.type == "cuda":
+        return min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(n_rows, 8)  # the interpreter pays per program: few, each looping over rows
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., H] as a [rows, H] tensor with unit column stride (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+@triton.jit
+def _rms_norm_forward_kernel(X, R, S, W, Y, RSTD, stride_x, stride_r, stride_s, stride_y, n_cols, eps,
+                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        s = s.to(S.dtype.element_ty)  # the sum is rounded to x's dtype, as `x + residual` is
+        tl.store(S + row * stride_s + cols, s, mask=mask)
+        s = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n_cols + eps)
+    tl.store(RSTD + row, rstd)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = (s * rstd).to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(DY, DS_OUT, S, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_dso, stride_s, stride_dx,
+                              n_rows, n_cols, rows_per_program,
+                              HAS_DS_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: rows * stride may pass 2^31
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row in range(row_start, row_end):
+        s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        n = s * rstd
+        dw += dy * n.to(S.dtype.element_ty).to(tl.float32)
+        g = dy * w
+        ds = rstd * (g - n * (tl.sum(g * n, axis=0) / n_cols))
+        if HAS_DS_OUT:
+            ds += tl.load(DS_OUT + row * stride_dso + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, ds.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+
+
+def _forward(x, weight, eps, residual):
+    """Returns y, s (the normalized input: x + residual, or x itself) and rstd [rows] fp32."""
+    x2 = as_rows(x)
+    n_rows, n_cols = x2.shape
+    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if residual is None:
+        r2 = s = x2
+    else:
+        r2 = as_rows(residual)
+        s = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    block, num_warps = launch_config(n_cols)
+    _rms_norm_forward_kernel[(n_rows,)](x2, r2, s, weight, y, rstd, x2.stride(0), r2.stride(0), s.stride(0),
+                                        y.stride(0), n_cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                        num_warps=num_warps)
+    return y, s, rstd
+
+
+def _backward(dy, ds_out, s, weight, rstd):
+    """dx (= dresidual) [rows, H] in s's dtype and dweight in weight's dtype."""
+    dy2 = as_rows(dy)
+    n_rows, n_cols = s.shape
+    dso = dy2 if ds_out is None else as_rows(ds_out)
+    dx = torch.empty_like(s, memory_format=torch.contiguous_format)
+    programs = partial_programs(n_rows, s.device)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=s.device)
+    block, num_warps = launch_config(n_cols)
+    _rms_norm_backward_kernel[(programs,)](dy2, dso, s, weight, rstd, dx, dw_partial, dy2.stride(0), dso.stride(0),
+                                           s.stride(0), dx.stride(0), n_rows, n_cols, triton.cdiv(n_rows, programs),
+                                           HAS_DS_OUT=ds_out is not None, BLOCK=block, num_warps=num_warps)
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, residual):
+        y, s, rstd = _forward(x, weight, eps, residual)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.shape, ctx.has_residual = x.shape, residual is not None
+        ctx.set_materialize_grads(False)
+        if residual is None:
+            return y.view(x.shape)
+        return y.view(x.shape), s.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds_out=None):
+        s, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros(ctx.shape, dtype=s.dtype, device=s.device)
+        dx, dweight = _backward(dy, ds_out, s, weight, rstd)
+        dx = dx.view(ctx.shape)
+        return dx, dweight, None, dx if ctx.has_residual else None
+
+
 def rms_norm(x, weight, eps: float, residual=None):
+    """y, or (y, x + residual) when residual is given; see the module docstring."""
+    if use_triton(x):
+        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+            raise ValueError(f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match "
+                             f"x {tuple(x.shape)} {x.dtype} for the fused add")
+        return RMSNormFunction.apply(x, weight, eps, residual)
     if residual is not None:
         x = x + residual
-        return rms_norm(x, weight, eps), x
-    if use_triton(x):
-        raise NotImplementedError("Triton rms_norm lands with the kernels issue")
+        return rms_norm_reference(x, weight, eps), x
     return rms_norm_reference(x, weight, eps)
