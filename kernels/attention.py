@@ -5,16 +5,51 @@ h // (Hq // Hkv)), cu_seqlens [B+1] int32 (sequence b is tokens cu[b]:cu[b+1]),
 max_seqlen: the longest sequence (host int), alibi_slopes [Hq] fp32 or None.
 Within each sequence: out_i = softmax_j<=i(scale * q_i.k_j + slope * (j - i)) v_j, softmax in
 fp32; -> [T, Hq, D] in q's dtype. Tokens of different sequences never attend to each other.
+
+Paths (`attention` picks one):
+- CUDA with flash-attn importable: `flash_attn_varlen_func`. Its ALiBi bias is
+  -slope * |i + seqlen_k - seqlen_q - j|; with seqlen_q == seqlen_k and causal (j <= i) that is
+  slope * (j - i), our convention. Non-causal ALiBi differs (|i - j| is symmetric), so that case
+  and fp32 inputs (flash-attn takes fp16/bf16 only) go to the Triton kernel.
+- CUDA otherwise (or CPU with the backend forced to triton, under TRITON_INTERPRET=1): the
+  Triton FlashAttention-2 kernels below.
+- CPU: `attention_reference` (per-sequence SDPA).
+
+Triton kernels. Scores live in the exp2 domain: s2 = q.k * scale * log2(e) + slope * log2(e) * (j - i),
+so softmax needs exp2 only; the log-sum-exp saved for backward is lse2 = log2(sum_j 2^s2) [Hq, T] fp32.
+- Forward: grid (cdiv(max_seqlen, BLOCK_M), B, Hq); a program takes query block m of sequence b
+  for head h and exits when the block starts past the sequence's end (no host sync beyond
+  max_seqlen). It streams KV blocks with an online softmax: blocks left of the diagonal without
+  masks, then the diagonal block(s) with the causal and length masks; blocks right of it are skipped.
+- Backward (FlashAttention-2): delta = rowsum(dO * O) [Hq, T] (preprocess kernel); dK/dV over
+  (KV block, B, Hkv), each program looping over the Hq/Hkv query heads of its GQA group and the
+  query blocks at or below its diagonal, so the group reduction stays in registers (no atomics,
+  no [T, Hq, D] buffer, deterministic); dQ over (query block, B, Hq) like the forward.
+  With P = 2^(s2 - lse2): dV = P^T dO, dS = P * (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q.
+Supported head dims: powers of two from 16 to 256 (the models use 64 and 128).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import INTERPRETING, tl, triton, use_triton
 
+try:
+    from flash_attn import flash_attn_varlen_func
+except (ImportError, OSError):   # not installed, or built against another torch
+    flash_attn_varlen_func = None
+
+LOG2E = 1.4426950408889634
+PASSES = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch reference
+# ---------------------------------------------------------------------------------------------
 
 def _sequence_bias(length: int, slopes, causal: bool, device):
     pos = torch.arange(length, device=device)
@@ -43,7 +78,439 @@ def attention_reference(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None,
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Launch configurations
+# ---------------------------------------------------------------------------------------------
+
+class LaunchConfig(NamedTuple):
+    block_m: int      # query rows per tile (preprocess: tokens per program)
+    block_n: int      # key rows per tile (preprocess: the head dim)
+    num_warps: int
+    num_stages: int
+
+
+# Hopper (sm_90). Sequences here are short (~100-250 tokens), so tiles stay at 64-128 rows.
+# The forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0.
+_GPU_CONFIGS = {
+    ("fwd", 64): LaunchConfig(128, 64, 4, 3),
+    ("fwd", 128): LaunchConfig(128, 64, 8, 3),
+    ("bwd_preprocess", 64): LaunchConfig(128, 64, 4, 1),
+    ("bwd_preprocess", 128): LaunchConfig(128, 128, 4, 1),
+    ("bwd_dkdv", 64): LaunchConfig(32, 128, 4, 3),
+    ("bwd_dkdv", 128): LaunchConfig(32, 64, 4, 3),
+    ("bwd_dq", 64): LaunchConfig(64, 32, 4, 3),
+    ("bwd_dq", 128): LaunchConfig(64, 32, 4, 3),
+}
+
+
+def attention_launch_config(head_dim: int, pass_name: str, interpreting: bool = INTERPRETING) -> LaunchConfig:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one attention pass for `head_dim`.
+
+    Under the interpreter the tiles keep the GPU configs' shape ratios (so the same diagonal
+    logic runs) at 64/32 rows, which makes block edges at 32 and 64 tokens testable cheaply.
+    """
+    if pass_name not in PASSES:
+        raise ValueError(f"unknown attention pass {pass_name!r}: choose one of {', '.join(PASSES)}")
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"attention kernel supports head_dim 16, 32, 64, 128 or 256, got {head_dim}")
+    if interpreting:
+        return {"fwd": LaunchConfig(64, 32, 4, 1), "bwd_preprocess": LaunchConfig(64, head_dim, 4, 1),
+                "bwd_dkdv": LaunchConfig(32, 64, 4, 1), "bwd_dq": LaunchConfig(64, 32, 4, 1)}[pass_name]
+    return _GPU_CONFIGS.get((pass_name, head_dim), _GPU_CONFIGS[(pass_name, 64 if head_dim <= 64 else 128)])
+
+
+def _dot_types(dtype):
+    """tl.dot operand dtype and precision: fp32 in the interpreter (bf16 math is garbage there),
+    the input dtype on the GPU; fp32 inputs get IEEE products instead of tf32."""
+    if INTERPRETING or dtype == torch.float32:
+        return tl.float32, "ieee"
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, seq_len,
+                 qk_scale, slope2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks lo..hi of one query tile; MASKED applies length/causal masks."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_seq = offs_n[:, None] < seq_len
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale
+        if HAS_ALIBI:
+            s += slope2 * (offs_n[None, :] - offs_m[:, None]).to(tl.float32)
+        if MASKED:
+            keep = offs_n[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, CU, SLOPES, qk_scale, n_tokens, group,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU + seq)
+    seq_len = tl.load(CU + seq + 1) - start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+    start = start.to(tl.int64)
+    kv_head = head // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    q_ptrs = Q + start * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    k_base = K + start * stride_kt + kv_head * stride_kh
+    v_base = V + start * stride_vt + kv_head * stride_vh
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + head)
+    else:
+        slope2 = 0.0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        full_end = start_m                                  # keys left of the diagonal: no mask
+        end = tl.minimum(start_m + BLOCK_M, seq_len)        # keys right of it: skipped
+    else:
+        full_end = (seq_len // BLOCK_N) * BLOCK_N
+        end = seq_len
+    acc, l_i, m_i = _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                                 0, full_end, seq_len, qk_scale, slope2, BLOCK_N, False, CAUSAL, HAS_ALIBI,
+                                 DOT_DTYPE, PRECISION)
+    acc, l_i, m_i = _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                                 full_end, end, seq_len, qk_scale, slope2, BLOCK_N, True, CAUSAL, HAS_ALIBI,
+                                 DOT_DTYPE, PRECISION)
+    out = acc / l_i[:, None]
+    o_ptrs = O + start * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + head * n_tokens + start + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, n_tokens, stride_ot, stride_oh, stride_dot, stride_doh,
+                                HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32."""
+    head = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_t < n_tokens
+    o = tl.load(O + head * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + head * stride_doh + offs_t[:, None] * stride_dot + offs_d[None, :], mask=ok[:, None],
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head * n_tokens + offs_t, delta, mask=ok)
+
+
+@triton.jit
+def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                 offs_n, offs_d, lo, hi, seq_len, qk_scale, slope2,
+                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query blocks lo..hi of one head (transposed tiles:
+    rows are keys). Query rows past the sequence load lse2 = +inf, so their P is exactly 0."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seq_len
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = q.to(DOT_DTYPE)
+        do = do.to(DOT_DTYPE)
+        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale        # [BLOCK_N, BLOCK_M]
+        if HAS_ALIBI:
+            s_t += slope2 * (offs_n[:, None] - offs_m[None, :]).to(tl.float32)
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(DOT_DTYPE), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, SLOPES, qk_scale, sm_scale, n_tokens, group,
+                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                          stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    start = tl.load(CU + seq)
+    seq_len = tl.load(CU + seq + 1) - start
+    start_n = pid_n * BLOCK_N
+    if start_n >= seq_len:
+        return
+    start = start.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < seq_len
+    k = tl.load(K + start * stride_kt + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+    v = tl.load(V + start * stride_vt + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(0, group):                    # the GQA group shares this K/V tile
+        head = kv_head * group + g
+        q_base = Q + start * stride_qt + head * stride_qh
+        do_base = DO + start * stride_dot + head * stride_doh
+        lse_base = LSE + head * n_tokens + start
+        delta_base = DELTA + head * n_tokens + start
+        if HAS_ALIBI:
+            slope2 = tl.load(SLOPES + head)
+        else:
+            slope2 = 0.0
+        if CAUSAL:
+            # Queries on the diagonal tile need the causal mask; those below it see every key.
+            dk, dv = _dkdv_q_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                  offs_n, offs_d, start_n, tl.minimum(start_n + BLOCK_N, seq_len), seq_len,
+                                  qk_scale, slope2, BLOCK_M, True, HAS_ALIBI, DOT_DTYPE, PRECISION)
+            dk, dv = _dkdv_q_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                  offs_n, offs_d, start_n + BLOCK_N, seq_len, seq_len,
+                                  qk_scale, slope2, BLOCK_M, False, HAS_ALIBI, DOT_DTYPE, PRECISION)
+        else:
+            dk, dv = _dkdv_q_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                  offs_n, offs_d, 0, seq_len, seq_len,
+                                  qk_scale, slope2, BLOCK_M, False, HAS_ALIBI, DOT_DTYPE, PRECISION)
+    dk_ptrs = DK + start * stride_dkt + kv_head * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + start * stride_dvt + kv_head * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, seq_len,
+                qk_scale, slope2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over key blocks lo..hi."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_seq = offs_n[:, None] < seq_len
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+        k = k.to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_ALIBI:
+            s += slope2 * (offs_n[None, :] - offs_m[:, None]).to(tl.float32)
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            keep = offs_n[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SLOPES, qk_scale, sm_scale, n_tokens, group,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                        stride_dot, stride_doh, stride_dqt, stride_dqh,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU + seq)
+    seq_len = tl.load(CU + seq + 1) - start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+    start = start.to(tl.int64)
+    kv_head = head // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    q = tl.load(Q + start * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    do = tl.load(DO + start * stride_dot + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    lse2 = tl.load(LSE + head * n_tokens + start + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + head * n_tokens + start + offs_m, mask=row_ok, other=0.0)
+    k_base = K + start * stride_kt + kv_head * stride_kh
+    v_base = V + start * stride_vt + kv_head * stride_vh
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + head)
+    else:
+        slope2 = 0.0
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        full_end = start_m
+        end = tl.minimum(start_m + BLOCK_M, seq_len)
+    else:
+        full_end = (seq_len // BLOCK_N) * BLOCK_N
+        end = seq_len
+    dq = _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_end,
+                     seq_len, qk_scale, slope2, BLOCK_N, False, CAUSAL, HAS_ALIBI, DOT_DTYPE, PRECISION)
+    dq = _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_end, end,
+                     seq_len, qk_scale, slope2, BLOCK_N, True, CAUSAL, HAS_ALIBI, DOT_DTYPE, PRECISION)
+    dq_ptrs = DQ + start * stride_dqt + head * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Host wrappers
+# ---------------------------------------------------------------------------------------------
+
+def _check_inputs(q, k, v, cu_seqlens):
+    n_heads, n_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != head_dim:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
+                         "[T, Hq, D], [T, Hkv, D], [T, Hkv, D]")
+    if n_heads % n_kv:
+        raise ValueError(f"attention: {n_heads} query heads is not a multiple of {n_kv} KV heads")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"attention: cu_seqlens must be int32, got {cu_seqlens.dtype}")
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _slopes_log2(alibi_slopes, ref):
+    """ALiBi slopes pre-multiplied by log2(e) (a dummy pointer when absent)."""
+    if alibi_slopes is None:
+        return torch.zeros(1, device=ref.device, dtype=torch.float32)
+    return (alibi_slopes.float() * LOG2E).contiguous()
+
+
+def _flash_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
+    """-> out [T, Hq, D] in q's dtype, lse2 [Hq, T] fp32 (log2 domain)."""
+    n_tokens, n_heads, head_dim = q.shape
+    cfg = attention_launch_config(head_dim, "fwd")
+    out = torch.empty_like(q)
+    lse2 = torch.empty(n_heads, n_tokens, device=q.device, dtype=torch.float32)
+    dot_dtype, precision = _dot_types(q.dtype)
+    grid = (triton.cdiv(max_seqlen, cfg.block_m), cu_seqlens.numel() - 1, n_heads)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse2, cu_seqlens, _slopes_log2(alibi_slopes, q), scale * LOG2E, n_tokens,
+        n_heads // k.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
+        HAS_ALIBI=alibi_slopes is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse2
+
+
+def _flash_backward(do, q, k, v, out, lse2, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
+    """-> dq, dk, dv like q, k, v."""
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    n_seqs = cu_seqlens.numel() - 1
+    do = _last_dim_contiguous(do)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse2)
+    dot_dtype, precision = _dot_types(q.dtype)
+    slopes2 = _slopes_log2(alibi_slopes, q)
+    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None,
+                  DOT_DTYPE=dot_dtype, PRECISION=precision)
+
+    cfg = attention_launch_config(head_dim, "bwd_preprocess")
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n_tokens, cfg.block_m), n_heads)](
+        out, do, delta, n_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        HEAD_DIM=head_dim, BLOCK_T=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = attention_launch_config(head_dim, "bwd_dkdv")
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.block_n), n_seqs, n_kv)](
+        q, k, v, do, lse2, delta, dk, dv, cu_seqlens, slopes2, scale * LOG2E, scale, n_tokens, n_heads // n_kv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+
+    cfg = attention_launch_config(head_dim, "bwd_dq")
+    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seqs, n_heads)](
+        q, k, v, do, lse2, delta, dq, cu_seqlens, slopes2, scale * LOG2E, scale, n_tokens, n_heads // n_kv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
+        out, lse2 = _flash_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse2, cu_seqlens, alibi_slopes)
+        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse2, cu_seqlens, alibi_slopes = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(do, q, k, v, out, lse2, cu_seqlens, ctx.max_seqlen, alibi_slopes,
+                                     ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _prepare(q, k, v, cu_seqlens, max_seqlen, scale):
+    _check_inputs(q, k, v, cu_seqlens)
+    if max_seqlen is None:           # a host sync: callers with a PackedBatch pass max_seqlen
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return (*map(_last_dim_contiguous, (q, k, v)), cu_seqlens.contiguous(), max_seqlen, scale)
+
+
+def triton_attention(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None, causal=True, scale=None):
+    """The Triton FlashAttention path with autograd, whatever is installed (benchmarks, tests)."""
+    q, k, v, cu_seqlens, max_seqlen, scale = _prepare(q, k, v, cu_seqlens, max_seqlen, scale)
+    return _FlashAttention.apply(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
+
+
+def triton_attention_with_lse(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None, causal=True, scale=None):
+    """Forward only: (out [T, Hq, D], lse [T, Hq] fp32 natural log-sum-exp of the biased, scaled scores)."""
+    q, k, v, cu_seqlens, max_seqlen, scale = _prepare(q, k, v, cu_seqlens, max_seqlen, scale)
+    out, lse2 = _flash_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
+    return out, lse2.t() / LOG2E
+
+
+def _flash_attn_usable(q, alibi_slopes, causal) -> bool:
+    return (flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and (alibi_slopes is None or causal))
+
+
 def attention(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None, causal=True, scale=None):
-    if use_triton(q):
-        raise NotImplementedError("Triton attention lands with the attention issue")
-    return attention_reference(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
+    if not use_triton(q):
+        return attention_reference(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
+    if _flash_attn_usable(q, alibi_slopes, causal):
+        q, k, v, cu_seqlens, max_seqlen, scale = _prepare(q, k, v, cu_seqlens, max_seqlen, scale)
+        slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else None
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      softmax_scale=scale, causal=causal, alibi_slopes=slopes)
+    return triton_attention(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
