@@ -1,0 +1,111 @@
+"""Rebuild the frozen CN benchmark (data/poems-cn-256.jsonl, data/poems-cn-512.jsonl) bit-identically.
+
+    npm pack chinese-poetry@2.0.1          # -> chinese-poetry-2.0.1.tgz (keep it outside the repository)
+    python data/build_cn.py --tarball chinese-poetry-2.0.1.tgz
+
+Tang and Song shi (dist/quantangshi/poet.{tang,song}.N.json) and Song ci (dist/songci/ci.song.N.json)
+are converted to Simplified Chinese (OpenCC t2s); a ci's title is its tune and first phrase
+("浣溪沙·一曲新词酒一杯"). Records that are empty or hold □ (an unreadable character) are dropped,
+then every prompt (dynasty, author, title) that names more than one record; engine.data.select then
+keeps the length bin and samples 2,000 poems with a fixed seed, in corpus order.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine.data import Poem, select, unique_prompts  # noqa: E402
+
+SHA1 = "b6e7e60d0accac7c723d066a5c360549aab8299d"
+SOURCES = [   # (member pattern, dynasty, title field), read in this order, files by number
+    (r"package/dist/quantangshi/poet\.tang\.(\d+)\.json", "唐代", "title"),
+    (r"package/dist/quantangshi/poet\.song\.(\d+)\.json", "宋代", "title"),
+    (r"package/dist/songci/ci\.song\.(\d+)\.json", "宋代", "rhythmic"),
+]
+
+
+def sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ci_title(rhythmic: str, paragraphs: list[str]) -> str:
+    first_phrase = re.split(r"[，。、；：？！,.;:?!\s]", paragraphs[0].strip(), maxsplit=1)[0] if paragraphs else ""
+    return f"{rhythmic}·{first_phrase}"
+
+
+def read_corpus(tarball: Path, stats: Counter) -> list[Poem]:
+    import opencc
+    convert = opencc.OpenCC("t2s").convert
+
+    def t2s(text: str) -> str:   # repeat: one pass can leave a variant that a second pass simplifies (隠 -> 隱 -> 隐)
+        while (simpler := convert(text)) != text:
+            text = simpler
+        return text
+
+    poems = []
+    with tarfile.open(tarball) as tar:
+        names = tar.getnames()
+        for pattern, dynasty, title_field in SOURCES:
+            members = sorted((int(m.group(1)), name) for name in names if (m := re.fullmatch(pattern, name)))
+            if not members:
+                raise SystemExit(f"{tarball} has no file matching {pattern}: is it chinese-poetry@2.0.1?")
+            for _, name in members:
+                for record in json.load(tar.extractfile(name)):
+                    stats["records"] += 1
+                    paragraphs = [p for p in record.get("paragraphs") or [] if p.strip()]
+                    title = record.get("title") if title_field == "title" else ci_title(record.get("rhythmic", ""), paragraphs)
+                    poem = Poem(dynasty, t2s((record.get("author") or "").strip()), t2s((title or "").strip()),
+                                t2s("\n".join(p.strip() for p in paragraphs)))
+                    if not (poem.author and poem.title and poem.content) or poem.title == "·":
+                        stats["dropped: empty"] += 1
+                    elif "□" in poem.author + poem.title + poem.content:
+                        stats["dropped: holds □"] += 1
+                    else:
+                        poems.append(poem)
+    return poems
+
+
+def write_jsonl(poems: list[Poem], path: Path) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for p in poems:
+            f.write(json.dumps({"dynasty": p.dynasty, "author": p.author, "title": p.title, "content": p.content},
+                               ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tarball", type=Path, required=True, help="chinese-poetry-2.0.1.tgz from `npm pack`")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if sha1(args.tarball) != SHA1:
+        raise SystemExit(f"{args.tarball}: sha1 {sha1(args.tarball)} is not {SHA1} (chinese-poetry@2.0.1); "
+                         "fetch it again with `npm pack chinese-poetry@2.0.1`")
+    stats = Counter()
+    poems = read_corpus(args.tarball, stats)
+    unique = unique_prompts(poems, "cn")
+    stats["dropped: ambiguous (dynasty, author, title)"] = len(poems) - len(unique)
+    stats["kept"] = len(unique)
+    for key, value in stats.items():
+        print(f"{key:>46}: {value}")
+    for length in (256, 512):
+        chosen = select(unique, "cn", length, args.n, args.seed, where="the corpus")
+        write_jsonl(chosen, args.out / f"poems-cn-{length}.jsonl")
+        pool = len(select(unique, "cn", length, None, args.seed))
+        print(f"poems-cn-{length}.jsonl: {len(chosen)} of {pool} poems in the length bin")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""How training and evaluation run: data, packing, optimizer, training loop, generation, metrics."""
