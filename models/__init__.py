@@ -1,6 +1,59 @@
-"""Model definitions (Qwen2 family, BLOOM), configs, the registry and checkpoint I/O."""
+"""Model definitions (Qwen2 family, BLOOM), configs, the registry and checkpoint I/O.
+
+    model = load_model("qwen2-0.5b" | "/path/to/hf/dir", device="cpu", dtype=torch.float32)
+    tok = load_tokenizer("qwen2-0.5b" | "/path/to/hf/dir")
+    logits = model(input_ids, cu_seqlens=cu)          # [T] int64, [B+1] int32 -> [T, V]
+"""
+from __future__ import annotations
+
+import torch
+
+from models.base import CausalLM, KVCache
+from models.bloom import BloomForCausalLM
+from models.config import ModelConfig
 from models.registry import PAPER_MODELS, REGISTRY, TINY_TOKENIZER, resolve
 from models.tokenizer import Tokenizer, read_tokenizer_dir
+from models.weights import CheckpointError, load_weights
+
+
+
+def model_class(config: ModelConfig) -> type[CausalLM]:
+    from models.qwen2 import Qwen2ForCausalLM
+    return {"qwen2": Qwen2ForCausalLM, "bloom": BloomForCausalLM}[config.model_type]
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on GPUs, fp32 on the CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def build_model(config: ModelConfig, device="cpu", dtype=None, seed: int | None = None) -> CausalLM:
+    """A randomly initialized model (transformers' init): tiny presets, benchmarks."""
+    from models.base import init_weights
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    model.to(dtype or default_dtype(device)).to_empty(device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        init_weights(model)
+    return model
+
+
+def load_model(name_or_path, device="cpu", dtype=None, random_init: bool = False, seed: int = 0) -> CausalLM:
+    """A model from a folder, a registry name (local cache, then the hub) or a tiny preset.
+    `random_init` builds the registry shape with random weights instead (needs no download)."""
+    directory, spec = resolve(name_or_path) if not random_init else (None, REGISTRY[name_or_path])
+    if directory is None:
+        model = build_model(ModelConfig.from_dict(spec.config, f"preset {spec.name}"), device, dtype, seed)
+        model.source_dir = TINY_TOKENIZER if spec.repo is None else None
+        return model
+    config = ModelConfig.from_file(directory / "config.json")
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    load_weights(model, directory, device, dtype or default_dtype(device))
+    model.source_dir = directory
+    return model
 
 
 def load_tokenizer(name_or_path) -> Tokenizer:
@@ -9,4 +62,5 @@ def load_tokenizer(name_or_path) -> Tokenizer:
     return read_tokenizer_dir(directory if directory is not None else TINY_TOKENIZER)
 
 
-__all__ = ["PAPER_MODELS", "REGISTRY", "Tokenizer", "load_tokenizer", "resolve"]
+__all__ = ["PAPER_MODELS", "REGISTRY", "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "Tokenizer",
+           "build_model", "load_model", "load_tokenizer", "resolve"]

@@ -1,0 +1,91 @@
+"""Qwen2 family (Qwen1.5, Qwen2, Qwen2.5): pre-norm decoder with RMSNorm, RoPE (NeoX layout),
+grouped-query attention with q/k/v biases, and a SwiGLU MLP.
+
+    x = embed(ids)
+    for each block:  x = x + attn(rmsnorm(x));  x = x + mlp(rmsnorm(x))
+    hidden = rmsnorm(x);  logits = hidden @ W_out^T   (W_out tied to the embedding or not)
+
+Module and parameter names are transformers' own, so a checkpoint's tensor names are our
+state_dict keys. The residual adds are fused into the next norm (rms_norm(..., residual=)).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import rope, swiglu
+from models.base import AttentionContext, CausalLM, RMSNorm, attend
+from models.config import ModelConfig
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.c = layer, c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, ctx: AttentionContext):
+        tokens, c = x.shape[0], self.c
+        q = self.q_proj(x).view(tokens, c.num_heads, c.head_dim)
+        k = self.k_proj(x).view(tokens, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(tokens, c.num_kv_heads, c.head_dim)
+        q, k = rope(q, k, ctx.position_ids, c.rope_theta)
+        return self.o_proj(attend(q, k, v, self.layer, ctx).reshape(tokens, -1))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Qwen2Block(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.self_attn = Qwen2Attention(c, layer)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.mlp = Qwen2MLP(c)
+
+    def forward(self, x, residual, ctx: AttentionContext):
+        """x: the previous sublayer's output; residual: the stream it adds to (None at block 0).
+        Returns this block's MLP output and the stream before it."""
+        h, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x), x)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, ctx), residual)
+        return self.mlp(h), residual
+
+
+class Qwen2Body(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Qwen2Block(c, i) for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.norm_eps)
+
+
+class Qwen2ForCausalLM(CausalLM):
+    body_prefix = "model."
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Body(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def hidden_states(self, input_ids, ctx: AttentionContext) -> torch.Tensor:
+        x, residual = self.model.embed_tokens(input_ids), None
+        for block in self.model.layers:
+            x, residual = block(x, residual, ctx)
+        return self.model.norm(x, residual)[0]

@@ -1,0 +1,114 @@
+"""Checkpoint I/O: Hugging Face safetensors (single or sharded) and pytorch_model.bin in,
+config.json + model.safetensors out.
+
+The models use transformers' module names, so a checkpoint tensor name is a state_dict key,
+up to the body prefix ("model." / "transformer."), which some checkpoints omit. Loading
+builds the model on the meta device, allocates it once in the target dtype, and copies the
+checkpoint in tensor by tensor: no second full copy of the model is ever held.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The weight files of a model folder, in the order to read them."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"{index} is malformed ({e}); download it again") from None
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{directory}: shard(s) {', '.join(missing)} listed in {index_name} are missing")
+            return [directory / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
+    raise FileNotFoundError(f"{directory} holds no weights (model.safetensors, a sharded index, or "
+                            "pytorch_model.bin): download the model's weight files into it")
+
+
+def iter_tensors(path: Path):
+    """(name, tensor) pairs of one weight file, read lazily."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is truncated or corrupt ({e}); download it again") from None
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+                              "it may be truncated or corrupt: download it again") from None
+    yield from state.items()
+
+
+def load_weights(model, directory: Path, device, dtype) -> None:
+    """Fill `model` (on the meta device) from the checkpoint in `directory`."""
+    model.to(dtype).to_empty(device=device)                 # on meta, .to(dtype) allocates nothing
+    expected = dict(model.named_parameters())
+    prefix = model.body_prefix
+    loaded = set()
+    for path in checkpoint_files(directory):
+        for name, tensor in iter_tensors(path):
+            if name == "lm_head.weight" and name not in expected:
+                continue                                   # tied: the output matrix is the embedding
+            key = name if name in expected or name.startswith(prefix) else prefix + name
+            if key not in expected:
+                if name.endswith(IGNORED_SUFFIXES):
+                    continue
+                raise CheckpointError(f"{path.name}: unexpected tensor {name!r}: is this checkpoint a "
+                                      f"{model.config.model_type} model as its config.json says?")
+            target = expected[key]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(f"{path.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"config.json implies {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(key)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{directory}: missing tensor(s) {shown}")
+
+
+def save_pretrained(model, out_dir, tokenizer=None) -> None:
+    """config.json + model.safetensors (+ tokenizer files) that transformers loads as-is."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
+    _atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    config = model.config.to_dict(model.dtype)
+    _atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,224 @@
+"""Our Qwen2 and BLOOM models against transformers on random checkpoints that transformers wrote."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import CheckpointError, load_model, load_tokenizer
+from models.bloom import alibi_slopes
+from models.config import ModelConfig
+from tests.helpers import hf_config, packed, save_hf
+
+LENGTHS = [5, 1, 17, 9]
+
+SHAPES = {
+    "qwen2-gqa14-2-d64": ("qwen2", 14, 2, 64, {}),
+    "qwen2-gqa12-2-d128-untied": ("qwen2", 12, 2, 128, {"tied": False}),
+    "qwen2-mha16-d64": ("qwen2", 16, 16, 64, {"tied": False}),
+    "bloom-16h-d64": ("bloom", 16, 16, 64, {}),
+    "bloom-12h-d16": ("bloom", 12, 12, 16, {}),
+}
+
+
+def hf_logits_per_sequence(hf, ids, cu):
+    with torch.no_grad():
+        return torch.cat([hf(ids[a:b][None]).logits[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+
+
+def assert_parity(directory, hf, vocab):
+    model = load_model(directory)
+    ids, cu = packed(LENGTHS, vocab)
+    with torch.no_grad():
+        ours = model(ids, cu_seqlens=cu)
+    ref = hf_logits_per_sequence(hf, ids, cu)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_logits_match_transformers(tmp_path, shape):
+    family, heads, kv, head_dim, extra = SHAPES[shape]
+    config = hf_config(family, heads, kv, head_dim, **extra)
+    hf = save_hf(config, tmp_path)
+    assert_parity(tmp_path, hf, config.vocab_size)
+
+
+def test_sharded_safetensors(tmp_path):
+    config = hf_config("qwen2", 4, 2, 32, tied=False)
+    hf = save_hf(config, tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert_parity(tmp_path, hf, config.vocab_size)
+
+
+def test_pytorch_bin_without_prefix(tmp_path):
+    """Langboat's BLOOM repos ship pytorch_model.bin; bigscience's names lack 'transformer.'."""
+    config = hf_config("bloom", 4, 4, 16)
+    hf = save_hf(config, tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({k.removeprefix("transformer."): v for k, v in state.items()}, tmp_path / "pytorch_model.bin")
+    assert_parity(tmp_path, hf, config.vocab_size)
+
+
+def test_dtype_cast_on_load(tmp_path):
+    save_hf(hf_config("qwen2", 4, 2, 32), tmp_path)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "bloom"])
+def test_save_pretrained_round_trip(tmp_path, family):
+    import transformers
+    config = hf_config(family, 4, 2 if family == "qwen2" else 4, 16)
+    save_hf(config, tmp_path / "src")
+    model = load_model(tmp_path / "src")
+    model.save_pretrained(tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    assert_parity(tmp_path / "out", reloaded.eval(), config.vocab_size)
+    ids, cu = packed(LENGTHS, config.vocab_size)
+    with torch.no_grad():
+        ref = hf_logits_per_sequence(reloaded, ids, cu)
+        assert (model(ids, cu) - ref).abs().max().item() <= 1e-4
+
+
+def test_alibi_slopes_match_transformers():
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+    for heads in (1, 5, 12, 16, 24, 40):
+        ref = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]
+        assert torch.allclose(alibi_slopes(heads), ref, rtol=0, atol=0)
+
+
+def test_tiny_presets_run():
+    ids, cu = packed([3, 1, 8], 4096)
+    for name in ("tiny-qwen2", "tiny-bloom"):
+        model = load_model(name)
+        assert model(ids, cu).shape == (12, 4096)
+        assert torch.isfinite(model.loss(ids, ids, cu))
+
+
+def test_positions_restart_per_sequence(tmp_path):
+    """A sequence's logits do not depend on what is packed beside it."""
+    model = load_model("tiny-qwen2")
+    ids, cu = packed([6, 4], 4096)
+    with torch.no_grad():
+        together = model(ids, cu)
+        alone = model(ids[6:], torch.tensor([0, 4], dtype=torch.int32))
+    assert torch.allclose(together[6:], alone, atol=1e-5)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def write_checkpoint(tmp_path):
+    save_hf(hf_config("qwen2", 4, 2, 16, tied=False), tmp_path)
+    return tmp_path
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'qwen9-7b'.*tiny-qwen2"):
+        load_model("qwen9-7b")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_missing_weights(tmp_path):
+    write_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no weights"):
+        load_model(tmp_path)
+
+
+def test_uncached_offline_model_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download Qwen/Qwen2-0.5B-Instruct"):
+        load_model("qwen2-0.5b")
+
+
+def test_malformed_config(tmp_path):
+    write_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": "big"}))
+    with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
+        load_model(tmp_path)
+
+
+def test_unknown_model_type():
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+        ModelConfig.from_dict({"model_type": "llama"})
+
+
+def test_config_aliases_and_defaults():
+    c = ModelConfig.from_dict({"model_type": "bloom", "n_embed": 64, "n_head": 4, "n_layer": 3,
+                               "torch_dtype": "bfloat16"})
+    assert (c.hidden_size, c.num_heads, c.num_layers, c.dtype) == (64, 4, 3, torch.bfloat16)
+    assert c.vocab_size == 250880 and c.norm_eps == 1e-5 and c.tie_word_embeddings
+    q = ModelConfig.from_dict({"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
+                               "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "dtype": "float32"})
+    assert q.num_kv_heads == 4 and q.rope_theta == 1e6 and q.head_dim == 16 and not q.tie_word_embeddings
+
+
+def test_missing_tensor_is_named(tmp_path):
+    write_checkpoint(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensor.*model.layers.1.mlp.up_proj.weight"):
+        load_model(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    write_checkpoint(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.extra.weight'"):
+        load_model(tmp_path)
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    write_checkpoint(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["lm_head.weight"] = state["lm_head.weight"][:-1].clone()
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'lm_head.weight' has shape \(319, 64\), config.json implies \(320, 64\)"):
+        load_model(tmp_path)
+
+
+def test_missing_untied_head(tmp_path):
+    write_checkpoint(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["lm_head.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensor.*lm_head.weight"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(tmp_path, damage):
+    write_checkpoint(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00\x01garbage" * 10)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(tmp_path)
+
+
+def test_corrupt_bin(tmp_path):
+    write_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a zip file")
+    with pytest.raises(CheckpointError, match="could not be read as a PyTorch checkpoint"):
+        load_model(tmp_path)
+
+
+def test_load_tokenizer_from_folder_and_preset(tmp_path):
+    tok = load_tokenizer("tiny-qwen2")
+    text = "Dictation: 床前明月光"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_token_id == 0
