@@ -5,12 +5,25 @@ theta: the base. With inv_freq_i = theta^(-2i/D) and angle = pos * inv_freq (fp3
     out = x * cos(angle ++ angle) + rotate_half(x) * sin(angle ++ angle),
     rotate_half(x) = (-x[D/2:], x[:D/2]).
 Returns (q_rot, k_rot) in the input dtype.
+
+Triton path: one program per token rotates all q and k heads of that token. cos and sin are
+computed in-kernel from the token's position and the [D/2] fp32 inv_freq vector (made by the
+same torch code as the reference, so angles match bit for bit); on the GPU tl.cos/tl.sin are
+libdevice's accurate cosf/sinf, with full range reduction for large positions. No table, no
+host sync. The backward is the inverse rotation (angle -> -angle) of the incoming gradients.
+q and k may be strided views (e.g. slices of a fused qkv projection) with unit last stride.
+
+In place: `inplace=True` overwrites q and k and returns them, but only where that is safe:
+when no gradient is recorded (torch.no_grad / inference_mode, or neither input requires
+grad: prefill and decode) and both have unit last stride. Under autograd the op always
+writes new tensors, since q and k are often views from a split that autograd forbids
+modifying in place, and the backward needs none of them.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import tl, triton, use_triton
 
 
 def inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -36,7 +49,96 @@ def rope_reference(q, k, position_ids, theta: float):
     return _rotate(q.float(), cos, sin).to(q.dtype), _rotate(k.float(), cos, sin).to(k.dtype)
 
 
-def rope(q, k, position_ids, theta: float):
+def launch_config(n_q_heads: int, n_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_HQ, BLOCK_HKV, BLOCK_HALF, num_warps) for the one-token-per-program kernel."""
+    block_hq, block_hkv = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_kv_heads)
+    block_half = triton.next_power_of_2(head_dim // 2)
+    num_warps = 8 if (block_hq + block_hkv) * block_half >= 2048 else 4
+    return block_hq, block_hkv, block_half, num_warps
+
+
+@triton.jit
+def _rotate_heads(X, OUT, stride_xh, stride_oh, n_heads, cos, sin, half, BLOCK_H: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr):
+    """Rotates the [n_heads, D] tile of one token: X and OUT point at the token's first head."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < n_heads) & (dims < half)
+    x_first = X + heads * stride_xh + dims
+    x1 = tl.load(x_first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_first + half, mask=mask, other=0.0).to(tl.float32)
+    out_first = OUT + heads * stride_oh + dims
+    tl.store(out_first, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out_first + half, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(Q, K, Q_OUT, K_OUT, POS, INV_FREQ, stride_qt, stride_qh, stride_kt, stride_kh, stride_oqt,
+                 stride_oqh, stride_okt, stride_okh, n_q_heads, n_kv_heads, half, INVERSE: tl.constexpr,
+                 BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    freq = tl.load(INV_FREQ + dims, mask=dims < half, other=0.0)
+    angle = (tl.load(POS + t).to(tl.float32) * freq)[None, :]
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    if INVERSE:
+        sin = -sin
+    _rotate_heads(Q + t * stride_qt, Q_OUT + t * stride_oqt, stride_qh, stride_oqh, n_q_heads, cos, sin, half,
+                  BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(K + t * stride_kt, K_OUT + t * stride_okt, stride_kh, stride_okh, n_kv_heads, cos, sin, half,
+                  BLOCK_HKV, BLOCK_HALF)
+
+
+def _unit_last_stride(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch(q, k, q_out, k_out, position_ids, theta, inverse: bool):
+    """Writes the rotation (inverse=True: by -angle) of q, k into q_out, k_out (may be q, k)."""
+    n_tokens, n_q_heads, head_dim = q.shape
+    if k.shape[0] != n_tokens or position_ids.shape != (n_tokens,) or k.shape[-1] != head_dim or head_dim % 2:
+        raise ValueError(f"rope: q {tuple(q.shape)}, k {tuple(k.shape)} and position_ids "
+                         f"{tuple(position_ids.shape)} must be [T, Hq, D], [T, Hkv, D] and [T] with D even")
+    freq = inv_freq(head_dim, theta, q.device)
+    block_hq, block_hkv, block_half, num_warps = launch_config(n_q_heads, k.shape[1], head_dim)
+    _rope_kernel[(n_tokens,)](q, k, q_out, k_out, position_ids.contiguous(), freq, q.stride(0), q.stride(1),
+                              k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0),
+                              k_out.stride(1), n_q_heads, k.shape[1], head_dim // 2, INVERSE=inverse,
+                              BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_HALF=block_half, num_warps=num_warps)
+
+
+def _rotated_copy(q, k, position_ids, theta, inverse: bool):
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _launch(q, k, q_out, k_out, position_ids, theta, inverse)
+    return q_out, k_out
+
+
+class RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, position_ids, theta):
+        ctx.save_for_backward(position_ids)
+        ctx.theta = theta
+        return _rotated_copy(q, k, position_ids, theta, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        (position_ids,) = ctx.saved_tensors
+        dq, dk = _rotated_copy(dq, dk, position_ids, ctx.theta, inverse=True)
+        return dq, dk, None, None
+
+
+def rope(q, k, position_ids, theta: float, inplace: bool = False):
+    """(q_rot, k_rot); with inplace=True, q and k themselves where that is safe (module docstring)."""
+    records_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    inplace = inplace and not records_grad and q.stride(-1) == 1 and k.stride(-1) == 1
     if use_triton(q):
-        raise NotImplementedError("Triton rope lands with the kernels issue")
-    return rope_reference(q, k, position_ids, theta)
+        if inplace:
+            _launch(q, k, q, k, position_ids, theta, inverse=False)
+            return q, k
+        return RopeFunction.apply(q, k, position_ids, theta)
+    q_rot, k_rot = rope_reference(q, k, position_ids, theta)
+    if inplace:
+        return q.copy_(q_rot), k.copy_(k_rot)
+    return q_rot, k_rot
