@@ -3,14 +3,66 @@
 hidden [T, H], weight [V, H] (the output matrix, tied or not), labels [T] int64 with
 ignore_index (-100) on tokens that carry no loss. loss_t = logsumexp(hidden_t . W^T) -
 hidden_t . W[labels_t], computed in fp32. reduction "mean": sum over valid tokens / their
-count; "sum": the sum (the training loop divides by a global token count).
+count; "sum": the sum (the training loop divides by a global token count). With every label
+ignored, "mean" is 0/0 = NaN as in torch (gradients are then zero); "sum" is 0.
+
+Triton path (fp32 or bf16 hidden/weight of one dtype). Tokens are processed in chunks of C
+rows, C chosen by `chunk_plan` from a memory budget for the fp32 logits chunk [C, V] (not
+from V/H, so the GEMMs stay large), with no host synchronization anywhere. Per chunk:
+    z = h_c @ W^T                       cuBLAS, bf16 inputs, fp32 output [C, V]
+    one program per row: lse = logsumexp(z) (online, fp32), loss_t = lse - z[label], then
+    dz = (softmax(z) - onehot(label)) * scale overwrites z in place (scale = 1 / n_valid
+    for "mean", a device tensor; 0 on ignored rows), stored in the matmul dtype
+    grad_h[c] = dz @ W                  [C, H], hidden's dtype
+    grad_W  += dz^T @ h_c               [V, H], fp32 accumulator
+The gradients are computed in the forward pass and kept; backward scales them by the scalar
+grad_output (in place: backward may run once per forward).
+
+Why fp32 logits: a memorized token has loss ~1e-3 while its logit is ~30, where bf16 spacing
+is 0.125; bf16 logits would bury the loss curve in rounding. dz lies in [-1, 1] and feeds
+bf16 GEMMs, so bf16 is enough for it: written as bf16 into the first half of each fp32 row's
+bytes (the row stride stays 4V bytes), so it needs no memory of its own.
+grad_W is accumulated in fp32 over the chunks and rounded to the weight's dtype once.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import tl, triton, use_triton
+
+LOGITS_BUDGET_BYTES = 384 << 20  # fp32 logits chunk: 640 rows at V=151,936 (peak < 1 GB at 32K x 896)
+CHUNK_MULTIPLE = 128  # chunk rows in whole GEMM tiles
+
+
+class ChunkPlan(NamedTuple):
+    chunk_tokens: int  # rows of hidden per chunk
+    peak_extra_bytes: int  # most memory the op holds at once beyond its inputs
+
+
+def chunk_plan(T: int, H: int, V: int, dtype: torch.dtype, budget_bytes: int = LOGITS_BUDGET_BYTES,
+               grads: bool = True) -> ChunkPlan:
+    """Chunk size for T tokens and its peak memory, everything the op allocates counted.
+
+    Rows per chunk: the largest multiple of CHUNK_MULTIPLE whose fp32 logits [C, V] fit in
+    budget_bytes (at least CHUNK_MULTIPLE, at most T). The peak, with grads, is the larger of
+    (during the loop) logits + fp32 grad_W accumulator + grad_hidden + per-token losses and
+    (at the end) accumulator + grad_W in `dtype` + grad_hidden + losses.
+    """
+    rows = max(CHUNK_MULTIPLE, budget_bytes // (4 * V) // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
+    chunk = min(rows, T)
+    logits = 4 * chunk * V
+    per_token = 4 * T
+    if not grads:
+        return ChunkPlan(chunk, logits + per_token)
+    size = torch.empty((), dtype=dtype).element_size()
+    grad_hidden = size * T * H
+    accumulator = 4 * V * H
+    rounded = 0 if dtype == torch.float32 else size * V * H
+    peak = max(logits, rounded) + accumulator + grad_hidden + per_token
+    return ChunkPlan(chunk, peak)
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean"):
@@ -18,7 +70,145 @@ def linear_cross_entropy_reference(hidden, weight, labels, ignore_index: int = -
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
-def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean"):
+def ce_rows_config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for _ce_rows_kernel: a row streams through blocks of BLOCK_V."""
+    block = min(triton.next_power_of_2(V), 4096)
+    return block, 8 if block >= 4096 else 4
+
+
+@triton.jit
+def _ce_rows_kernel(Z, DZ, LABELS, LOSS, SCALE, V, stride_z, stride_dz, ignore_index,
+                    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    z_row = Z + row * stride_z
+    label = tl.load(LABELS + row)
+    valid = label != ignore_index
+    # per-lane running max and sum of exp, merged once at the end
+    m = tl.full([BLOCK_V], -3.0e38, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        z = tl.load(z_row + start + cols, mask=mask, other=float("-inf"))
+        m_new = tl.maximum(m, z)
+        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+    in_range = valid & (label >= 0) & (label < V)
+    z_label = tl.load(z_row + label, mask=in_range, other=0.0)
+    tl.store(LOSS + row, tl.where(valid, lse - z_label, 0.0))
+    if WRITE_GRAD:
+        coef = tl.where(valid, tl.load(SCALE), 0.0)
+        dz_row = DZ + row * stride_dz
+        for start in range(0, V, BLOCK_V):
+            mask = start + cols < V
+            z = tl.load(z_row + start + cols, mask=mask, other=0.0)
+            g = (tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)) * coef
+            # dz may alias z with a narrower dtype: its bytes overlap z values other warps are
+            # still reading, so every warp finishes its loads before any store lands
+            tl.debug_barrier()
+            tl.store(dz_row + start + cols, g.to(DZ.dtype.element_ty), mask=mask)
+
+
+def _ce_rows(z, dz, labels, row_loss, scale, ignore_index):
+    """Per-row loss into row_loss; with dz (may alias z), the scaled softmax gradient into dz."""
+    n, V = z.shape
+    block, num_warps = ce_rows_config(V)
+    _ce_rows_kernel[(n,)](z, z if dz is None else dz, labels, row_loss, scale, V, z.stride(0),
+                          z.stride(0) if dz is None else dz.stride(0), ignore_index,
+                          WRITE_GRAD=dz is not None, BLOCK_V=block, num_warps=num_warps)
+
+
+def _mm_fp32(a, b, out):
+    """out (fp32) = a @ b: cuBLAS with fp32 output for half inputs on a GPU."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif a.is_cuda:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:  # CPU BLAS has no mixed-dtype GEMM
+        torch.mm(a.float(), b.float(), out=out)
+
+
+def _addmm_fp32_(acc, a, b):
+    """acc (fp32) += a @ b without rounding acc to a's dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:  # addmm's out_dtype wants self in the input dtype; baddbmm's does not
+        torch.baddbmm(acc[None], a[None], b[None], out_dtype=torch.float32, out=acc[None])
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _loss_scale(labels, ignore_index, reduction):
+    """(n_valid, scale) as device tensors: scale multiplies each row's gradient."""
+    n_valid = (labels != ignore_index).sum()
+    if reduction == "mean":
+        return n_valid, (1.0 / n_valid.clamp(min=1).float()).reshape(1)
+    return n_valid, torch.ones(1, dtype=torch.float32, device=labels.device)
+
+
+def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes, need_gh, need_gw):
+    """(loss, grad_hidden or None, grad_weight or None), gradients for grad_output = 1."""
+    T, H = hidden.shape
+    V = weight.shape[0]
+    chunk = chunk_plan(T, H, V, hidden.dtype, budget_bytes, need_gh or need_gw).chunk_tokens
+    z = torch.empty((chunk, V), dtype=torch.float32, device=hidden.device)
+    dz = None
+    if need_gh or need_gw:
+        dz = z if hidden.dtype == torch.float32 else z.view(hidden.dtype)[:, :V]
+    row_loss = torch.empty(T, dtype=torch.float32, device=hidden.device)
+    n_valid, scale = _loss_scale(labels, ignore_index, reduction)
+    grad_hidden = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device) if need_gh else None
+    grad_w32 = torch.zeros((V, H), dtype=torch.float32, device=hidden.device) if need_gw else None
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        h, n = hidden[start:end], end - start
+        _mm_fp32(h, weight.t(), z[:n])
+        _ce_rows(z[:n], None if dz is None else dz[:n], labels[start:end], row_loss[start:end], scale, ignore_index)
+        if need_gh:
+            torch.mm(dz[:n], weight, out=grad_hidden[start:end])
+        if need_gw:
+            _addmm_fp32_(grad_w32, dz[:n].t(), h)
+    del z, dz
+    loss = row_loss.sum()
+    if reduction == "mean":
+        loss = loss / n_valid
+    return loss, grad_hidden, None if grad_w32 is None else grad_w32.to(weight.dtype)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, budget_bytes):
+        need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, grad_hidden, grad_weight = _fused_forward(hidden, weight, labels, ignore_index, reduction,
+                                                        budget_bytes, need_gh, need_gw)
+        ctx.grads = (grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy computes its gradients in the forward pass and can run backward "
+                               "once per forward: recompute the loss instead of using retain_graph=True")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_loss)
+        if grad_weight is not None:
+            grad_weight.mul_(grad_loss)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean", *,
+                         budget_bytes: int = LOGITS_BUDGET_BYTES):
+    """Scalar fp32 loss; see the module docstring. budget_bytes bounds the fp32 logits chunk."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction {reduction!r} is not supported: use 'mean' or 'sum'")
     if use_triton(hidden):
-        raise NotImplementedError("Triton linear_cross_entropy lands with the kernels issue")
+        if hidden.dim() != 2 or weight.dim() != 2 or hidden.dtype != weight.dtype:
+            raise ValueError(f"linear_cross_entropy: hidden [T, H] and weight [V, H] of one dtype expected, got "
+                             f"{tuple(hidden.shape)} {hidden.dtype} and {tuple(weight.shape)} {weight.dtype}")
+        return LinearCrossEntropyFunction.apply(hidden, weight, labels.contiguous(), ignore_index, reduction,
+                                                budget_bytes)
     return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
