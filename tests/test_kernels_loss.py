@@ -1,0 +1,115 @@
+"""Fused linear cross-entropy (Triton, interpreted) against the float64 torch reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.linear_cross_entropy import CHUNK_MULTIPLE, chunk_plan, linear_cross_entropy
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+def make_inputs(T, H, V, dtype):
+    hidden = torch.randn(T, H).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H) * H ** -0.5 * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (T,))
+    return hidden, weight, labels
+
+
+def reference(hidden, weight, labels, reduction):
+    """Loss and gradients in float64 from the inputs' own (rounded) values."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    loss = F.cross_entropy(h @ w.t(), labels, reduction=reduction)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def fused(hidden, weight, labels, reduction, chunk):
+    with kernels.backend("triton"):
+        loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, budget_bytes=chunk * 4 * weight.shape[0])
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fp32_several_chunks_with_an_ignored_chunk(reduction):
+    T, H, V = 2 * CHUNK_MULTIPLE + 1, 32, 1003  # odd T and V: chunks of 128, 128, 1
+    hidden, weight, labels = make_inputs(T, H, V, torch.float32)
+    labels[CHUNK_MULTIPLE:2 * CHUNK_MULTIPLE] = -100  # the whole second chunk carries no loss
+    labels[::7] = -100
+    assert chunk_plan(T, H, V, torch.float32, CHUNK_MULTIPLE * 4 * V).chunk_tokens == CHUNK_MULTIPLE
+    loss, grad_h, grad_w = fused(hidden, weight, labels, reduction, CHUNK_MULTIPLE)
+    ref_loss, ref_h, ref_w = reference(hidden, weight, labels, reduction)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < TOL[torch.float32]
+    assert rel_err(grad_h, ref_h) < TOL[torch.float32]
+    assert rel_err(grad_w, ref_w) < TOL[torch.float32]
+    assert grad_h[labels == -100].abs().max() == 0
+
+
+def test_bf16_matches_float64_reference():
+    T, H, V = 97, 64, 2053
+    hidden, weight, labels = make_inputs(T, H, V, torch.bfloat16)
+    labels[:5] = -100
+    loss, grad_h, grad_w = fused(hidden, weight, labels, "mean", CHUNK_MULTIPLE)
+    ref_loss, ref_h, ref_w = reference(hidden, weight, labels, "mean")
+    assert grad_h.dtype == grad_w.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-5  # fp32 logits: the loss is not bf16-rounded
+    assert rel_err(grad_h, ref_h) < TOL[torch.bfloat16]
+    assert rel_err(grad_w, ref_w) < TOL[torch.bfloat16]
+
+
+def test_all_ignored_is_nan_for_mean_zero_for_sum_with_zero_grads():
+    T, H, V = 9, 16, 259
+    for reduction, expected in (("mean", math.nan), ("sum", 0.0)):
+        hidden, weight, _ = make_inputs(T, H, V, torch.float32)
+        labels = torch.full((T,), -100)
+        loss, grad_h, grad_w = fused(hidden, weight, labels, reduction, CHUNK_MULTIPLE)
+        torch_loss = F.cross_entropy(hidden.detach() @ weight.detach().t(), labels, reduction=reduction)
+        assert math.isnan(loss.item()) == math.isnan(torch_loss.item()) == math.isnan(expected)
+        assert reduction == "mean" or loss.item() == 0.0
+        assert grad_h.abs().max() == 0 and grad_w.abs().max() == 0
+
+
+def test_tied_weight_grad_accumulates_with_embedding_and_previous_grad():
+    T, H, V = 33, 16, 301
+    weight = (torch.randn(V, H) * 0.3).requires_grad_()
+    ids, labels = torch.randint(0, V, (T,)), torch.randint(0, V, (T,))
+    weight.grad = torch.randn(V, H)  # an earlier micro-batch's gradient
+    previous = weight.grad.clone()
+    with kernels.backend("triton"):
+        hidden = torch.tanh(F.embedding(ids, weight))
+        (2.0 * linear_cross_entropy(hidden, weight, labels)).backward()
+    w = weight.detach().double().requires_grad_()
+    (2.0 * F.cross_entropy(torch.tanh(F.embedding(ids, w)) @ w.t(), labels)).backward()
+    assert rel_err(weight.grad - previous, w.grad) < TOL[torch.float32]
+
+
+def test_no_grad_loss_and_single_backward():
+    T, H, V = 17, 16, 129
+    hidden, weight, labels = make_inputs(T, H, V, torch.float32)
+    ref_loss = reference(hidden, weight, labels, "sum")[0]
+    with kernels.backend("triton"):
+        with torch.no_grad():
+            assert abs(linear_cross_entropy(hidden, weight, labels, reduction="sum").item() - ref_loss) < 1e-3
+        loss = linear_cross_entropy(hidden, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward"):
+        loss.backward()
+
+
+def test_chunk_plan_at_qwen2_0_5b_shape_fits_1gb():
+    T, H, V = 32768, 896, 151936
+    plan = chunk_plan(T, H, V, torch.bfloat16)
+    assert plan.chunk_tokens % CHUNK_MULTIPLE == 0 and plan.chunk_tokens >= 512
+    assert plan.peak_extra_bytes <= 1e9
+    logits_gb = 4 * T * V / 1e9  # what an unfused fp32 loss would hold, before its gradient
+    assert logits_gb > 19
+    assert chunk_plan(64, H, V, torch.bfloat16).chunk_tokens == 64  # never more rows than tokens
