@@ -2,9 +2,18 @@
 
 masters, exp_avgs, exp_avg_sqs: lists of fp32 tensors (updated in place); grads: the matching
 gradients (any float dtype); params: the model's tensors that receive the new values (bf16
-weights on GPU) or None when the masters are the model's own tensors. For each tensor:
+weights on GPU) or None when the masters are the model's own tensors. `step` is the number of
+this update (1 for the first), a Python int; lr, betas, eps and weight_decay are Python floats.
+For each tensor:
     p *= 1 - lr * wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
     p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+Triton path: one elementwise kernel reads g (any dtype), p, m, v (fp32) once and writes p, m,
+v and the model's copy of p (rounded to its dtype) once: 28 bytes per element with bf16 grads
+and params, the minimum. The bias corrections are computed on the host from `step`, so the
+step never synchronizes. One launch per tensor: the optimizer keeps each parameter group in
+one flat buffer (one launch for ~500M elements); a list of many small tensors works too, at
+one launch each. Every tensor must be contiguous and match its master's size.
 """
 from __future__ import annotations
 
@@ -12,7 +21,7 @@ import math
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import INTERPRETING, tl, triton, use_triton
 
 
 def adamw_step_reference(masters, grads, exp_avgs, exp_avg_sqs, params=None, *, step: int, lr: float,
@@ -32,7 +41,64 @@ def adamw_step_reference(masters, grads, exp_avgs, exp_avg_sqs, params=None, *, 
         torch._foreach_copy_(params, masters)
 
 
+def adamw_config(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for _adamw_kernel over n elements."""
+    if INTERPRETING:  # the interpreter pays per program: few, large ones
+        return min(triton.next_power_of_2(n), 1 << 16), 4
+    return 4096, 8  # 16 fp32 per thread: four 16-byte loads per stream
+
+
+@triton.jit
+def _adamw_kernel(P, G, M, VSQ, OUT, n, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                  bias_correction2_sqrt, eps, WRITE_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(P + offs, mask=mask, other=0.0)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(M + offs, mask=mask, other=0.0)
+    v = tl.load(VSQ + offs, mask=mask, other=0.0)
+    # the same operations in the same order as torch's single-tensor AdamW (lerp with weight < 0.5)
+    p = p * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    p = p + -step_size * (m / denom)
+    tl.store(P + offs, p, mask=mask)
+    tl.store(M + offs, m, mask=mask)
+    tl.store(VSQ + offs, v, mask=mask)
+    if WRITE_OUT:
+        tl.store(OUT + offs, p.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _check(master, grad, exp_avg, exp_avg_sq, param):
+    tensors = [t for t in (master, grad, exp_avg, exp_avg_sq, param) if t is not None]
+    if master.dtype != torch.float32 or exp_avg.dtype != torch.float32 or exp_avg_sq.dtype != torch.float32:
+        raise ValueError(f"adamw_step: masters and moments must be fp32, got {master.dtype}, {exp_avg.dtype}, "
+                         f"{exp_avg_sq.dtype}")
+    if any(t.numel() != master.numel() or not t.is_contiguous() for t in tensors):
+        raise ValueError(f"adamw_step: every tensor must be contiguous with {master.numel()} elements like its "
+                         f"master, got {[(tuple(t.shape), t.is_contiguous()) for t in tensors]}")
+
+
+def adamw_step_triton(masters, grads, exp_avgs, exp_avg_sqs, params=None, *, step: int, lr: float,
+                      beta1: float, beta2: float, eps: float, weight_decay: float):
+    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    scalars = (1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1 ** step),
+               bias_correction2_sqrt, eps)
+    for i, master in enumerate(masters):
+        param = None if params is None else params[i]
+        _check(master, grads[i], exp_avgs[i], exp_avg_sqs[i], param)
+        n = master.numel()
+        if n == 0:
+            continue
+        block, num_warps = adamw_config(n)
+        _adamw_kernel[(triton.cdiv(n, block),)](master, grads[i], exp_avgs[i], exp_avg_sqs[i],
+                                                master if param is None else param, n, *scalars,
+                                                WRITE_OUT=param is not None, BLOCK=block, num_warps=num_warps)
+
+
 def adamw_step(masters, grads, exp_avgs, exp_avg_sqs, params=None, **hyper):
     if masters and use_triton(masters[0]):
-        raise NotImplementedError("Triton adamw lands with the kernels issue")
-    adamw_step_reference(masters, grads, exp_avgs, exp_avg_sqs, params, **hyper)
+        adamw_step_triton(masters, grads, exp_avgs, exp_avg_sqs, params, **hyper)
+    else:
+        adamw_step_reference(masters, grads, exp_avgs, exp_avg_sqs, params, **hyper)
