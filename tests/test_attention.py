@@ -1,0 +1,180 @@
+"""Triton varlen FlashAttention (interpreter) against a float64 reference: output, log-sum-exp
+and every gradient, over packed batches with block-edge lengths, GQA, ALiBi, head_dim 64/128."""
+import importlib
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels.attention import attention_launch_config, triton_attention, triton_attention_with_lse
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
+
+
+def bloom_alibi_slopes(n_heads: int) -> torch.Tensor:
+    """The ALiBi paper's / BLOOM's slopes: a geometric series from 2^(-8/n), interleaved for
+    head counts that are not a power of two."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != n_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** p for p in range(1, 2 * (n_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def cu_from_lengths(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+
+
+def reference(q, k, v, lengths, slopes, causal, scale):
+    """Dense attention per sequence in q's dtype -> (out [T, Hq, D], lse [T, Hq])."""
+    group = q.shape[1] // k.shape[1]
+    outs, lses, start = [], [], 0
+    for n in lengths:
+        qs = q[start:start + n].transpose(0, 1)                                  # [Hq, n, D]
+        ks = k[start:start + n].repeat_interleave(group, 1).transpose(0, 1)
+        vs = v[start:start + n].repeat_interleave(group, 1).transpose(0, 1)
+        scores = qs @ ks.transpose(1, 2) * scale
+        pos = torch.arange(n)
+        rel = (pos[None, :] - pos[:, None]).to(q.dtype)                           # j - i
+        if slopes is not None:
+            scores = scores + slopes.to(q.dtype)[:, None, None] * rel
+        if causal:
+            scores = scores.masked_fill(rel > 0, float("-inf"))
+        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
+        lses.append(scores.logsumexp(-1).t())
+        start += n
+    return torch.cat(outs), torch.cat(lses)
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every float tensor the kernels' wrappers allocate starts as NaN, so an element a kernel
+    forgets to write fails the comparison."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+def run_case(lengths, n_heads, n_kv, head_dim, dtype, alibi=False, causal=True):
+    """-> errors of (out, lse, dq, dk, dv) of the Triton kernels against the reference, computed in
+    float64 for fp32 inputs and in fp32 for bf16 inputs."""
+    n_tokens = sum(lengths)
+    cu = cu_from_lengths(lengths)
+    q, k, v = (torch.randn(n_tokens, h, head_dim).to(dtype) for h in (n_heads, n_kv, n_kv))
+    dout = torch.randn(n_tokens, n_heads, head_dim).to(dtype)
+    slopes = bloom_alibi_slopes(n_heads) if alibi else None
+    scale = head_dim ** -0.5
+    with kernels.backend("triton"):
+        qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
+        out = triton_attention(qt, kt, vt, cu, max(lengths), slopes, causal, scale)
+        out.backward(dout)
+        out_lse, lse = triton_attention_with_lse(q, k, v, cu, max(lengths), slopes, causal, scale)
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    qr, kr, vr = (t.to(ref_dtype).requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = reference(qr, kr, vr, lengths, slopes, causal, scale)
+    ref_out.backward(dout.to(ref_dtype))
+    assert out.dtype == dtype and qt.grad.dtype == dtype and kt.grad.shape == k.shape
+    assert torch.equal(out, out_lse)
+    return [rel_err(a, b) for a, b in ((out, ref_out), (lse, ref_lse), (qt.grad, qr.grad), (kt.grad, kr.grad),
+                                        (vt.grad, vr.grad))]
+
+
+CASES = {  # lengths, Hq, Hkv, head_dim, alibi, causal
+    "qwen2-0.5b-gqa14-2-d64": ([1, 63, 0, 64, 65], 14, 2, 64, False, True),
+    "qwen2-1.5b-gqa12-2-d128": ([65, 33], 12, 2, 128, False, True),
+    "qwen1.5-mha16-d64": ([64, 1, 40], 16, 16, 64, False, True),
+    "long-300-gqa4-2": ([300, 7], 4, 2, 64, False, True),
+    "bloom-alibi16-d64": ([40, 1], 16, 16, 64, True, True),
+    "bloom-alibi12-d128": ([63, 20], 12, 12, 128, True, True),
+    "noncausal-alibi-gqa": ([70, 5], 8, 2, 64, True, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_attention_fp32_matches_float64_reference(case, poisoned_allocations):
+    lengths, n_heads, n_kv, head_dim, alibi, causal = CASES[case]
+    errors = run_case(lengths, n_heads, n_kv, head_dim, torch.float32, alibi, causal)
+    assert max(errors) < 1e-5, dict(zip(("out", "lse", "dq", "dk", "dv"), errors))
+
+
+BF16_CASES = {"qwen2-0.5b-gqa14-2-d64": ([65, 1], 14, 2, 64, False, True),
+              "bloom-alibi12-d128": ([63, 20], 12, 12, 128, True, True)}
+
+
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_attention_bf16_matches_fp32_reference(case, poisoned_allocations):
+    lengths, n_heads, n_kv, head_dim, alibi, causal = BF16_CASES[case]
+    errors = run_case(lengths, n_heads, n_kv, head_dim, torch.bfloat16, alibi, causal)
+    assert max(errors) < 1e-2, dict(zip(("out", "lse", "dq", "dk", "dv"), errors))
+
+
+def test_non_contiguous_qkv_views():
+    """q, k, v sliced out of one fused projection output (token stride 3 * H * D)."""
+    lengths, n_heads, head_dim = [40, 9], 4, 64
+    qkv = torch.randn(sum(lengths), 3, n_heads, head_dim)
+    q, k, v = qkv.unbind(1)
+    cu = cu_from_lengths(lengths)
+    with kernels.backend("triton"):
+        out = kernels.attention(q, k, v, cu, max(lengths))
+    ref, _ = reference(q.double(), k.double(), v.double(), lengths, None, True, head_dim ** -0.5)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_cpu_dispatch_uses_reference_unless_forced(monkeypatch):
+    def kernel_called(*args):
+        raise RuntimeError("Triton kernel called")
+
+    monkeypatch.setattr(importlib.import_module("kernels.attention"), "_flash_forward", kernel_called)
+    q = torch.randn(5, 2, 64)
+    kernels.attention(q, q, q, cu_from_lengths([5]), 5)
+    with kernels.backend("triton"), pytest.raises(RuntimeError, match="Triton kernel called"):
+        kernels.attention(q, q, q, cu_from_lengths([5]), 5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_launch_configs_fit_the_diagonal_logic(head_dim):
+    """The forward and dQ walk key tiles inside a query tile (BLOCK_M % BLOCK_N == 0); dK/dV walks
+    query tiles inside a key tile (BLOCK_N % BLOCK_M == 0)."""
+    for pass_name in ("fwd", "bwd_dq"):
+        cfg = attention_launch_config(head_dim, pass_name, interpreting=False)
+        assert cfg.block_m % cfg.block_n == 0
+    cfg = attention_launch_config(head_dim, "bwd_dkdv", interpreting=False)
+    assert cfg.block_n % cfg.block_m == 0
+    with pytest.raises(ValueError, match="head_dim"):
+        attention_launch_config(96, "fwd")
+
+
+MODEL_CONFIGS = {
+    "qwen2-gqa": {"model_type": "qwen2", "vocab_size": 97, "hidden_size": 128, "intermediate_size": 96,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "tie_word_embeddings": True},
+    "bloom-alibi": {"model_type": "bloom", "vocab_size": 97, "hidden_size": 96, "n_layer": 2, "n_head": 6},
+}
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_model_packed_logits_same_with_triton_backend(name):
+    """A tiny random Qwen2 (GQA 4/2, d32) and BLOOM (ALiBi, 6 heads, d16): packed logits with every
+    op on its torch reference and with every op on its Triton kernel."""
+    from models import ModelConfig, build_model
+    model = build_model(ModelConfig.from_dict(MODEL_CONFIGS[name]), device="cpu", dtype=torch.float32, seed=0)
+    lengths = [33, 1, 20]
+    ids = torch.randint(0, 97, (sum(lengths),))
+    cu = cu_from_lengths(lengths)
+    with torch.no_grad():
+        with kernels.backend("torch"):
+            ref = model(ids, cu_seqlens=cu, max_seqlen=max(lengths))
+        with kernels.backend("triton"):
+            out = model(ids, cu_seqlens=cu, max_seqlen=max(lengths))
+    assert rel_err(out, ref) < 1e-5
