@@ -54,11 +54,15 @@ def unique_prompts(poems: list[Poem], lang: str) -> list[Poem]:
     return [p for p in poems if counts[prompt_text(p, lang)] == 1]
 
 
-def select(poems: list[Poem], lang: str, length: int, n: int | None, seed: int, where: str = "the source") -> list[Poem]:
-    """Unique prompts in the length bin, then a seeded sample of n kept in source order (None: all)."""
+def length_bounds(length: int) -> tuple[int, int]:
     if length not in LENGTH_BINS:
         raise ValueError(f"length must be one of {sorted(LENGTH_BINS)} (characters of prompt + poem), got {length}")
-    lo, hi = LENGTH_BINS[length]
+    return LENGTH_BINS[length]
+
+
+def select(poems: list[Poem], lang: str, length: int, n: int | None, seed: int, where: str = "the source") -> list[Poem]:
+    """Unique prompts in the length bin, then a seeded sample of n kept in source order (None: all)."""
+    lo, hi = length_bounds(length)
     pool = [p for p in unique_prompts(poems, lang) if lo < poem_chars(p, lang) <= hi]
     if n is None:
         return pool
@@ -75,7 +79,7 @@ def load_poems(lang: str = "cn", length: int = 256, n: int | None = 2000, seed: 
     source: None (the frozen CN files in data/), a local .parquet/.jsonl/.json/.csv file, or a
     Hugging Face dataset name such as larryvrh/Chinese-Poems or jnb666/poems.
     """
-    prompt_text(Poem("", "", "", ""), lang)     # validates lang
+    prompt_text(Poem("", "", "", ""), lang), length_bounds(length)     # validate before reading anything
     if source is None:
         if lang != "cn":
             raise ValueError(f"no frozen {lang} poems ship with the engine: pass a local file "
@@ -279,14 +283,17 @@ def describe(lang: str, length: int, tokenizer, budget_tokens: int, source=None,
     tokens = [len(e) for e in examples]
     batches = pack(examples, budget_tokens, seed=seed, epoch=0)
     where = source or FROZEN / f"poems-{lang}-{length}.jsonl"
+    total, fullest = sum(tokens), sorted(b.num_tokens for b in batches)[1:]
     return "\n".join([
         f"{len(poems)} {lang} poems from {where} (length bin {length}, seed {seed}, format {fmt})",
         f"characters (prompt + poem): min {min(chars)} mean {sum(chars) / len(chars):.1f} max {max(chars)}",
         histogram(chars),
-        f"tokens (prompt + target + EOS): min {min(tokens)} mean {sum(tokens) / len(tokens):.1f} max {max(tokens)}, "
-        f"total {sum(tokens)} ({sum(len(e.target_ids) for e in examples)} target)",
+        f"tokens (prompt + target + EOS): min {min(tokens)} mean {total / len(tokens):.1f} max {max(tokens)}, "
+        f"total {total} ({sum(len(e.target_ids) for e in examples)} target)",
         histogram(tokens),
         f"packing at {budget_tokens} tokens per batch: {len(batches)} batches, "
         f"efficiency {100 * packing_efficiency(batches, budget_tokens):.2f}% "
-        f"(at most {100 * sum(tokens) / (-(-sum(tokens) // budget_tokens) * budget_tokens):.2f}% for this many tokens)",
+        f"(at most {100 * total / (-(-total // budget_tokens) * budget_tokens):.2f}% for {total} tokens"
+        + (f"; the {len(fullest)} fullest batches are {100 * sum(fullest) / (len(fullest) * budget_tokens):.2f}% full)"
+           if fullest else ")"),
     ])

@@ -1,0 +1,96 @@
+import math
+import random
+
+import pytest
+import torch
+
+from engine.data import IGNORE, Example, encode_examples, load_poems
+from engine.packing import pack, packing_efficiency
+from models import load_tokenizer
+
+
+def synthetic(n=300, seed=0, max_len=90):
+    """Examples whose tokens name the example and position, so every token can be traced back."""
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        prompt, target = rng.randint(1, 20), rng.randint(1, max_len - 20)
+        ids = [i * 1000 + j for j in range(prompt + target)]
+        examples.append(Example(tuple(ids[:prompt]), tuple(ids[prompt:])))
+    return examples
+
+
+def sequences(batch):
+    cu = batch.cu_seqlens.tolist()
+    return [(batch.input_ids[a:b].tolist(), batch.labels[a:b].tolist(), batch.position_ids[a:b].tolist())
+            for a, b in zip(cu, cu[1:])]
+
+
+@pytest.mark.parametrize("budget", [90, 256, 1000])
+def test_pack_invariants(budget):
+    examples = synthetic()
+    batches = pack(examples, budget, seed=0, epoch=0)
+    seen = []
+    for batch in batches:
+        assert batch.input_ids.dtype == batch.position_ids.dtype == batch.labels.dtype == torch.int64
+        assert batch.cu_seqlens.dtype == torch.int32 and isinstance(batch.max_seqlen, int)
+        t = batch.num_tokens
+        assert 0 < t <= budget and batch.position_ids.shape == batch.labels.shape == (t,)
+        assert batch.cu_seqlens[0] == 0 and batch.cu_seqlens[-1] == t
+        lengths = batch.cu_seqlens.diff().tolist()
+        assert min(lengths) > 0 and batch.max_seqlen == max(lengths)
+        for ids, labels, positions in sequences(batch):
+            example = examples[ids[0] // 1000]
+            assert ids == example.input_ids and labels == example.labels
+            assert positions == list(range(len(ids)))
+            seen.append(ids[0] // 1000)
+        assert batch.num_target_tokens == int((batch.labels != IGNORE).sum())
+    assert sorted(seen) == list(range(len(examples)))       # every example exactly once, so every token once
+    assert sum(b.num_target_tokens for b in batches) == sum(len(e.target_ids) for e in examples)
+
+
+def test_shifted_labels_stay_inside_each_sequence():
+    batch = pack(synthetic(40), 400, seed=1, epoch=0)[0]
+    shifted = batch.shifted_labels()
+    ends = set((batch.cu_seqlens[1:] - 1).tolist())
+    for t in range(batch.num_tokens):
+        assert shifted[t] == (IGNORE if t in ends else batch.labels[t + 1])
+
+
+def test_pack_is_a_pure_function_of_seed_and_epoch():
+    examples = synthetic()
+
+    def stream(seed, epoch):
+        return [b.input_ids.tolist() for b in pack(examples, 512, seed=seed, epoch=epoch)]
+
+    assert stream(0, 3) == stream(0, 3)
+    assert stream(0, 3) != stream(0, 4)
+    assert stream(0, 3) != stream(1, 3)
+    first_batch = {tuple(sorted(s[0][0] // 1000 for s in sequences(b))) for b in pack(examples, 512, 0, 0)}
+    other_epoch = {tuple(sorted(s[0][0] // 1000 for s in sequences(b))) for b in pack(examples, 512, 0, 1)}
+    assert first_batch != other_epoch                          # batch composition changes between epochs
+
+
+def test_example_longer_than_budget():
+    with pytest.raises(ValueError, match="longer than the 50-token budget.*raise the token budget"):
+        pack(synthetic(), 50)
+
+
+def test_to_device_keeps_everything():
+    batch = pack(synthetic(10), 1000)[0]
+    moved = batch.to("cpu")
+    assert torch.equal(moved.input_ids, batch.input_ids) and torch.equal(moved.cu_seqlens, batch.cu_seqlens)
+    assert moved.max_seqlen == batch.max_seqlen and torch.equal(moved.labels, batch.labels)
+
+
+@pytest.mark.parametrize("length,fmt", [(256, "plain"), (256, "chat"), (512, "plain")])
+def test_best_fit_reaches_the_minimum_batch_count(length, fmt):
+    tok = load_tokenizer("tiny-qwen2")
+    examples = encode_examples(load_poems("cn", length), tok, "cn", fmt)
+    budget = 16384
+    batches = pack(examples, budget, seed=0, epoch=0)
+    total = sum(len(e) for e in examples)
+    assert len(batches) == math.ceil(total / budget)
+    assert packing_efficiency(batches, budget) == total / (len(batches) * budget)
+    if fmt == "chat":
+        assert packing_efficiency(batches, budget) > 0.98
