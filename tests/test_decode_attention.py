@@ -1,0 +1,105 @@
+"""Triton decode attention (interpreter) against a float64 reference over random KV caches:
+mixed lengths 1..S_max, a permuted subset of slots, GQA, ALiBi, split-K on and off."""
+import importlib
+
+import pytest
+import torch
+
+import kernels
+from kernels.decode_attention import decode_attention, decode_attention_reference, decode_num_splits
+from tests.test_attention import bloom_alibi_slopes, poisoned_allocations, rel_err  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
+
+
+def reference(q, k_cache, v_cache, lengths, slot_ids, slopes, scale):
+    """Per sequence, only the cached rows [0, len) of its slot, in q's dtype."""
+    group = q.shape[1] // k_cache.shape[1]
+    out = []
+    for b, (n, slot) in enumerate(zip(lengths.tolist(), slot_ids.tolist())):
+        k = k_cache[slot, :, :n].repeat_interleave(group, 0)                # [Hq, n, D]
+        v = v_cache[slot, :, :n].repeat_interleave(group, 0)
+        scores = torch.einsum("hd,hnd->hn", q[b], k) * scale
+        if slopes is not None:
+            scores = scores + slopes.to(q.dtype)[:, None] * (torch.arange(n) - (n - 1)).to(q.dtype)
+        out.append(torch.einsum("hn,hnd->hd", scores.softmax(-1), v))
+    return torch.stack(out)
+
+
+def random_cache(batch, n_slots, n_heads, n_kv, head_dim, s_max, dtype):
+    """Caches whose rows past each live sequence's length, and whose unused slots, are NaN:
+    reading any of them poisons the output."""
+    k_cache = torch.randn(n_slots, n_kv, s_max, head_dim)
+    v_cache = torch.randn(n_slots, n_kv, s_max, head_dim)
+    slot_ids = torch.randperm(n_slots)[:batch]
+    lengths = torch.randint(1, s_max + 1, (batch,), dtype=torch.int32)
+    lengths[0], lengths[-1] = 1, s_max
+    valid = torch.zeros(n_slots, s_max, dtype=torch.bool)
+    for slot, n in zip(slot_ids.tolist(), lengths.tolist()):
+        valid[slot, :n] = True
+    for cache in (k_cache, v_cache):
+        cache.masked_fill_(~valid[:, None, :, None], float("nan"))
+    q = torch.randn(batch, n_heads, head_dim)
+    return q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), lengths, slot_ids
+
+
+CASES = {  # batch, slots, Hq, Hkv, head_dim, S_max, alibi
+    "qwen2-0.5b-gqa14-2-d64": (5, 8, 14, 2, 64, 80, False),
+    "qwen2-1.5b-gqa12-2-d128": (4, 6, 12, 2, 128, 70, False),
+    "qwen1.5-mha16-d64": (3, 5, 16, 16, 64, 40, False),
+    "bloom-alibi16-d64": (3, 5, 16, 16, 64, 70, True),
+    "bloom-alibi12-d128": (3, 4, 12, 12, 128, 40, True),
+}
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("case", CASES)
+def test_decode_fp32_matches_float64_reference(case, num_splits, poisoned_allocations):
+    batch, n_slots, n_heads, n_kv, head_dim, s_max, alibi = CASES[case]
+    q, k_cache, v_cache, lengths, slot_ids = random_cache(batch, n_slots, n_heads, n_kv, head_dim, s_max,
+                                                          torch.float32)
+    slopes = bloom_alibi_slopes(n_heads) if alibi else None
+    with kernels.backend("triton"):
+        out = decode_attention(q, k_cache, v_cache, lengths, slot_ids, slopes, num_splits=num_splits)
+    want = reference(q.double(), k_cache.double(), v_cache.double(), lengths, slot_ids, slopes, head_dim ** -0.5)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("num_splits", [1, None])
+def test_decode_bf16_matches_fp32_reference(num_splits, poisoned_allocations):
+    q, k_cache, v_cache, lengths, slot_ids = random_cache(4, 6, 14, 2, 64, 70, torch.bfloat16)
+    slopes = bloom_alibi_slopes(14)
+    with kernels.backend("triton"):
+        out = decode_attention(q, k_cache, v_cache, lengths, slot_ids, slopes, num_splits=num_splits)
+    want = reference(q.float(), k_cache.float(), v_cache.float(), lengths, slot_ids, slopes, 64 ** -0.5)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, want) < 1e-2
+
+
+def test_decode_default_slots_and_reference_agree():
+    """slot_ids=None means slot b for sequence b; the shipped reference matches ours."""
+    q, k_cache, v_cache, lengths, _ = random_cache(3, 3, 4, 2, 64, 50, torch.float32)
+    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()
+    with kernels.backend("triton"):
+        out = decode_attention(q, k_cache, v_cache, lengths)
+    assert rel_err(out, decode_attention_reference(q, k_cache, v_cache, lengths)) < 1e-5
+
+
+def test_split_rule_fills_the_gpu_only_when_needed():
+    cpu = torch.device("cpu")
+    assert decode_num_splits(batch=256, n_kv=2, s_max=512, block_n=64, device=cpu) == 1
+    assert decode_num_splits(batch=64, n_kv=2, s_max=512, block_n=64, device=cpu) == 3
+    assert decode_num_splits(batch=1, n_kv=2, s_max=4096, block_n=64, device=cpu) == 16
+    assert decode_num_splits(batch=1, n_kv=2, s_max=100, block_n=64, device=cpu) == 2
+
+
+def test_cpu_dispatch_uses_reference_unless_forced(monkeypatch):
+    def kernel_called(*args):
+        raise RuntimeError("Triton kernel called")
+
+    monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "_decode_triton", kernel_called)
+    q, k_cache, v_cache, lengths, slot_ids = random_cache(2, 2, 4, 2, 64, 8, torch.float32)
+    decode_attention(q, k_cache.nan_to_num(), v_cache.nan_to_num(), lengths, slot_ids)
+    with kernels.backend("triton"), pytest.raises(RuntimeError, match="Triton kernel called"):
+        decode_attention(q, k_cache, v_cache, lengths, slot_ids)
