@@ -34,7 +34,7 @@ def launch_config(n_cols: int) -> tuple[int, int]:
     if n_cols > MAX_FUSED_COLS:
         raise ValueError(f"row kernels hold a whole row in one program: {n_cols} columns > {MAX_FUSED_COLS}")
     block = triton.next_power_of_2(n_cols)
-    num_warps = 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2
+    num_warps = 16 if block >= 16384 else 8 if block >= 2048 else 4
     return block, num_warps
 
 
