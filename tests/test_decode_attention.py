@@ -7,7 +7,8 @@ import torch
 
 import kernels
 from kernels.decode_attention import decode_attention, decode_attention_reference, decode_num_splits
-from tests.test_attention import bloom_alibi_slopes, poisoned_allocations, rel_err  # noqa: F401 (fixture)
+from tests.test_attention import (MODEL_CONFIGS, bloom_alibi_slopes, cu_from_lengths, poisoned_allocations,  # noqa: F401
+                                  rel_err)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
 
@@ -103,3 +104,25 @@ def test_cpu_dispatch_uses_reference_unless_forced(monkeypatch):
     decode_attention(q, k_cache.nan_to_num(), v_cache.nan_to_num(), lengths, slot_ids)
     with kernels.backend("triton"), pytest.raises(RuntimeError, match="Triton kernel called"):
         decode_attention(q, k_cache, v_cache, lengths, slot_ids)
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_model_decode_step_matches_full_forward(name):
+    """Prefill three prompts into permuted cache slots, then one decode step with every op on its
+    Triton kernel: the step's logits equal the last-position logits of the full sequences (torch)."""
+    from models import KVCache, ModelConfig, build_model
+    config = ModelConfig.from_dict(MODEL_CONFIGS[name])
+    model = build_model(config, device="cpu", dtype=torch.float32, seed=0)
+    lengths = torch.tensor([5, 20, 1])
+    prompts = torch.randint(0, config.vocab_size, (int(lengths.sum()),))
+    new_tokens = torch.randint(0, config.vocab_size, (3,))
+    slot_ids = torch.tensor([3, 0, 4])
+    cache = KVCache(config, slots=5, max_len=24)
+    with torch.no_grad():
+        with kernels.backend("triton"):
+            model(prompts, cu_seqlens=cu_from_lengths(lengths.tolist()), cache=cache, slot_ids=slot_ids)
+            step = model(new_tokens, cache=cache, position_ids=lengths, slot_ids=slot_ids)
+        full = torch.cat([torch.cat([p, t[None]]) for p, t in zip(prompts.split(lengths.tolist()), new_tokens)])
+        with kernels.backend("torch"):
+            want = model(full, cu_seqlens=cu_from_lengths((lengths + 1).tolist()))[(lengths + 1).cumsum(0) - 1]
+    assert rel_err(step, want) < 1e-5
