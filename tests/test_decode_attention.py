@@ -7,8 +7,8 @@ import torch
 
 import kernels
 from kernels.decode_attention import decode_attention, decode_attention_reference, decode_num_splits
-from tests.test_attention import (MODEL_CONFIGS, bloom_alibi_slopes, cu_from_lengths, poisoned_allocations,  # noqa: F401
-                                  rel_err)
+from tests.test_attention import MODEL_CONFIGS, bloom_alibi_slopes, cu_from_lengths, rel_err
+from tests.test_attention import poisoned_allocations  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
 
