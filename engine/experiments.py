@@ -325,3 +325,208 @@ def plot_profile(rows: list[dict], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- sweep
+
+def run_dir(out_root, model: str, lang: str, length: int) -> Path:
+    return Path(out_root) / f"{Path(model).name}-{lang}-{length}"
+
+
+def sweep(models: list[str], langs: list[str], lengths: list[int], out_root="runs/sweep",
+          **train_overrides) -> list[dict]:
+    """memorize() for every (model, lang, length), then report() over the finished runs.
+
+    A run whose folder holds results.json is skipped; one with a checkpoint is resumed. One GPU or
+    none: the runs go one after the other in this process; several GPUs: one `cli.py memorize`
+    subprocess per GPU (CUDA_VISIBLE_DEVICES), its log in the run folder's memorize.log.
+    train_overrides: TrainConfig fields (epochs=, poems=, lr=, ...); a dict value is looked up by
+    language (source={"en": "poems-en.jsonl"}). Returns the finished runs' results.json.
+    """
+    from engine.train import TrainConfig, latest_checkpoint
+    pending = []
+    for model in models:
+        for lang in langs:
+            for length in lengths:
+                out = run_dir(out_root, model, lang, length)
+                if (out / "results.json").is_file():
+                    print(f"sweep: {out} is finished, skipped", file=sys.stderr)
+                    continue
+                overrides = {k: v.get(lang) if isinstance(v, dict) else v for k, v in train_overrides.items()}
+                pending.append(TrainConfig(model=model, lang=lang, length=length, out=str(out),
+                                           resume=latest_checkpoint(out) is not None, **overrides))
+    gpus = torch.cuda.device_count()
+    failures = _run_subprocesses(pending, gpus) if gpus > 1 else _run_in_process(pending)
+    finished = [run_dir(out_root, m, lang, n) for m in models for lang in langs for n in lengths]
+    finished = [d for d in finished if (d / "results.json").is_file()]
+    if finished:
+        report([str(d) for d in finished], out=out_root)
+    if failures:
+        raise RuntimeError("sweep: these runs failed (finished ones are reported in "
+                           f"{Path(out_root) / 'report.md'}; run the sweep again to resume):\n  " + "\n  ".join(failures))
+    return find_runs(finished)
+
+
+def _run_in_process(configs) -> list[str]:
+    from engine.train import memorize
+    failures = []
+    for config in configs:
+        try:
+            memorize(config)
+        except Exception as e:          # the other runs still go; the failure is reported at the end
+            failures.append(f"{config.out}: {type(e).__name__}: {e}")
+    return failures
+
+
+def cli_arguments(config) -> list[str]:
+    """`cli.py memorize` arguments for a TrainConfig (fields left at None take the CLI's defaults too)."""
+    from engine.train import TrainConfig
+    defaults = asdict(TrainConfig(model=config.model))
+    args = ["memorize", "--model", config.model, "--out", config.out] + (["--resume"] if config.resume else [])
+    for key, value in asdict(config).items():
+        if key in ("lang", "length") or (key not in ("model", "out", "resume", "extra") and value != defaults[key]):
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def _run_subprocesses(configs, gpus: int) -> list[str]:
+    queue, running, failures = list(configs), {}, []
+    while queue or running:
+        for gpu in [g for g in range(gpus) if g not in running]:
+            if not queue:
+                break
+            config = queue.pop(0)
+            log = (Path(config.out) / "memorize.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+            running[gpu] = (config, subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *cli_arguments(config)],
+                                                     env=env, stdout=log.open("a"), stderr=subprocess.STDOUT))
+        for gpu, (config, proc) in list(running.items()):
+            if proc.poll() is not None:
+                del running[gpu]
+                if proc.returncode:
+                    failures.append(f"{config.out}: exit status {proc.returncode}, see {config.out}/memorize.log")
+        time.sleep(1)
+    return failures
+
+
+# ---------------------------------------------------------------- report
+
+def display_name(model: str) -> str:
+    """The paper's name for a registry model (its hub repository's name)."""
+    spec = REGISTRY.get(model)
+    return spec.repo.split("/")[-1] if spec and spec.repo else Path(model).name
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def accuracy_tables(runs: list[dict]) -> str:
+    """Our accuracy beside the paper's, in the layout of its Table 1 (CN / ENG) and Table 2 (CN 256-512)."""
+    ours = {(r["model"], r["lang"], r["length"]): 100 * r["accuracy"] for r in runs}
+    models = PAPER_MODELS + sorted({r["model"] for r in runs} - set(PAPER_MODELS))
+    table1 = [[display_name(m)] + [_percent(acc) for key in (("cn", 256), ("en", 256))
+                                   for acc in (ours.get((m, *key)), PAPER_ACCURACY[key].get(m))] for m in models]
+    table2 = [[display_name(m), _percent(ours.get((m, "cn", 512))), _percent(PAPER_ACCURACY[("cn", 512)].get(m))]
+              for m in models if m in PAPER_ACCURACY[("cn", 512)] or (m, "cn", 512) in ours]
+    return "\n".join([
+        "Table 1: exact recitation accuracy (%), prompt + poem <= 256 characters, after the runs' epochs "
+        "(the paper: 100).", "",
+        markdown_table(["Model", "CN (ours)", "CN (paper)", "ENG (ours)", "ENG (paper)"], table1), "",
+        "Table 2: CN poems of 256-512 characters.", "",
+        markdown_table(["Model", "CN 256-512 (ours)", "CN 256-512 (paper)"], table2)])
+
+
+def cost_table(runs: list[dict]) -> str:
+    body = []
+    for r in runs:
+        memorized = r["accuracy"] * r["n_poems"]
+        per_poem = f"{run_gpu_seconds(r) / memorized:.2f}" if memorized else "-"
+        body.append([Path(r["run_dir"]).name, display_name(r["model"]), f"{r['lang']}-{r['length']}", r["n_poems"],
+                     r["epochs"], f"{100 * r['accuracy']:.2f}", _duration(r["train_seconds"]),
+                     _duration(r["eval_seconds"]), f"{r.get('device', '?')} x{r.get('world_size', 1)}",
+                     f"{run_gpu_seconds(r) / 3600:.3g}", per_poem])
+    return markdown_table(["run", "model", "poems", "n", "epochs", "accuracy %", "train time", "eval time", "device",
+                           "device-hours", "device-s per memorized poem"], body)
+
+
+def plot_curves(runs: list[dict], path: Path) -> Path:
+    """Memorization curves: exact-recitation accuracy per epoch of several runs in one figure."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        _, evals = epoch_curve(read_jsonl(Path(r["run_dir"]) / "metrics.jsonl"))
+        ax.plot([m["epoch"] for m in evals], [100 * m["accuracy"] for m in evals], "o-", markersize=3,
+                label=f"{display_name(r['model'])} {r['lang']}-{r['length']}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("exact recitation accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    ax.set_title("Memorization curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+LENGTH_BUCKETS = (64, 128, 192, 256, 384, 512)       # poem characters, upper bounds
+
+
+def accuracy_by_length(records: list[dict]) -> list[tuple[str, int, float]]:
+    """(bucket label, poems, accuracy %) by the poem's length in characters, from generations.jsonl."""
+    buckets = {}
+    for r in records:
+        upper = next((b for b in LENGTH_BUCKETS if len(r["target"]) <= b), None)
+        buckets.setdefault(upper, []).append(bool(r["correct"]))
+    rows = []
+    for lower, upper in zip((0,) + LENGTH_BUCKETS, LENGTH_BUCKETS + (None,)):
+        if upper in buckets:
+            hits = buckets[upper]
+            rows.append((f"{lower + 1}-{upper}" if upper else f">{lower}", len(hits), 100 * sum(hits) / len(hits)))
+    return rows
+
+
+def plot_by_length(runs: list[dict], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        rows = accuracy_by_length(read_jsonl(Path(r["run_dir"]) / "generations.jsonl"))
+        ax.plot([label for label, _, _ in rows], [acc for _, _, acc in rows], "o-",
+                label=f"{display_name(r['model'])} {r['lang']}-{r['length']}")
+    ax.set_xlabel("poem length (characters)")
+    ax.set_ylabel("exact recitation accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    ax.set_title("Accuracy by poem length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(run_dirs: list[str], out=None) -> str:
+    """report.md (the paper's tables beside ours, cost per run) with curves.png and accuracy_by_length.png
+    in `out` (None: the runs' common parent folder). Returns the markdown."""
+    runs = find_runs(run_dirs)
+    if not runs:
+        raise ValueError("report: no run folders given: pass the folders of finished memorize runs")
+    out = Path(out) if out is not None else Path(os.path.commonpath([Path(r["run_dir"]).resolve() for r in runs]))
+    if len(runs) == 1 and out == Path(runs[0]["run_dir"]).resolve():
+        out = out.parent
+    out.mkdir(parents=True, exist_ok=True)
+    order = {m: i for i, m in enumerate(PAPER_MODELS)}
+    runs.sort(key=lambda r: (order.get(r["model"], len(order)), r["model"], r["lang"], r["length"]))
+    plot_curves(runs, out / "curves.png")
+    plot_by_length(runs, out / "accuracy_by_length.png")
+    text = "\n".join([
+        "# Memorization: our runs beside the paper", "",
+        "Paper: \"Schrödinger's Memory: Large Language Models\", Tables 1 and 2 (2,000 poems per set, 100 epochs).", "",
+        accuracy_tables(runs), "",
+        "## Cost per run", "",
+        cost_table(runs), "",
+        "![accuracy per epoch](curves.png)", "",
+        "![accuracy by poem length](accuracy_by_length.png)", "",
+        "Runs: " + ", ".join(r["run_dir"] for r in runs)]) + "\n"
+    (out / "report.md").write_text(text, encoding="utf-8")
+    return text
