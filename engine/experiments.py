@@ -239,7 +239,8 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
         run = matching.get(name)
         if run:
             memorized = run["accuracy"] * run["n_poems"]
-            row.update(accuracy=100 * run["accuracy"], run_dir=run["run_dir"],
+            row.update(accuracy=100 * run["accuracy"], run_dir=run["run_dir"], run_poems=run["n_poems"],
+                       run_epochs=run["epochs"],
                        gpu_seconds_per_poem=run_gpu_seconds(run) / memorized if memorized else None)
         rows.append(row)
     table = profile_table(rows, lang, length, epochs, eval_every, micro_batch_tokens)
@@ -285,6 +286,7 @@ def profile_table(rows: list[dict], lang: str, length: int, epochs: int, eval_ev
              f"one evaluation every {eval_every} epochs.",
              "FLOPs: 6N + causal attention 6·L·d·(s+1) per sequence of s tokens. Memory: bf16 weights and "
              "gradients, fp32 master + 2 moments, activations of one packed micro-batch (no recompute)."]
+    notes += [f"Ours: {r['run_dir']} ({r['run_poems']} poems, {r['run_epochs']} epochs)." for r in rows if "run_dir" in r]
     if any(r["tokenizer"] != "own" for r in rows):
         notes.append("* tokens counted with the tiny tokenizer as a proxy: the model's tokenizer is not available "
                      "locally (real counts differ).")
@@ -470,21 +472,16 @@ def plot_curves(runs: list[dict], path: Path) -> Path:
     return path
 
 
-LENGTH_BUCKETS = (64, 128, 192, 256, 384, 512)       # poem characters, upper bounds
+LENGTH_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512)     # poem characters, upper bounds
 
 
-def accuracy_by_length(records: list[dict]) -> list[tuple[str, int, float]]:
-    """(bucket label, poems, accuracy %) by the poem's length in characters, from generations.jsonl."""
+def accuracy_by_length(records: list[dict]) -> list[tuple[int, int, float]]:
+    """(bucket's upper bound, poems, accuracy %) by the poem's length in characters, from generations.jsonl."""
     buckets = {}
     for r in records:
-        upper = next((b for b in LENGTH_BUCKETS if len(r["target"]) <= b), None)
+        upper = next((b for b in LENGTH_BUCKETS if len(r["target"]) <= b), LENGTH_BUCKETS[-1])
         buckets.setdefault(upper, []).append(bool(r["correct"]))
-    rows = []
-    for lower, upper in zip((0,) + LENGTH_BUCKETS, LENGTH_BUCKETS + (None,)):
-        if upper in buckets:
-            hits = buckets[upper]
-            rows.append((f"{lower + 1}-{upper}" if upper else f">{lower}", len(hits), 100 * sum(hits) / len(hits)))
-    return rows
+    return [(upper, len(hits), 100 * sum(hits) / len(hits)) for upper, hits in sorted(buckets.items())]
 
 
 def plot_by_length(runs: list[dict], path: Path) -> Path:
@@ -492,9 +489,10 @@ def plot_by_length(runs: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
         rows = accuracy_by_length(read_jsonl(Path(r["run_dir"]) / "generations.jsonl"))
-        ax.plot([label for label, _, _ in rows], [acc for _, _, acc in rows], "o-",
+        ax.plot([upper for upper, _, _ in rows], [acc for _, _, acc in rows], "o-",
                 label=f"{display_name(r['model'])} {r['lang']}-{r['length']}")
-    ax.set_xlabel("poem length (characters)")
+    ax.set_xticks(LENGTH_BUCKETS)
+    ax.set_xlabel(f"poem length (characters, buckets of {LENGTH_BUCKETS[0]} up to the tick)")
     ax.set_ylabel("exact recitation accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
