@@ -215,19 +215,10 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
         if key not in encoded:
             encoded[key] = encode_examples(poems, tokenizer, lang, fmt)
         examples = encoded[key]
-        prompt_tokens = [len(e.prompt_ids) for e in examples]
-        target_tokens = [len(e.target_ids) for e in examples]
-        tokens = sum(prompt_tokens) + sum(target_tokens)
+        tokens = sum(len(e) for e in examples)
         flops = train_flops(config, params, [len(e) for e in examples])
         measured = (bench or {}).get("models", {}).get(name)
-        if measured:
-            epoch_s = tokens / measured["train_tokens_per_second"]
-            eval_s = sum(target_tokens) / measured["eval_tokens_per_second"]
-            basis = f"measured ({bench['device']})"
-        else:
-            epoch_s = flops / (H100_PEAK_FLOPS * ASSUMED_MFU)
-            eval_s = projected_eval_seconds(config, params, prompt_tokens, target_tokens)
-            basis = PROJECTED
+        epoch_s, eval_s, basis = seconds_per_epoch_and_eval(config, params, examples, flops, measured, bench)
         evals = math.ceil(epochs / eval_every)
         row = {"model": name, "parameters": params, "tokenizer": tok_note, "format": fmt, "poems": len(examples),
                "tokens_per_epoch": tokens, "flops_per_epoch": flops, "flops_total": flops * epochs,
@@ -249,6 +240,18 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
         (Path(out) / "profile.json").write_text(json.dumps(rows, indent=2))
         plot_profile(rows, Path(out) / "profile.png", f"{lang}-{length}, {epochs} epochs")
     return rows, table
+
+
+def seconds_per_epoch_and_eval(config, params, examples, flops, measured: dict | None, bench: dict | None):
+    """(training seconds per epoch, seconds per evaluation, basis): from this device's benchmark of the
+    model when there is one, else projected on an H100."""
+    prompt_tokens = [len(e.prompt_ids) for e in examples]
+    target_tokens = [len(e.target_ids) for e in examples]
+    if measured:
+        return (sum(prompt_tokens + target_tokens) / measured["train_tokens_per_second"],
+                sum(target_tokens) / measured["eval_tokens_per_second"], f"measured ({bench['device']})")
+    return (flops / (H100_PEAK_FLOPS * ASSUMED_MFU), projected_eval_seconds(config, params, prompt_tokens, target_tokens),
+            PROJECTED)
 
 
 def _gib(n) -> str:
@@ -274,7 +277,9 @@ def profile_table(rows: list[dict], lang: str, length: int, epochs: int, eval_ev
                      + (" *" if r["tokenizer"] != "own" else ""), f"{r['flops_per_epoch'] / 1e15:.2f}",
                      f"{r['flops_total'] / 1e18:.2f}", _duration(r["epoch_seconds"]), f"{r['gpu_hours']:.3g}"
                      + ("" if r["projected"] else " (measured)"), _gib(m["weights"]), _gib(m["gradients"]),
-                     _gib(m["optimizer"]), _gib(m["activations"]), _gib(m["total"]), acc,
+                     _gib(m["optimizer"]), _gib(m["activations"]), _gib(m["total"]) + (
+                         f" ({_gib(r['measured_peak_memory_bytes'])} measured)" if r["measured_peak_memory_bytes"] else ""),
+                     acc,
                      "-" if r["paper_accuracy"] is None else r["paper_accuracy"], per_poem])
     header = ["model", "params", "tokens/epoch", "PFLOP/epoch", f"EFLOP/{epochs} ep", "time/epoch",
               f"GPU-h ({epochs} ep + eval)", "weights GiB", "grads GiB", "AdamW GiB",
