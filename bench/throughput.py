@@ -1,0 +1,497 @@
+"""Training and evaluation throughput of whole models, ours next to the usual stack, in one run.
+
+    python bench/throughput.py --quick                        # CPU: tiny shapes, a few minutes
+    python bench/throughput.py --out "$OUT" --time-budget 200 # GPU: the paper's models
+
+For each model at its real shape with random weights:
+  ours    packed padding-free batches of the frozen CN poems (engine.packing), engine.train.train_step
+          (fused kernels on the GPU, fp32 master weights, our AdamW), greedy_generate (KV cache,
+          CUDA graphs) for evaluation;
+  theirs  transformers' AutoModelForCausalLM from the same config (bf16 on the GPU, fp32 on the CPU,
+          sdpa attention), the same examples per step padded to the longest (attention mask,
+          labels -100 on pads and prompts), torch.optim.AdamW (fused on CUDA), clip_grad_norm_;
+          evaluation with model.generate on the left-padded prompts;
+  liger   theirs with liger_kernel's apply_liger_kernel_to_qwen2 (GPU, Qwen2 only, when importable).
+
+Reported: training tokens/s (real tokens, pads not counted; median over steps), MFU (FLOPs per
+token = 6N + 12 L H ctx, N = non-embedding parameters + the output matrix, ctx = the mean causal
+context a token attends to) against the datasheet bf16 peak and against a bf16 matmul ceiling
+measured in the same run, the step split into forward / backward / optimizer (a separate pass
+with a device sync around each phase; our "forward" also computes the output layer's gradients,
+which the fused cross-entropy does in its forward), peak memory (GPU: max_memory_allocated;
+CPU: peak resident memory above the process before the model was built, sampled every 2 ms),
+evaluation tokens/s (new tokens, prefill included) and its achieved GB/s (weights once per decode
+step plus the KV cache read). Token ids: the tiny tokenizer's for the tiny presets, random ids with
+the same poem lengths and prompt/target split for real vocabularies.
+
+Writes throughput-<device>.json (the schema cli.py profile reads), throughput-<device>.md and
+throughput-<device>-detail.json (per-step times, liger, MFU vs the matmul ceiling) under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.data import Example, encode_examples, load_poems  # noqa: E402
+from engine.generate import greedy_generate  # noqa: E402
+from engine.optim import AdamW, parameter_groups  # noqa: E402
+from engine.packing import PackedBatch, pack  # noqa: E402
+from engine.train import train_step  # noqa: E402
+from models import PAPER_MODELS, REGISTRY, ModelConfig, build_model, load_tokenizer  # noqa: E402
+from models.base import KVCache  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense datasheet figures
+CPU_MODELS = ["tiny-qwen2", "tiny-bloom", "qwen2-small-151k"]
+GPU_MODELS = ["qwen2-0.5b", "qwen2-1.5b", "bloom-560m", "bloom-1b7", "qwen1.5-0.5b", "bloom-389m-zh", "bloom-1b4-zh"]
+GPU_QUICK_MODELS = ["qwen2-0.5b", "bloom-560m"]
+
+# Shapes the registry may not carry yet (its `config` wins when present). qwen2-small-151k is a
+# CPU-sized Qwen2 (~31M parameters) with the real 151,936-token vocabulary and a tied output matrix.
+SHAPES = {
+    "qwen2-small-151k": dict(model_type="qwen2", vocab_size=151936, hidden_size=192, intermediate_size=512,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen1.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1024, intermediate_size=2816,
+                         num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False),
+    "qwen2-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "bloom-389m-zh": dict(model_type="bloom", vocab_size=42437, hidden_size=1024, n_layer=24, n_head=16),
+    "bloom-1b4-zh": dict(model_type="bloom", vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16),
+    "bloom-560m": dict(model_type="bloom", vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16),
+    "bloom-1b7": dict(model_type="bloom", vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16),
+}
+SHAPES["qwen2.5-0.5b"], SHAPES["qwen2.5-1.5b"] = SHAPES["qwen2-0.5b"], SHAPES["qwen2-1.5b"]
+_QWEN_DEFAULTS = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, bos_token_id=0,
+                      eos_token_id=0)
+
+
+@dataclass
+class Settings:
+    batch_tokens: int       # tokens per optimizer step (one packed micro-batch)
+    warmup: int             # untimed steps per implementation
+    steps: int              # timed steps (median)
+    phase_steps: int        # steps of the forward/backward/optimizer split
+    eval_prompts: int
+    eval_new_tokens: int
+    eval_reps: int
+
+    @classmethod
+    def for_device(cls, device: torch.device, quick: bool) -> "Settings":
+        if device.type == "cuda":
+            return cls(16384, 2, 4 if quick else 6, 3, 256, 128, 2 if quick else 3)
+        return cls(1024, 1, 3 if quick else 6, 2, 16, 24 if quick else 48, 1 if quick else 2)
+
+
+# ---------------------------------------------------------------- models and data
+
+def hf_config_dict(name: str) -> dict:
+    spec = REGISTRY.get(name)
+    raw = dict(spec.config) if spec is not None and spec.config else dict(SHAPES[name])
+    if raw["model_type"] == "qwen2":
+        raw = {**_QWEN_DEFAULTS, **raw}
+    raw.pop("torch_dtype", None)
+    return raw
+
+
+def build_ours(raw: dict, device, dtype):
+    return build_model(ModelConfig.from_dict(raw, "bench config"), device, dtype, seed=0).train()
+
+
+def build_theirs(raw: dict, device, dtype, liger: bool = False):
+    import transformers
+    config = transformers.AutoConfig.for_model(**raw)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+        apply_liger_kernel_to_qwen2(model=model)
+    return model.to(device).train()
+
+
+def poem_examples(vocab_size: int, seed: int = 0) -> list[Example]:
+    """The 2,000 frozen CN poems in the plain format, tiny-tokenizer ids; random ids of the same lengths
+    when the model's vocabulary is not the tiny tokenizer's."""
+    tokenizer = load_tokenizer("tiny-qwen2")
+    examples = encode_examples(load_poems("cn", 256, 2000, seed), tokenizer, "cn", "plain")
+    if vocab_size == tokenizer.vocab_size:
+        return examples
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: tuple(torch.randint(1, vocab_size, (n,), generator=g).tolist())  # noqa: E731
+    return [Example(rand(len(e.prompt_ids)), rand(len(e.target_ids))) for e in examples]
+
+
+def padded(batch: PackedBatch, device):
+    """The packed batch's sequences right-padded to the longest: (input_ids, attention_mask, labels) [B, L]."""
+    bounds = batch.cu_seqlens.tolist()
+    rows = [(batch.input_ids[a:b], batch.labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    ids = torch.zeros(len(rows), batch.max_seqlen, dtype=torch.int64)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for r, (x, y) in enumerate(rows):
+        ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = x, y, 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def flops_per_token(model, batches: list[PackedBatch]) -> float:
+    """6N + 12 L H ctx: N counts the output matrix (tied or not) and not the input embedding."""
+    c = model.config
+    embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    n = model.num_parameters() - embedding.weight.numel() + (embedding.weight.numel() if c.tie_word_embeddings else 0)
+    lengths = [L for b in batches for L in (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()]
+    ctx = sum(L * (L + 1) / 2 for L in lengths) / sum(lengths)
+    return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * ctx
+
+
+# ---------------------------------------------------------------- timing and memory
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+class PeakMemory:
+    """GPU: max_memory_allocated since start(). CPU: peak RSS above start(), sampled by a thread."""
+
+    def __init__(self, device):
+        self.device, self.peak, self.base, self._stop = device, 0, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = 0
+        else:
+            self.base = self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+    @property
+    def bytes(self) -> int:
+        return self.peak - self.base
+
+
+def matmul_tflops(device) -> float:
+    """Median dense matmul throughput: bf16 8192^3 on the GPU, fp32 1024^3 on the CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = [timed(lambda: a @ b, device) for _ in range(10 if device.type == "cuda" else 5)]
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+# ---------------------------------------------------------------- training
+
+def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
+    with PeakMemory(device) as mem:
+        model = build_ours(raw, device, dtype)
+        opt = AdamW(parameter_groups(model, 0.01), lr=1e-5, weight_decay=0.01)
+        step = lambda b: train_step(model, opt, [b], b.num_target_tokens, device, 1, 0, 1.0)  # noqa: E731
+        for b in batches[:s.warmup]:
+            step(b)
+        timed_batches = batches[s.warmup:s.warmup + s.steps]
+        seconds = [timed(lambda: step(b), device) for b in timed_batches]
+    phases = {"forward": [], "backward": [], "optimizer": []}
+    for b in batches[:s.phase_steps]:
+        labels = b.shifted_labels().to(device)
+        d = b.to(device)
+        holder = {}
+        phases["forward"].append(timed(lambda: holder.update(loss=model.loss(
+            d.input_ids, labels, d.cu_seqlens, d.position_ids, d.max_seqlen, reduction="sum") / b.num_target_tokens),
+            device))
+        phases["backward"].append(timed(lambda: holder["loss"].backward(), device))
+        phases["optimizer"].append(timed(lambda: (opt.clip_grad_norm_(1.0), opt.step(), opt.zero_grad()), device))
+    del opt
+    result = {"tokens_per_second": statistics.median(b.num_tokens / t for b, t in zip(timed_batches, seconds)),
+              "step_seconds": {k: statistics.median(v) for k, v in phases.items()},
+              "step_times": seconds, "peak_memory_bytes": mem.bytes}
+    return result, model
+
+
+def train_theirs(raw, batches, s: Settings, device, dtype, liger: bool = False) -> tuple[dict, object]:
+    with PeakMemory(device) as mem:
+        model = build_theirs(raw, device, dtype, liger)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
+        inputs = [padded(b, device) for b in batches[:s.warmup + s.steps]]
+        splits = {"n": 1}
+
+        def step(ids, mask, labels):
+            n = splits["n"]
+            try:
+                for i in range(n):        # gradient accumulation only if the padded batch does not fit
+                    part = slice(i * len(ids) // n, (i + 1) * len(ids) // n)
+                    loss = model(input_ids=ids[part], attention_mask=mask[part], labels=labels[part]).loss
+                    (loss * (labels[part, 1:] != -100).sum() / (labels[:, 1:] != -100).sum()).backward()
+            except torch.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                splits["n"] *= 2
+                return step(ids, mask, labels)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for x in inputs[:s.warmup]:
+            step(*x)
+        timed_batches = list(zip(batches[s.warmup:], inputs[s.warmup:]))
+        seconds = [timed(lambda: step(*x), device) for _, x in timed_batches]
+    del opt
+    result = {"tokens_per_second": statistics.median(b.num_tokens / t for (b, _), t in zip(timed_batches, seconds)),
+              "step_times": seconds, "peak_memory_bytes": mem.bytes, "micro_batches": splits["n"],
+              "padded_tokens": sum(x[0].numel() for _, x in timed_batches),
+              "real_tokens": sum(b.num_tokens for b, _ in timed_batches)}
+    return result, model
+
+
+# ---------------------------------------------------------------- evaluation
+
+def eval_ours(model, prompts: list[list[int]], s: Settings, device) -> dict:
+    greedy_generate(model, prompts[:8], 4, eos_token_ids=[])          # compile kernels, fill lazy caches
+    stats, seconds = {}, []
+    for _ in range(s.eval_reps):
+        seconds.append(timed(lambda: greedy_generate(model, prompts, s.eval_new_tokens, eos_token_ids=[],
+                                                     stats=stats), device))
+    t = statistics.median(seconds)
+    tokens = stats["generated_tokens"]
+    return {"tokens_per_second": tokens / t, "gb_per_second": decode_bytes(model, prompts, s.eval_new_tokens) / t / 1e9,
+            "seconds": seconds}
+
+
+def decode_bytes(model, prompts, new_tokens: int) -> int:
+    """Bytes a decode must read: the weights once per step (not the input embedding rows) and every
+    live sequence's cached keys and values."""
+    embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        weights -= embedding.weight.numel() * embedding.weight.element_size()
+    per_token = KVCache.bytes_per_token(model.config, model.dtype)
+    kv = sum(per_token * (len(p) + t) for p in prompts for t in range(new_tokens - 1))
+    return weights * (new_tokens - 1) + kv
+
+
+def eval_theirs(model, prompts: list[list[int]], s: Settings, device) -> dict:
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):                                     # left padding, as generate wants
+        ids[r, longest - len(p):], mask[r, longest - len(p):] = torch.tensor(p), 1
+    ids, mask = ids.to(device), mask.to(device)
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.eval()
+    with torch.inference_mode():
+        model.generate(input_ids=ids[:8], attention_mask=mask[:8], max_new_tokens=4, min_new_tokens=4, **kwargs)
+        seconds = [timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.eval_new_tokens,
+                                                min_new_tokens=s.eval_new_tokens, **kwargs), device)
+                   for _ in range(s.eval_reps)]
+    return {"tokens_per_second": len(prompts) * s.eval_new_tokens / statistics.median(seconds), "seconds": seconds}
+
+
+# ---------------------------------------------------------------- one model, the run
+
+def liger_available(device, raw) -> bool:
+    if device.type != "cuda" or raw["model_type"] != "qwen2":
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[dict, dict]:
+    raw = hf_config_dict(name)
+    config = ModelConfig.from_dict(raw, name)
+    examples = poem_examples(config.vocab_size)
+    batches = pack(examples, s.batch_tokens, seed=0, epoch=0)
+    need = s.warmup + max(s.steps, s.phase_steps)
+    batches = (batches * (-(-need // len(batches))))[:need]
+    prompts = [list(e.prompt_ids) for e in examples[:s.eval_prompts]]
+
+    ours, model = train_ours(raw, batches, s, device, dtype)
+    params, fpt = model.num_parameters(), flops_per_token(model, batches)
+    ours_eval = eval_ours(model, prompts, s, device)
+    del model
+    free(device)
+    theirs, hf = train_theirs(raw, batches, s, device, dtype)
+    theirs_eval = eval_theirs(hf, prompts, s, device)
+    del hf
+    free(device)
+
+    achieved = ours["tokens_per_second"] * fpt / 1e12
+    entry = {
+        "params": params,
+        "train_tokens_per_second": ours["tokens_per_second"],
+        "mfu": achieved / peak if peak else None,
+        "step_seconds": ours["step_seconds"],
+        "peak_memory_bytes": ours["peak_memory_bytes"],
+        "eval_tokens_per_second": ours_eval["tokens_per_second"],
+        "eval_gb_per_second": ours_eval["gb_per_second"],
+        "baseline": {"train_tokens_per_second": theirs["tokens_per_second"],
+                     "eval_tokens_per_second": theirs_eval["tokens_per_second"],
+                     "peak_memory_bytes": theirs["peak_memory_bytes"]},
+        "ratio": {"train": ours["tokens_per_second"] / theirs["tokens_per_second"],
+                  "eval": ours_eval["tokens_per_second"] / theirs_eval["tokens_per_second"]},
+    }
+    detail = {"flops_per_token": fpt, "achieved_tflops": achieved, "mfu_vs_matmul": achieved / matmul if matmul else None,
+              "baseline_mfu": theirs["tokens_per_second"] * fpt / 1e12 / peak if peak else None,
+              "train": ours, "eval": ours_eval, "baseline_train": theirs, "baseline_eval": theirs_eval,
+              "settings": s.__dict__}
+    return entry, detail
+
+
+def bench_liger(name: str, s: Settings, device, dtype) -> dict:
+    """Liger patches transformers' Qwen2 classes for the whole process: run after every plain baseline."""
+    raw = hf_config_dict(name)
+    batches = pack(poem_examples(raw["vocab_size"]), s.batch_tokens, seed=0, epoch=0)[:s.warmup + s.steps]
+    result, hf = train_theirs(raw, batches, s, device, dtype, liger=True)
+    del hf
+    free(device)
+    return result
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget: float | None = None) -> dict:
+    """Benchmark `models` (None: the CPU trio, or the paper's models on a GPU), write
+    throughput-<device>.json/.md under out_dir and return the JSON's content. Models left when
+    `time_budget` seconds have passed are skipped (the files are rewritten after every model)."""
+    start = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    models = models or (CPU_MODELS if device.type == "cpu" else GPU_QUICK_MODELS if quick else GPU_MODELS)
+    s = Settings.for_device(device, quick)
+    name = device_name(device)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    result = {"device": name, "peak_tflops": peak, "matmul_tflops": matmul_tflops(device), "models": {}}
+    details = {"torch": torch.__version__, "dtype": str(dtype), "skipped": [], "liger": {}, "models": {}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        if time_budget and time.perf_counter() - start > time_budget:
+            details["skipped"].append(model)
+            continue
+        t0 = time.perf_counter()
+        result["models"][model], details["models"][model] = bench_model(model, s, device, dtype, peak,
+                                                                        result["matmul_tflops"])
+        details["models"][model]["bench_seconds"] = time.perf_counter() - t0
+        print(row(model, result["models"][model], details["models"][model]), flush=True)
+        write(out, result, details)
+    for model in models:
+        if model in result["models"] and liger_available(device, hf_config_dict(model)):
+            if time_budget and time.perf_counter() - start > time_budget:
+                break
+            details["liger"][model] = bench_liger(model, s, device, dtype)
+            write(out, result, details)
+    write(out, result, details)
+    print(markdown(result, details))
+    return result
+
+
+# ---------------------------------------------------------------- output
+
+def stem(device: str) -> str:
+    return "throughput-" + "-".join(device.replace("/", " ").split())
+
+
+def write(out: Path, result: dict, details: dict) -> None:
+    (out / f"{stem(result['device'])}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem(result['device'])}-detail.json").write_text(json.dumps(details, indent=1))
+    (out / f"{stem(result['device'])}.md").write_text(markdown(result, details))
+
+
+def row(name: str, m: dict, d: dict) -> str:
+    b, st = m["baseline"], m["step_seconds"]
+    pct = lambda x: f"{100 * x:.1f}%" if x is not None else "-"  # noqa: E731
+    return (f"| {name} | {m['params'] / 1e6:.1f}M | {m['train_tokens_per_second']:,.0f} | "
+            f"{b['train_tokens_per_second']:,.0f} | **{m['ratio']['train']:.2f}x** | {pct(m['mfu'])} | "
+            f"{pct(d['mfu_vs_matmul'])} | {st['forward'] * 1e3:.0f} / {st['backward'] * 1e3:.0f} / "
+            f"{st['optimizer'] * 1e3:.0f} | {m['peak_memory_bytes'] / 2**30:.2f} / {b['peak_memory_bytes'] / 2**30:.2f} | "
+            f"{m['eval_tokens_per_second']:,.0f} | {b['eval_tokens_per_second']:,.0f} | **{m['ratio']['eval']:.2f}x** | "
+            f"{m['eval_gb_per_second']:.1f} |")
+
+
+def markdown(result: dict, details: dict) -> str:
+    matmul = result["matmul_tflops"]
+    lines = [f"# Throughput on {result['device']} (torch {details['torch']}, {details['dtype']})", "",
+             f"Matmul ceiling measured: {matmul:.1f} TFLOP/s; datasheet bf16 peak: {result['peak_tflops'] or '-'}. "
+             "Training: real tokens/s (median step), ours packed vs transformers padded. "
+             "Step split (ms): forward / backward / optimizer. Memory GiB: ours / theirs.", "",
+             "| model | params | train tok/s ours | theirs | ratio | MFU (peak) | MFU (matmul) | fwd / bwd / opt ms | "
+             "peak mem | eval tok/s ours | theirs | ratio | eval GB/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [row(n, m, details["models"][n]) for n, m in result["models"].items()]
+    for n, d in details["models"].items():
+        t = d["baseline_train"]
+        lines.append(f"\n{n}: padding made {t['padded_tokens']:,} token slots for {t['real_tokens']:,} real tokens "
+                     f"({100 * (1 - t['real_tokens'] / t['padded_tokens']):.0f}% waste); "
+                     f"their padded batch ran in {t['micro_batches']} micro-batch(es).")
+    for n, r in details["liger"].items():
+        ours = result["models"][n]["train_tokens_per_second"]
+        lines.append(f"\n{n} + Liger: {r['tokens_per_second']:,.0f} tok/s, peak {r['peak_memory_bytes'] / 2**30:.2f} GiB "
+                     f"(ours / liger = {ours / r['tokens_per_second']:.2f}x)")
+    if details["skipped"]:
+        lines.append(f"\nSkipped (time budget): {', '.join(details['skipped'])}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", help=f"registry names or {', '.join(CPU_MODELS)} (default: by device)")
+    p.add_argument("--quick", action="store_true", help="fewer steps (and two models on a GPU)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--time-budget", type=float, help="seconds; later models are skipped once it is spent")
+    args = p.parse_args(argv)
+    run(args.models, args.quick, args.out, args.device, args.time_budget)
+
+
+if __name__ == "__main__":
+    main()
