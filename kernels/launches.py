@@ -346,12 +346,13 @@ def _decode(m: Model, dtype, batch: int) -> list[Launch]:
 
 
 # The default test run: every kernel at least once, both dtypes where the code path differs
-# (dot operand dtype, dlogits dtype, the optimizer's grad/param dtypes).
+# (dot operand dtype, dlogits dtype, the optimizer's grad/param dtypes). Attention's fp32 (IEEE
+# dot) variants are the slowest compiles and are left to the full report; decode covers the fp32
+# dot path here.
 REPRESENTATIVE = {("norm", "qwen2-1.5b", "bf16"), ("norm", "qwen2-0.5b", "fp32"), ("norm", "bloom-1b7", "bf16"),
                   ("rope", "qwen2-0.5b", "bf16"), ("mlp", "qwen2-1.5b", "bf16"), ("mlp", "bloom-1b7", "bf16"),
                   ("loss", "qwen2-0.5b", "bf16"), ("loss", "qwen2-0.5b", "fp32"), ("adamw", "", "bf16"),
-                  ("adamw", "", "fp32"), ("attention", "qwen2-1.5b", "bf16"), ("attention", "bloom-560m", "bf16"),
-                  ("attention", "qwen2-0.5b", "fp32"), ("decode1", "qwen2-1.5b", "bf16"),
+                  ("adamw", "", "fp32"), ("attention", "qwen2-1.5b", "bf16"), ("decode1", "qwen2-1.5b", "bf16"),
                   ("decode64", "qwen2-0.5b", "fp32")}
 
 
