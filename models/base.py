@@ -20,12 +20,14 @@ from models.config import ModelConfig
 
 
 class KVCache:
-    """Preallocated keys and values, per layer [slots, Hkv, max_len, D] (see kernels/decode_attention.py)."""
+    """Preallocated keys and values, per layer [slots, Hkv, max_len, D] (see kernels/decode_attention.py).
+    Zeroed, not empty: the torch decode reference multiplies the zero weights of rows past a
+    sequence's length by their values, and garbage NaNs there would poison its output."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
         shape = (slots, config.num_kv_heads, max_len, config.head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.slots, self.max_len = slots, max_len
 
     @staticmethod

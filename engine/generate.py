@@ -1,0 +1,235 @@
+"""KV-cached batched greedy generation: the evaluator's decoder.
+
+    new_ids = greedy_generate(model, prompts, max_new_tokens=200, eos_token_ids=[eos])
+
+No padding anywhere, and no host sync per token (gpt-fast / nano-vllm style):
+  1. plan: sequences, longest first (prompt + cap), are grouped into batches whose KV cache
+     ([n + 1 slots, longest prompt + cap] per layer) fits `kv_budget_bytes`;
+  2. prefill: the batch's prompts as one packed varlen stream (cu_seqlens) write their keys and
+     values into cache slots 0..n-1; only each prompt's last hidden state reaches the output
+     layer, so [T, V] logits never exist;
+  3. decode: one token per live sequence per step, argmax on the device. A device-side `done`
+     mask (EOS or the sequence's own cap) is read by the host only every `check_every` steps;
+     finished sequences then leave the batch: the live tensors are compacted, the cache does
+     not move because every live sequence carries its slot id. A sequence that finished between
+     two checks keeps decoding in place (its position frozen); those tokens are cut away.
+  4. on CUDA the decode step (forward + argmax) is a CUDA graph per bucketed batch size,
+     replayed every step; the rows past the live batch decode a dummy token in a scratch slot
+     (slot n). Everything else is the same code on every device.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from kernels import use_triton
+from models.base import KVCache
+
+CPU_KV_BUDGET = 4 << 30           # bytes of KV cache per batch on the CPU
+GPU_KV_SHARE = 0.5                # of the free GPU memory, the rest is for activations and graphs
+
+
+def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], eos_token_ids: list[int],
+                    kv_budget_bytes: int | None = None, check_every: int = 8, cuda_graphs: bool = True,
+                    prefill_tokens: int = 16384, stats: dict | None = None) -> list[list[int]]:
+    """Greedy continuations of `prompts` -> new tokens only, cut before the first EOS, in prompt order.
+
+    max_new_tokens: one cap for all or one per prompt. kv_budget_bytes: KV cache bytes per batch
+    (None: 4 GiB on the CPU, half the free memory on a GPU). check_every: decode steps between
+    host checks for finished sequences. prefill_tokens: prompt tokens per prefill forward (bounds
+    activation memory). stats: filled with batches, steps, prefill and generated token counts.
+    """
+    caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(caps) != len(prompts):
+        raise ValueError(f"max_new_tokens has {len(caps)} entries for {len(prompts)} prompts")
+    if any(len(p) == 0 for p in prompts) or any(c < 0 for c in caps):
+        raise ValueError("every prompt needs at least one token and every max_new_tokens must be >= 0")
+    device = model.device
+    bytes_per_token = KVCache.bytes_per_token(model.config, model.dtype)
+    budget = kv_budget_bytes or default_kv_budget(device)
+    graphs = cuda_graphs and device.type == "cuda" and use_triton(torch.empty(0, device=device))
+    todo = [i for i in range(len(prompts)) if caps[i] > 0]
+    # a sequence needs cache rows for its prompt and all its new tokens but the last
+    spans = {i: len(prompts[i]) + caps[i] - 1 for i in todo}
+    results: list[list[int]] = [[] for _ in prompts]
+    stats = stats if stats is not None else {}
+    stats.update(batches=0, steps=0, prefill_tokens=0, generated_tokens=0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in plan_batches(todo, spans, bytes_per_token, budget):
+                cache = KVCache(model.config, len(batch) + 1, spans[batch[0]], device, model.dtype)
+                step = DecodeStep(model, cache, scratch_slot=len(batch), graphs=graphs)
+                first = prefill(model, [prompts[i] for i in batch], cache, prefill_tokens)
+                out, steps = decode(step, first, [len(prompts[i]) for i in batch], [caps[i] for i in batch],
+                                    eos_token_ids, check_every)
+                for i, row in zip(batch, out.tolist()):
+                    results[i], stopped = cut(row[:caps[i]], eos_token_ids)
+                    stats["generated_tokens"] += len(results[i]) + stopped
+                stats["batches"] += 1
+                stats["steps"] += steps
+                stats["prefill_tokens"] += sum(len(prompts[i]) for i in batch)
+                del cache, step
+    finally:
+        model.train(was_training)
+    return results
+
+
+def default_kv_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(GPU_KV_SHARE * torch.cuda.mem_get_info(device)[0])
+    return CPU_KV_BUDGET
+
+
+def plan_batches(todo: list[int], spans: dict[int, int], bytes_per_token: int, budget: int) -> list[list[int]]:
+    """Longest first; a batch's cache is (n + 1 scratch) slots x its first (longest) span."""
+    batches: list[list[int]] = []
+    for i in sorted(todo, key=lambda i: -spans[i]):
+        if batches and (len(batches[-1]) + 2) * spans[batches[-1][0]] * bytes_per_token <= budget:
+            batches[-1].append(i)
+            continue
+        if 2 * spans[i] * bytes_per_token > budget:
+            raise ValueError(f"kv_budget_bytes={budget} cannot hold one sequence of {spans[i]} tokens "
+                             f"({bytes_per_token} bytes per token, plus the scratch slot): raise the budget")
+        batches.append([i])
+    return batches
+
+
+def prefill(model, prompts: list[list[int]], cache: KVCache, prefill_tokens: int) -> torch.Tensor:
+    """Packed varlen forward of the prompts into cache slots 0..n-1 -> each one's first new token [n]."""
+    device, firsts, lo = model.device, [], 0
+    for part in chunks(prompts, prefill_tokens):
+        lengths = [len(p) for p in part]
+        ids = torch.tensor([t for p in part for t in p], dtype=torch.int64, device=device)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        slots = torch.arange(lo, lo + len(part), device=device)
+        hidden = model(ids, cu_seqlens=cu, max_seqlen=max(lengths), cache=cache, slot_ids=slots, return_hidden=True)
+        firsts.append(model.logits(hidden[cu[1:].long() - 1]).argmax(-1))
+        lo += len(part)
+    return torch.cat(firsts)
+
+
+def chunks(prompts: list[list[int]], max_tokens: int):
+    """Consecutive groups of at most max_tokens tokens (a longer prompt goes alone)."""
+    group, size = [], 0
+    for p in prompts:
+        if group and size + len(p) > max_tokens:
+            yield group
+            group, size = [], 0
+        group.append(p)
+        size += len(p)
+    if group:
+        yield group
+
+
+def decode(step, first: torch.Tensor, lengths: list[int], caps: list[int], eos_token_ids: list[int],
+           check_every: int) -> tuple[torch.Tensor, int]:
+    """Decode steps until every sequence hit EOS or its cap -> (tokens [n, max cap], steps run).
+
+    Row r of the output, slot r of the cache and sequence r of the batch are the same thing;
+    `rows` lists the live ones. Tokens past a sequence's stop are garbage, cut later.
+    """
+    device = first.device
+    out = torch.zeros(len(caps), max(caps), dtype=torch.int64, device=device)
+    out[:, 0] = first
+    eos = torch.tensor(eos_token_ids, dtype=torch.int64, device=device)
+    rows = torch.arange(len(caps), device=device)
+    positions = torch.tensor(lengths, dtype=torch.int64, device=device)   # where each latest token goes
+    cap = torch.tensor(caps, dtype=torch.int64, device=device)
+    tokens, live = first, list(range(len(caps)))
+    done = finished(tokens, eos, cap, 1)
+    generated, limit = 1, max(caps)
+    while True:
+        if (generated - 1) % check_every == 0:
+            keep = (~done).nonzero().squeeze(1)                    # the only host sync
+            kept = keep.tolist()
+            if not kept:
+                break
+            if len(kept) < len(live):
+                rows, tokens, positions, cap, done = (t[keep] for t in (rows, tokens, positions, cap, done))
+                live = [live[k] for k in kept]
+            limit = max(caps[r] for r in live)
+        if generated >= limit:
+            break
+        tokens = step(tokens, positions, rows)
+        out[rows, generated] = tokens
+        done |= finished(tokens, eos, cap, generated + 1)
+        positions += ~done                                         # finished ones rewrite their last slot
+        generated += 1
+    return out, generated - 1
+
+
+def finished(tokens, eos, cap, generated: int) -> torch.Tensor:
+    return torch.isin(tokens, eos) | (cap <= generated)
+
+
+def cut(row: list[int], eos_token_ids: list[int]) -> tuple[list[int], bool]:
+    """(tokens before the first EOS, whether an EOS was found)."""
+    for j, token in enumerate(row):
+        if token in eos_token_ids:
+            return row[:j], True
+    return row, False
+
+
+def bucket(n: int) -> int:
+    """Graph batch sizes: powers of two up to 8, then 4 per octave (at most 25% padding)."""
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
+class DecodeStep:
+    """One token per live sequence -> its greedy next token: (tokens, positions, slot_ids) [B] -> [B].
+
+    Eager, or (graphs=True, CUDA) replayed CUDA graphs: one per bucketed batch size, captured on
+    first use over static input buffers (batches only shrink, so the largest is captured first
+    and the others reuse its memory pool). Padding rows feed token 0 at position 0 of the
+    scratch slot. The graphs hold this batch's cache: a new cache needs a new DecodeStep.
+    """
+
+    def __init__(self, model, cache: KVCache, scratch_slot: int, graphs: bool = False):
+        self.model, self.cache, self.scratch = model, cache, scratch_slot
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if graphs:
+            size, device = bucket(scratch_slot), model.device
+            self.tokens = torch.zeros(size, dtype=torch.int64, device=device)
+            self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+            self.slots = torch.full((size,), scratch_slot, dtype=torch.int64, device=device)
+            self.next_tokens = torch.zeros(size, dtype=torch.int64, device=device)
+            self.pool = torch.cuda.graph_pool_handle()
+        self.use_graphs = graphs
+
+    def eager(self, tokens, positions, slots):
+        hidden = self.model(tokens, position_ids=positions, cache=self.cache, slot_ids=slots, return_hidden=True)
+        return self.model.logits(hidden).argmax(-1)
+
+    def __call__(self, tokens, positions, slots):
+        if not self.use_graphs:
+            return self.eager(tokens, positions, slots)
+        n, size = tokens.numel(), bucket(tokens.numel())
+        self.tokens[:n] = tokens
+        self.positions[:n] = positions
+        self.slots[:n] = slots
+        self.positions[n:size] = 0
+        self.slots[n:size] = self.scratch
+        if size not in self.graphs:
+            self.graphs[size] = self.capture(size)
+        self.graphs[size].replay()
+        return self.next_tokens[:n].clone()
+
+    def capture(self, size: int) -> torch.cuda.CUDAGraph:
+        args = self.tokens[:size], self.positions[:size], self.slots[:size]
+        # Warm up on a side stream: compiles the Triton kernels and fills lazy caches (ALiBi
+        # slopes) outside the capture. It rewrites the same keys and values the replay will.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.eager(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.next_tokens[:size] = self.eager(*args)
+        return graph

@@ -1,0 +1,130 @@
+"""Greedy generation against transformers' generate and a no-cache recompute, token for token."""
+import pytest
+import torch
+
+from engine.generate import bucket, greedy_generate, plan_batches
+from models import KVCache, load_model
+from tests.helpers import hf_config, hf_model
+
+VOCAB = 320
+LENGTHS = [1, 7, 23, 3, 40, 12, 64]
+CAPS = [24, 5, 17, 1, 24, 9, 13]
+
+# Random weights make a model repeat its input token; these scales make its greedy outputs vary.
+FAMILIES = {
+    "qwen2-gqa": (("qwen2", 4, 2, 16), {"mlp.down_proj": 4.0}),
+    "bloom": (("bloom", 8, 8, 16), {"query_key_value": 3.0, "dense_4h_to_h": 4.0,
+                                    "word_embeddings_layernorm.weight": 0.3}),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def setup(request, tmp_path_factory):
+    shape, scales = FAMILIES[request.param]
+    hf = hf_model(hf_config(*shape, vocab=VOCAB))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            for pattern, scale in scales.items():
+                if pattern in name:
+                    p.mul_(scale)
+    hf.generation_config.eos_token_id = None
+    directory = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(directory)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
+    model = load_model(directory)
+    return model, hf, prompts, [recompute(model, p, cap) for p, cap in zip(prompts, CAPS)]
+
+
+def recompute(model, prompt, cap):
+    """No cache: rerun the whole sequence for every new token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(cap):
+            ids.append(int(model(torch.tensor(ids))[-1].argmax()))
+    return ids[len(prompt):]
+
+
+def hf_generate(hf, prompt, cap, eos=None):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=cap, eos_token_id=eos,
+                          pad_token_id=0)
+    new = out[0, len(prompt):].tolist()
+    return new[:-1] if eos is not None and new and new[-1] == eos else new
+
+
+def test_matches_transformers_and_recompute(setup):
+    model, hf, prompts, reference = setup
+    assert max(len(set(r)) for r in reference) > 8, "degenerate model: outputs repeat one token"
+    assert [hf_generate(hf, p, cap) for p, cap in zip(prompts, CAPS)] == reference
+    assert greedy_generate(model, prompts, CAPS, eos_token_ids=[]) == reference
+
+
+def eos_hit_by_some(reference):
+    """A token that some outputs emit after their first token and others never emit."""
+    counts = {}
+    for r in reference:
+        for t in set(r[1:]):
+            counts[t] = counts.get(t, 0) + 1
+    return max((t for t, c in counts.items() if c < len(reference)), key=lambda t: counts[t])
+
+
+@pytest.mark.parametrize("check_every,slots,batches", [(1, None, 1), (5, 4, 2), (16, 2, 4)])
+def test_eos_cut_batches_and_stop_checks(setup, check_every, slots, batches):
+    """slots: the KV budget in slots of the longest sequence (one is the scratch slot)."""
+    model, hf, prompts, reference = setup
+    eos = eos_hit_by_some(reference)
+    expected = [r[:r.index(eos)] if eos in r else r for r in reference]
+    assert any(0 < len(e) < len(r) for e, r in zip(expected, reference)) and any(e == r for e, r in zip(expected, reference))
+    spans = [n + cap - 1 for n, cap in zip(LENGTHS, CAPS)]
+    per_token = KVCache.bytes_per_token(model.config, model.dtype)
+    budget = slots and slots * max(spans) * per_token
+    stats = {}
+    out = greedy_generate(model, prompts, CAPS, eos_token_ids=[eos, VOCAB + 5], kv_budget_bytes=budget,
+                          check_every=check_every, stats=stats)
+    assert out == expected
+    assert stats["batches"] == batches
+    assert stats["generated_tokens"] == sum(min(len(e) + 1, cap) for e, cap in zip(expected, CAPS))
+    if check_every == 5:
+        assert [hf_generate(hf, p, cap, eos) for p, cap in zip(prompts, CAPS)] == expected
+
+
+def test_same_cap_for_all_and_zero_cap(setup):
+    model, _, prompts, reference = setup
+    long_enough = [i for i, cap in enumerate(CAPS) if cap >= 4]
+    assert greedy_generate(model, [prompts[i] for i in long_enough], 4, eos_token_ids=[]) == \
+        [reference[i][:4] for i in long_enough]
+    assert greedy_generate(model, prompts[:2], [0, 3], eos_token_ids=[]) == [[], reference[1][:3]]
+
+
+def triton_decode_unavailable() -> str | None:
+    from kernels import backend
+    from kernels.decode_attention import decode_attention
+    try:
+        with backend("triton"):
+            q, k = torch.randn(1, 2, 16), torch.randn(1, 1, 32, 16)
+            decode_attention(q, k, k, torch.tensor([3], dtype=torch.int32))
+    except Exception as e:   # noqa: BLE001 - any failure means the kernel is not usable here
+        return f"kernels.backend('triton') cannot run decode_attention here ({type(e).__name__}: {e})"
+    return None
+
+
+def test_triton_path_gives_the_same_tokens(setup):
+    reason = triton_decode_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from kernels import backend
+    model, _, prompts, reference = setup
+    with backend("triton"):
+        out = greedy_generate(model, prompts[:4], CAPS[:4], eos_token_ids=[], check_every=4)
+    assert out == reference[:4]
+
+
+def test_plan_batches_and_buckets():
+    spans = {0: 10, 1: 30, 2: 20, 3: 30}
+    assert plan_batches([0, 1, 2, 3], spans, 1, 3 * 30) == [[1, 3], [2, 0]]     # (n + 1 scratch) x longest
+    assert plan_batches([0, 1, 2, 3], spans, 1, 10**6) == [[1, 3, 2, 0]]
+    with pytest.raises(ValueError, match="raise the budget"):
+        plan_batches([1], spans, 1, 59)
+    assert [bucket(n) for n in (1, 3, 8, 9, 17, 33, 100, 2000)] == [1, 4, 8, 10, 20, 40, 112, 2048]
+    assert all(n <= bucket(n) <= 1.25 * n for n in range(9, 5000))
