@@ -1,0 +1,207 @@
+"""Recitation accuracy and error classes, as the paper defines them.
+
+Accuracy (the paper's Acc = sum 1[pred_i = true_i] / N): a poem counts only when the decoded
+greedy output equals the poem exactly. The one normalization: whitespace at both ends of the
+output is stripped (`str.strip`), because the reference poem is itself stored stripped
+(engine/data.py) and a space or newline before EOS carries no poem content; every character
+inside, line breaks and punctuation included, must match.
+
+Wrong answers are sorted into the paper's classes with d = Levenshtein(output, poem) /
+max(len(output), len(poem)) on the stripped strings (0 = equal, 1 = nothing in common):
+  correct      output == poem;
+  minor        d <= MINOR_MAX (0.1: a character or two per line wrong, missing or extra);
+  memory_loss  the model does not recall the poem: an empty output; a refusal ("I do not know",
+               "不知道", ...: see is_refusal); or an output sharing almost nothing with the poem,
+               such as another poem in the right style (the paper's Figure 3): fewer than
+               LOSS_OVERLAP (10%) of the poem's bigrams appear in it (bigrams of CJK characters
+               or of words, so the letters any two English texts share do not count) and
+               d >= LOSS_MIN_DISTANCE (0.5, so a half-right recitation with every other
+               character wrong stays a distortion). Measured on pairs of different poems: CN
+               (data/poems-cn-256.jsonl) bigram overlap 0.1% on average, at most 4%, d >= 0.74;
+               EN (tests/fixtures) at most 4%, d >= 0.67: all memory loss;
+  severe       everything else: the poem is recognizably there but badly distorted.
+The paper's output-length effect is reported as accuracy per bucket of poem characters.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from engine.data import Poem, default_format, encode_examples, load_poems, prompt_text, stop_token_ids
+from engine.generate import greedy_generate
+
+CATEGORIES = ("correct", "minor", "severe", "memory_loss")
+MINOR_MAX = 0.1
+LOSS_OVERLAP = 0.1
+LOSS_MIN_DISTANCE = 0.5
+REFUSAL_MAX_CHARS = 64          # a refusal is a short answer, not a poem that happens to say 不知道
+REFUSALS = ("idonotknow", "idontknow", "idonotremember", "idontremember", "icannotrecall", "icantrecall",
+            "imnotsure", "iamnotsure", "notfamiliar", "不知道", "不清楚", "不记得", "想不起", "无法回答", "抱歉")
+LENGTH_EDGES = (50, 100, 150, 200, 300, 400)      # poem characters: 1-50, 51-100, ..., >400
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_UNITS = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+def normalize(text: str) -> str:
+    return text.strip()
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions) by Myers' bit-parallel algorithm
+    (Hyyrö's formulation): one pass over b with len(a)-bit integers, ~100x a Python DP."""
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return len(a)
+    mask, top = (1 << len(a)) - 1, 1 << (len(a) - 1)
+    peq: dict[str, int] = {}
+    for i, ch in enumerate(a):
+        peq[ch] = peq.get(ch, 0) | (1 << i)
+    pv, mv, score = mask, 0, len(a)
+    for ch in b:
+        eq = peq.get(ch, 0)
+        xv = eq | mv
+        xh = ((((eq & pv) + pv) & mask) ^ pv) | eq
+        ph = mv | (~(xh | pv) & mask)
+        mh = pv & xh
+        score += 1 if ph & top else -1 if mh & top else 0
+        ph = ((ph << 1) | 1) & mask
+        mh = (mh << 1) & mask
+        pv = mh | (~(xv | ph) & mask)
+        mv = ph & xv
+    return score
+
+
+def edit_distance(output: str, target: str) -> float:
+    """Levenshtein / max(len): 0 for equal strings, 1 when nothing lines up."""
+    longest = max(len(output), len(target))
+    return levenshtein(output, target) / longest if longest else 0.0
+
+
+def bigram_overlap(output: str, target: str) -> float:
+    """Share of the target's bigrams (CJK characters or words, case-folded) found in the output."""
+    def grams(text):
+        units = _UNITS.findall(text.lower())
+        return Counter(zip(units, units[1:])) if len(units) > 1 else Counter(units)
+    want = grams(target)
+    return sum((want & grams(output)).values()) / sum(want.values()) if want else 1.0
+
+
+def is_refusal(output: str, target: str) -> bool:
+    """A short answer saying the model does not know (letters and CJK only, so "I don't know."
+    and "I do not know" both match), unless the poem itself says so."""
+    squeeze = lambda text: "".join(ch for ch in text.lower() if ch.isalnum())   # noqa: E731
+    out, poem = squeeze(output), squeeze(target)
+    return len(out) <= REFUSAL_MAX_CHARS and any(r in out and r not in poem for r in REFUSALS)
+
+
+def classify(output: str, target: str) -> tuple[str, float]:
+    """(category, normalized edit distance) of one output against its poem (see the module docstring)."""
+    output, target = normalize(output), normalize(target)
+    distance = edit_distance(output, target)
+    if output == target:
+        return "correct", distance
+    if distance <= MINOR_MAX:
+        return "minor", distance
+    if not output or is_refusal(output, target):
+        return "memory_loss", distance
+    if bigram_overlap(output, target) < LOSS_OVERLAP and distance >= LOSS_MIN_DISTANCE:
+        return "memory_loss", distance
+    return "severe", distance
+
+
+def length_bucket(chars: int) -> str:
+    lo = 0
+    for hi in LENGTH_EDGES:
+        if chars <= hi:
+            return f"{lo + 1}-{hi}"
+        lo = hi
+    return f">{lo}"
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracy (a fraction), counts per category, mean edit distance, accuracy per length bucket."""
+    n = len(records)
+    correct = sum(r["correct"] for r in records)
+    buckets: dict[str, list[dict]] = {}
+    for r in sorted(records, key=lambda r: len(r["target"])):
+        buckets.setdefault(length_bucket(len(r["target"])), []).append(r)
+    return {
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "categories": {c: sum(r["category"] == c for r in records) for c in CATEGORIES},
+        "mean_edit_distance": sum(r["edit_distance"] for r in records) / n if n else 0.0,
+        "by_length": [{"chars": name, "n": len(rs), "correct": sum(r["correct"] for r in rs),
+                       "accuracy": sum(r["correct"] for r in rs) / len(rs)} for name, rs in buckets.items()],
+    }
+
+
+def evaluate(model, tokenizer, poems: list[Poem], lang: str, fmt: str | None = None, margin: int = 16,
+             **generate_kwargs) -> tuple[dict, list[dict]]:
+    """Recite every poem greedily from its prompt -> (summary, one record per poem).
+
+    Prompts and targets come from engine/data.py's tokenization path; each poem may generate
+    its target's token count (EOS included) + `margin` tokens, so a recitation that runs on
+    past the poem is seen as wrong rather than cut to look right.
+    """
+    fmt = fmt or default_format(tokenizer)
+    examples = encode_examples(poems, tokenizer, lang, fmt)
+    caps = [len(e.target_ids) + margin for e in examples]
+    stats: dict = {}
+    start = time.perf_counter()
+    outputs = greedy_generate(model, [list(e.prompt_ids) for e in examples], caps, stop_token_ids(tokenizer, fmt),
+                              stats=stats, **generate_kwargs)
+    seconds = time.perf_counter() - start
+    records = []
+    for poem, example, ids in zip(poems, examples, outputs):
+        text = tokenizer.decode(ids)
+        category, distance = classify(text, poem.content)
+        records.append({"prompt": prompt_text(poem, lang), "target": poem.content, "output": normalize(text),
+                        "correct": category == "correct", "category": category,
+                        "edit_distance": round(distance, 4), "target_tokens": len(example.target_ids) - 1,
+                        "output_tokens": len(ids)})
+    summary = {**summarize(records), "format": fmt, "eval_seconds": seconds,
+               "prompt_tokens": stats["prefill_tokens"], "generated_tokens": stats["generated_tokens"],
+               "tokens_per_second": stats["generated_tokens"] / seconds if seconds else 0.0,
+               "decode_batches": stats["batches"], "decode_steps": stats["steps"]}
+    return summary, records
+
+
+def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: int | None = 2000, out_dir=None,
+             device=None, source=None, seed: int = 0, dtype=None, fmt: str | None = None, margin: int = 16,
+             kv_budget_bytes: int | None = None, cuda_graphs: bool = True) -> dict:
+    """`cli.py eval`: load the model and tokenizer, select the poems, recite, score, write
+    `generations.jsonl` and `results.json` under out_dir (if given) -> the results dict."""
+    from models import load_model, load_tokenizer
+    from models.registry import REGISTRY
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_name_or_path, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(model_name_or_path)
+    spec = REGISTRY.get(str(model_name_or_path))
+    fmt = fmt or default_format(tokenizer, spec.chat if spec else None)
+    poems = load_poems(lang, length, n_poems, seed, source)
+    summary, records = evaluate(model, tokenizer, poems, lang, fmt, margin, kv_budget_bytes=kv_budget_bytes,
+                                cuda_graphs=cuda_graphs)
+    results = {"model": str(model_name_or_path), "lang": lang, "length": length, "seed": seed,
+               "source": str(source) if source else None, "device": str(device), "dtype": str(model.dtype),
+               **summary}
+    if out_dir is not None:
+        write_results(out_dir, results, records)
+    return results
+
+
+def write_results(out_dir, results: dict, records: list[dict]) -> None:
+    """generations.jsonl (one record per poem, UTF-8, not escaped) and results.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
