@@ -8,7 +8,7 @@ For each model at its real shape with random weights:
           (fused kernels on the GPU, fp32 master weights, our AdamW), greedy_generate (KV cache,
           CUDA graphs) for evaluation;
   theirs  transformers' AutoModelForCausalLM from the same config (bf16 on the GPU, fp32 on the CPU,
-          sdpa attention), the same examples per step padded to the longest (attention mask,
+          its default attention: sdpa, eager for BLOOM), the same examples per step padded to the longest (attention mask,
           labels -100 on pads and prompts), torch.optim.AdamW (fused on CUDA), clip_grad_norm_;
           evaluation with model.generate on the left-padded prompts;
   liger   theirs with liger_kernel's apply_liger_kernel_to_qwen2 (GPU, Qwen2 only, when importable).
@@ -47,13 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.data import Example, encode_examples, load_poems  # noqa: E402
 from engine.generate import greedy_generate  # noqa: E402
 from engine.optim import AdamW, parameter_groups  # noqa: E402
-from engine.packing import PackedBatch, pack  # noqa: E402
+from engine.packing import PackedBatch, collate, pack  # noqa: E402
 from engine.train import train_step  # noqa: E402
 from models import PAPER_MODELS, REGISTRY, ModelConfig, build_model, load_tokenizer  # noqa: E402
 from models.base import KVCache  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense datasheet figures
-CPU_MODELS = ["tiny-qwen2", "tiny-bloom", "qwen2-small-151k"]
+CPU_QUICK_MODELS = ["tiny-qwen2", "tiny-bloom"]
+CPU_MODELS = CPU_QUICK_MODELS + ["qwen2-small-151k"]
 GPU_MODELS = ["qwen2-0.5b", "qwen2-1.5b", "bloom-560m", "bloom-1b7", "qwen1.5-0.5b", "bloom-389m-zh", "bloom-1b4-zh"]
 GPU_QUICK_MODELS = ["qwen2-0.5b", "bloom-560m"]
 
@@ -92,7 +93,7 @@ class Settings:
     def for_device(cls, device: torch.device, quick: bool) -> "Settings":
         if device.type == "cuda":
             return cls(16384, 2, 4 if quick else 6, 3, 256, 128, 2 if quick else 3)
-        return cls(1024, 1, 3 if quick else 6, 2, 16, 24 if quick else 48, 1 if quick else 2)
+        return cls(512, 1, 3 if quick else 5, 2, 8 if quick else 16, 16 if quick else 32, 1 if quick else 2)
 
 
 # ---------------------------------------------------------------- models and data
@@ -114,7 +115,7 @@ def build_theirs(raw: dict, device, dtype, liger: bool = False):
     import transformers
     config = transformers.AutoConfig.for_model(**raw)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)   # its default: sdpa, eager for BLOOM
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
         apply_liger_kernel_to_qwen2(model=model)
@@ -143,6 +144,14 @@ def padded(batch: PackedBatch, device):
     for r, (x, y) in enumerate(rows):
         ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = x, y, 1
     return ids.to(device), mask.to(device), labels.to(device)
+
+
+def shuffled_batches(examples: list[Example], batches: list[PackedBatch], seed: int = 0) -> list[PackedBatch]:
+    """What a shuffling DataLoader feeds the usual stack: as many sequences per step as our batches
+    hold, drawn in random order (so lengths mix and padding grows)."""
+    per_step = round(statistics.mean(b.num_sequences for b in batches))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [collate([examples[i] for i in order[k:k + per_step]]) for k in range(0, per_step * len(batches), per_step)]
 
 
 def flops_per_token(model, batches: list[PackedBatch]) -> float:
@@ -210,6 +219,21 @@ class PeakMemory:
         return self.peak - self.base
 
 
+def host_syncs(fn, device) -> list[str] | None:
+    """The synchronizing CUDA calls fn() makes (torch's sync debug mode); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0][:200] for w in caught]
+
+
 def matmul_tflops(device) -> float:
     """Median dense matmul throughput: bf16 8192^3 on the GPU, fp32 1024^3 on the CPU."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
@@ -229,6 +253,7 @@ def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
         step = lambda b: train_step(model, opt, [b], b.num_target_tokens, device, 1, 0, 1.0)  # noqa: E731
         for b in batches[:s.warmup]:
             step(b)
+        syncs = host_syncs(lambda: step(batches[0]), device)
         timed_batches = batches[s.warmup:s.warmup + s.steps]
         seconds = [timed(lambda: step(b), device) for b in timed_batches]
     phases = {"forward": [], "backward": [], "optimizer": []}
@@ -244,7 +269,7 @@ def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
     del opt
     result = {"tokens_per_second": statistics.median(b.num_tokens / t for b, t in zip(timed_batches, seconds)),
               "step_seconds": {k: statistics.median(v) for k, v in phases.items()},
-              "step_times": seconds, "peak_memory_bytes": mem.bytes}
+              "step_times": seconds, "peak_memory_bytes": mem.bytes, "host_syncs": syncs}
     return result, model
 
 
@@ -257,19 +282,23 @@ def train_theirs(raw, batches, s: Settings, device, dtype, liger: bool = False) 
         splits = {"n": 1}
 
         def step(ids, mask, labels):
-            n = splits["n"]
-            try:
-                for i in range(n):        # gradient accumulation only if the padded batch does not fit
-                    part = slice(i * len(ids) // n, (i + 1) * len(ids) // n)
-                    loss = model(input_ids=ids[part], attention_mask=mask[part], labels=labels[part]).loss
-                    (loss * (labels[part, 1:] != -100).sum() / (labels[:, 1:] != -100).sum()).backward()
-            except torch.OutOfMemoryError:
+            while not accumulate(ids, mask, labels, splits["n"]):   # split the padded batch only if it does not fit
                 opt.zero_grad(set_to_none=True)
+                free(device)
                 splits["n"] *= 2
-                return step(ids, mask, labels)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+        def accumulate(ids, mask, labels, n) -> bool:
+            try:
+                for i in range(n):
+                    part = slice(i * len(ids) // n, (i + 1) * len(ids) // n)
+                    loss = model(input_ids=ids[part], attention_mask=mask[part], labels=labels[part]).loss
+                    (loss * (labels[part, 1:] != -100).sum() / (labels[:, 1:] != -100).sum()).backward()
+                return True
+            except torch.OutOfMemoryError:
+                return False
 
         for x in inputs[:s.warmup]:
             step(*x)
@@ -279,6 +308,7 @@ def train_theirs(raw, batches, s: Settings, device, dtype, liger: bool = False) 
     result = {"tokens_per_second": statistics.median(b.num_tokens / t for (b, _), t in zip(timed_batches, seconds)),
               "step_times": seconds, "peak_memory_bytes": mem.bytes, "micro_batches": splits["n"],
               "padded_tokens": sum(x[0].numel() for _, x in timed_batches),
+              "attention": model.config._attn_implementation,
               "real_tokens": sum(b.num_tokens for b, _ in timed_batches)}
     return result, model
 
@@ -362,6 +392,9 @@ def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[di
     theirs_eval = eval_theirs(hf, prompts, s, device)
     del hf
     free(device)
+    shuffled, hf = train_theirs(raw, shuffled_batches(examples, batches), s, device, dtype)
+    del hf
+    free(device)
 
     achieved = ours["tokens_per_second"] * fpt / 1e12
     entry = {
@@ -381,6 +414,7 @@ def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[di
     detail = {"flops_per_token": fpt, "achieved_tflops": achieved, "mfu_vs_matmul": achieved / matmul if matmul else None,
               "baseline_mfu": theirs["tokens_per_second"] * fpt / 1e12 / peak if peak else None,
               "train": ours, "eval": ours_eval, "baseline_train": theirs, "baseline_eval": theirs_eval,
+              "baseline_shuffled_train": shuffled,
               "settings": s.__dict__}
     return entry, detail
 
@@ -406,12 +440,15 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
     start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    models = models or (CPU_MODELS if device.type == "cpu" else GPU_QUICK_MODELS if quick else GPU_MODELS)
+    defaults = {("cpu", True): CPU_QUICK_MODELS, ("cpu", False): CPU_MODELS, ("cuda", True): GPU_QUICK_MODELS,
+                ("cuda", False): GPU_MODELS}
+    models = models or defaults[device.type, quick]
     s = Settings.for_device(device, quick)
     name = device_name(device)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     result = {"device": name, "peak_tflops": peak, "matmul_tflops": matmul_tflops(device), "models": {}}
-    details = {"torch": torch.__version__, "dtype": str(dtype), "skipped": [], "liger": {}, "models": {}}
+    details = {"torch": torch.__version__, "dtype": str(dtype), "skipped": [], "errors": {}, "liger": {},
+               "models": {}}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for model in models:
@@ -419,8 +456,14 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
             details["skipped"].append(model)
             continue
         t0 = time.perf_counter()
-        result["models"][model], details["models"][model] = bench_model(model, s, device, dtype, peak,
-                                                                        result["matmul_tflops"])
+        try:
+            result["models"][model], details["models"][model] = bench_model(model, s, device, dtype, peak,
+                                                                            result["matmul_tflops"])
+        except Exception as e:                    # one model's failure (OOM, a missing shape) keeps the others
+            details["errors"][model] = f"{type(e).__name__}: {e}"
+            print(f"{model}: {details['errors'][model]}", file=sys.stderr, flush=True)
+            free(device)
+            continue
         details["models"][model]["bench_seconds"] = time.perf_counter() - t0
         print(row(model, result["models"][model], details["models"][model]), flush=True)
         write(out, result, details)
@@ -428,7 +471,10 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
         if model in result["models"] and liger_available(device, hf_config_dict(model)):
             if time_budget and time.perf_counter() - start > time_budget:
                 break
-            details["liger"][model] = bench_liger(model, s, device, dtype)
+            try:
+                details["liger"][model] = bench_liger(model, s, device, dtype)
+            except Exception as e:
+                details["errors"][f"{model}+liger"] = f"{type(e).__name__}: {e}"
             write(out, result, details)
     write(out, result, details)
     print(markdown(result, details))
@@ -468,15 +514,26 @@ def markdown(result: dict, details: dict) -> str:
              "peak mem | eval tok/s ours | theirs | ratio | eval GB/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [row(n, m, details["models"][n]) for n, m in result["models"].items()]
+    lines += ["", "Theirs on our batches (same examples per step: our packer groups similar lengths, so little "
+              "padding) and on shuffled batches (what a shuffling DataLoader gives: same sequences per step, "
+              "lengths mixed):", "", "| model | theirs, our batches: tok/s | padding | theirs, shuffled: tok/s | padding "
+              "| ours / shuffled |", "|---|---:|---:|---:|---:|---:|"]
     for n, d in details["models"].items():
-        t = d["baseline_train"]
-        lines.append(f"\n{n}: padding made {t['padded_tokens']:,} token slots for {t['real_tokens']:,} real tokens "
-                     f"({100 * (1 - t['real_tokens'] / t['padded_tokens']):.0f}% waste); "
-                     f"their padded batch ran in {t['micro_batches']} micro-batch(es).")
+        t, u = d["baseline_train"], d["baseline_shuffled_train"]
+        waste = lambda r: f"{100 * (1 - r['real_tokens'] / r['padded_tokens']):.0f}%" + (  # noqa: E731
+            f" ({r['micro_batches']} micro-batches)" if r["micro_batches"] > 1 else "")
+        lines.append(f"| {n} | {t['tokens_per_second']:,.0f} | {waste(t)} | {u['tokens_per_second']:,.0f} | {waste(u)} | "
+                     f"{result['models'][n]['train_tokens_per_second'] / u['tokens_per_second']:.2f}x |")
     for n, r in details["liger"].items():
         ours = result["models"][n]["train_tokens_per_second"]
         lines.append(f"\n{n} + Liger: {r['tokens_per_second']:,.0f} tok/s, peak {r['peak_memory_bytes'] / 2**30:.2f} GiB "
                      f"(ours / liger = {ours / r['tokens_per_second']:.2f}x)")
+    for n, d in details["models"].items():
+        if d["train"]["host_syncs"]:
+            lines.append(f"\n{n}: {len(d['train']['host_syncs'])} host syncs in one training step: "
+                         f"{'; '.join(sorted(set(d['train']['host_syncs'])))}")
+    for n, e in details["errors"].items():
+        lines.append(f"\n{n} failed: {e}")
     if details["skipped"]:
         lines.append(f"\nSkipped (time budget): {', '.join(details['skipped'])}")
     return "\n".join(lines) + "\n"
