@@ -15,8 +15,8 @@ max(len(output), len(poem)) on the stripped strings (0 = equal, 1 = nothing in c
                such as another poem in the right style (the paper's Figure 3): fewer than
                LOSS_OVERLAP (10%) of the poem's bigrams appear in it (bigrams of CJK characters
                or of words, so the letters any two English texts share do not count) and
-               d >= LOSS_MIN_DISTANCE (0.5, so a half-right recitation with every other
-               character wrong stays a distortion). Measured on pairs of different poems: CN
+               d > LOSS_MIN_DISTANCE (0.5, so a recitation with at least every other character
+               right stays a distortion). Measured on pairs of different poems: CN
                (data/poems-cn-256.jsonl) bigram overlap 0.1% on average, at most 4%, d >= 0.74;
                EN (tests/fixtures) at most 4%, d >= 0.67: all memory loss;
   severe       everything else: the poem is recognizably there but badly distorted.
@@ -110,7 +110,7 @@ def classify(output: str, target: str) -> tuple[str, float]:
         return "minor", distance
     if not output or is_refusal(output, target):
         return "memory_loss", distance
-    if bigram_overlap(output, target) < LOSS_OVERLAP and distance >= LOSS_MIN_DISTANCE:
+    if bigram_overlap(output, target) < LOSS_OVERLAP and distance > LOSS_MIN_DISTANCE:
         return "memory_loss", distance
     return "severe", distance
 
