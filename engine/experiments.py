@@ -458,54 +458,54 @@ def cost_table(runs: list[dict]) -> str:
                            "device-hours", "device-s per memorized poem"], body)
 
 
-def plot_curves(runs: list[dict], path: Path) -> Path:
-    """Memorization curves: exact-recitation accuracy per epoch of several runs in one figure."""
+def _accuracy_figure(title: str, xlabel: str):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in runs:
-        _, evals = epoch_curve(read_jsonl(Path(r["run_dir"]) / "metrics.jsonl"))
-        ax.plot([m["epoch"] for m in evals], [100 * m["accuracy"] for m in evals], "o-", markersize=3,
-                label=f"{display_name(r['model'])} {r['lang']}-{r['length']}")
-    ax.set_xlabel("epoch")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("exact recitation accuracy (%)")
     ax.set_ylim(0, 100)
+    return fig, ax
+
+
+def _save(fig, ax, path: Path) -> Path:
     ax.legend(fontsize=7)
-    ax.set_title("Memorization curves")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
-LENGTH_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512)     # poem characters, upper bounds
+def _label(run: dict) -> str:
+    return f"{display_name(run['model'])} {run['lang']}-{run['length']}"
 
 
-def accuracy_by_length(records: list[dict]) -> list[tuple[int, int, float]]:
-    """(bucket's upper bound, poems, accuracy %) by the poem's length in characters, from generations.jsonl."""
-    buckets = {}
-    for r in records:
-        upper = next((b for b in LENGTH_BUCKETS if len(r["target"]) <= b), LENGTH_BUCKETS[-1])
-        buckets.setdefault(upper, []).append(bool(r["correct"]))
-    return [(upper, len(hits), 100 * sum(hits) / len(hits)) for upper, hits in sorted(buckets.items())]
+def plot_curves(runs: list[dict], path: Path) -> Path:
+    """Memorization curves: exact-recitation accuracy per epoch of several runs in one figure."""
+    fig, ax = _accuracy_figure("Memorization curves", "epoch")
+    for r in runs:
+        _, evals = epoch_curve(read_jsonl(Path(r["run_dir"]) / "metrics.jsonl"))
+        ax.plot([m["epoch"] for m in evals], [100 * m["accuracy"] for m in evals], "o-", markersize=3, label=_label(r))
+    return _save(fig, ax, path)
+
+
+def accuracy_by_length(run: dict) -> list[dict]:
+    """The evaluator's accuracy per bucket of poem characters: results.json's by_length, else
+    recomputed from generations.jsonl."""
+    from engine.evaluate import summarize
+    return run.get("by_length") or summarize(read_jsonl(Path(run["run_dir"]) / "generations.jsonl"))["by_length"]
 
 
 def plot_by_length(runs: list[dict], path: Path) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    from engine.evaluate import LENGTH_EDGES, length_bucket
+    labels = [length_bucket(edge) for edge in LENGTH_EDGES] + [length_bucket(LENGTH_EDGES[-1] + 1)]
+    fig, ax = _accuracy_figure("Accuracy by poem length", "poem length (characters)")
     for r in runs:
-        rows = accuracy_by_length(read_jsonl(Path(r["run_dir"]) / "generations.jsonl"))
-        ax.plot([upper for upper, _, _ in rows], [acc for _, _, acc in rows], "o-",
-                label=f"{display_name(r['model'])} {r['lang']}-{r['length']}")
-    ax.set_xticks(LENGTH_BUCKETS)
-    ax.set_xlabel(f"poem length (characters, buckets of {LENGTH_BUCKETS[0]} up to the tick)")
-    ax.set_ylabel("exact recitation accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    ax.set_title("Accuracy by poem length")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        buckets = accuracy_by_length(r)
+        ax.plot([labels.index(b["chars"]) for b in buckets], [100 * b["accuracy"] for b in buckets], "o-",
+                label=_label(r))
+    ax.set_xticks(range(len(labels)), labels)
+    return _save(fig, ax, path)
 
 
 def report(run_dirs: list[str], out=None) -> str:
