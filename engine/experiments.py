@@ -166,8 +166,8 @@ def load_bench(bench_dir, device: str | None = None) -> dict | None:
     """The throughput benchmark (bench/throughput.py's JSON) recorded on this device, if any."""
     device = device or this_device()
     for path in sorted(Path(bench_dir).glob("throughput-*.json")):
-        bench = json.loads(path.read_text())
-        if bench.get("device") == device:
+        bench = json.loads(path.read_text()) if not path.name.endswith("-detail.json") else {}
+        if bench.get("device") == device and "models" in bench:
             return {**bench, "path": str(path)}
     return None
 
@@ -218,6 +218,7 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
         tokens = sum(len(e) for e in examples)
         flops = train_flops(config, params, [len(e) for e in examples])
         measured = (bench or {}).get("models", {}).get(name)
+        measured = measured if measured and "train_tokens_per_second" in measured else None
         epoch_s, eval_s, basis = seconds_per_epoch_and_eval(config, params, examples, flops, measured, bench)
         evals = math.ceil(epochs / eval_every)
         row = {"model": name, "parameters": params, "tokenizer": tok_note, "format": fmt, "poems": len(examples),

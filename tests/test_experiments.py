@@ -62,6 +62,7 @@ def test_profile_projected_then_measured(tmp_path):
              "models": {"tiny-qwen2": {"params": row["parameters"], "train_tokens_per_second": 1000.0, "mfu": None,
                                        "step_seconds": {}, "peak_memory_bytes": 1, "eval_tokens_per_second": 500.0}}}
     (tmp_path / "throughput-here.json").write_text(json.dumps(bench))
+    (tmp_path / "throughput-here-detail.json").write_text(json.dumps({"device": this_device(), "models": {}}))
     measured = profile(["tiny-qwen2"], n_poems=16, bench_dir=tmp_path, runs=[], out=None)[0][0]
     assert not measured["projected"] and "measured" in measured["basis"]
     assert measured["epoch_seconds"] == pytest.approx(row["tokens_per_epoch"] / 1000.0)
