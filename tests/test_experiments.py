@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.data import default_format, encode_examples, load_poems
-from engine.experiments import (ASSUMED_MFU, H100_PEAK_FLOPS, PAPER_ACCURACY, count_parameters, model_config,
+from engine.experiments import (ASSUMED_MFU, H100_PEAK_FLOPS, count_parameters, model_config,
                                 profile, report, sweep, this_device, train_flops)
 from models import PAPER_MODELS, REGISTRY, ModelConfig, load_tokenizer
 
@@ -102,12 +102,19 @@ def test_sweep_and_report_end_to_end(tmp_path, one_thread):
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in results]
     assert {d: (d / "results.json").stat().st_mtime_ns for d in finished} == finished      # not trained again
 
+    interrupted = root / "tiny-bloom-cn-256"                  # killed after its last checkpoint
+    (interrupted / "results.json").unlink()
+    trained = (interrupted / "metrics.jsonl").read_text()
+    sweep(["tiny-qwen2", "tiny-bloom"], ["cn"], [256], out_root=root, **train)
+    assert (interrupted / "results.json").is_file() and (interrupted / "metrics.jsonl").read_text() == trained
+
     accuracy = {r["model"]: 100 * r["accuracy"] for r in results}
-    table1 = (root / "report.md").read_text().split("Table 2")[0]
+    table1, table2 = (root / "report.md").read_text().split("Table 2")
     rows = {line.split("|")[1].strip(): line for line in table1.splitlines() if line.startswith("| ")}
     for model in ("tiny-qwen2", "tiny-bloom"):
         assert rows[model].startswith(f"| {model} | {accuracy[model]:.2f} | - | - | - |")
-    assert "| 77.50 |" in rows["Qwen2-0.5B-Instruct"] and PAPER_ACCURACY[("cn", 512)]["bloom-1b4-zh"] == 93.65
+    assert rows["Qwen2-0.5B-Instruct"] == "| Qwen2-0.5B-Instruct | - | 77.50 | - | 99.85 |"
+    assert "| bloom-1b4-zh | - | 93.65 |" in table2 and "tiny-qwen2" not in table2.split("## Cost")[0]
     assert (root / "curves.png").stat().st_size > 0 and (root / "accuracy_by_length.png").stat().st_size > 0
 
     markdown = report([str(root / "tiny-qwen2-cn-256")], out=tmp_path / "one")
