@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 SHARED_LIMIT = 227 * 1024      # bytes of shared memory one block may use on an H100
-MAX_REGISTERS = 255            # per thread: spills at the cap come from register pressure
+CALL_SAVE_BYTES = 16           # spills this small in a kernel that makes calls: registers saved around them
 REPORT_NAME = "kernels-static-sm90"
 TOOLS = ("cuobjdump", "nvdisasm", "ptxas")
 
@@ -64,10 +64,10 @@ def _ptxas_spills(ptx: str, tmp: Path) -> dict:
 
 
 def _tensor_core_ops(cubin: Path) -> dict[str, int]:
-    """SASS instruction counts: HGMMA, HMMA and FFMA."""
+    """SASS instruction counts: HGMMA, HMMA, FFMA and CALL."""
     sass = subprocess.run([str(tools_dir() / "nvdisasm"), str(cubin)], capture_output=True, text=True,
                           check=True).stdout
-    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "FFMA")}
+    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "FFMA", "CALL")}
 
 
 def compile_launch(launch) -> dict:
@@ -103,12 +103,13 @@ def tensor_cores(result: dict) -> str:
 
 
 def problems(result: dict) -> list[str]:
-    """Why a compiled launch is not fit for the H100: compile error, spills under register pressure,
-    shared memory over the limit."""
+    """Why a compiled launch is not fit for the H100: compile error, register spills (beyond a few
+    bytes saved around a call), shared memory over the limit."""
     if "error" in result:
         return [f"does not compile for sm_90: {result['error']}"]
     found = []
-    if result["spill_stores"] and result["registers"] >= MAX_REGISTERS:
+    call_saves = result["sass"]["CALL"] and result["spill_stores"] <= CALL_SAVE_BYTES
+    if result["spill_stores"] and not call_saves:
         found.append(f"spills registers: {result['spill_stores']} B spill stores, {result['spill_loads']} B spill "
                      f"loads per thread at {result['registers']} registers (stack frame {result['stack']} B)")
     if result["shared"] > SHARED_LIMIT:
@@ -136,9 +137,9 @@ def report(launches) -> list[dict]:
 NOTES = """\
 Notes
 - Spills: bytes of spill stores per thread (ptxas -v, run when cuobjdump shows a STACK or LOCAL
-  frame); the frame size follows in parentheses. Spills count as a problem at the 255-register cap
-  (register pressure). rope's 8 B at 32 registers are not pressure: its 40 B frame belongs to the
-  call into libdevice's sin/cos slow path (Payne-Hanek range reduction, |angle| > ~1e5 only). Shared: Triton's
+  frame); the frame size follows in parentheses. Every spill is a problem except a few bytes
+  saved around a call: rope's 8 B at 32 registers belong to its call into libdevice's sin/cos slow
+  path (Payne-Hanek range reduction, |angle| > ~1e5 only), not to register pressure. Shared: Triton's
   dynamic shared memory per block (the 1 KB the driver reserves is not counted), limit 227 KB.
 - Tensor cores, for kernels that call tl.dot. HGMMA is wgmma, Hopper's fast path. fp32 launches use
   `input_precision="ieee"` (exact fp32 products, as the tests require), which has no tensor-core
@@ -234,7 +235,8 @@ def main(argv=None) -> int:
         return run_isolated(argv)
     import triton
     from kernels.launches import registry
-    launches = [l for l in registry() if (l.representative or not args.subset)
+    everything = registry()
+    launches = [l for l in everything if (l.representative or not args.subset)
                 and re.search(args.only, f"{l.name} {l.config} {l.shape}")]
     if not launches:
         print(f"kernel report: no launch matches --only {args.only!r}", file=sys.stderr)
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {"triton": triton.__version__, "target": "cuda sm_90", "shared_limit": SHARED_LIMIT,
-                "changes": changes}
+                "changes": changes, "registry_kernels": sorted({l.name for l in everything})}
         (args.out / f"{REPORT_NAME}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
         (args.out / f"{REPORT_NAME}.md").write_text(markdown(rows, triton.__version__))
     return 1 if any(r["problems"] for r in rows) else 0
