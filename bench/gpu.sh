@@ -32,14 +32,15 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 # The headline first: whole-model training and evaluation, ours vs transformers (writes after each model).
-step throughput 210 $PY bench/throughput.py --out "$WORK/results" --time-budget 150
+step throughput 240 $PY bench/throughput.py --out "$WORK/results" --time-budget 180
 # No test is marked for CUDA yet: exit code 5 means none was selected.
-step tests 30 $PY -m pytest -q -x tests/ -k "cuda or gpu" -p no:cacheprovider
-step generate 60 $PY bench/bench_generate.py --out "$WORK/results"
+step tests 25 $PY -m pytest -q -x tests/ -k "cuda or gpu" -p no:cacheprovider
+step generate 50 $PY bench/bench_generate.py --models qwen2-0.5b bloom-560m --prompts 256   # writes bench/results/generate-*
 step attention 50 $PY bench/bench_attention.py --out "$WORK/results"
-step loss_optim 50 $PY bench/bench_loss_optim.py --quick --out "$WORK/results"
-step kernels 50 $PY bench/bench_kernels.py --quick --out "$WORK/results"
+step loss_optim 45 $PY bench/bench_loss_optim.py --quick --out "$WORK/results"
+step kernels 45 $PY bench/bench_kernels.py --quick --out "$WORK/results"
 
+cp bench/results/generate-* "$WORK/results/" 2>/dev/null
 cp "$WORK"/results/throughput-*[^l].json "$WORK"/results/throughput-*.md "$OUT"/ 2>/dev/null
 tar -czf "$OUT/results.tar.gz" -C "$WORK" results logs
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -50,7 +50,7 @@ from engine.optim import AdamW, parameter_groups  # noqa: E402
 from engine.packing import PackedBatch, collate, pack  # noqa: E402
 from engine.train import train_step  # noqa: E402
 from models import PAPER_MODELS, REGISTRY, ModelConfig, build_model, load_tokenizer  # noqa: E402
-from models.base import KVCache  # noqa: E402
+from bench import bench_generate  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense datasheet figures
 CPU_QUICK_MODELS = ["tiny-qwen2", "tiny-bloom"]
@@ -92,7 +92,7 @@ class Settings:
     @classmethod
     def for_device(cls, device: torch.device, quick: bool) -> "Settings":
         if device.type == "cuda":
-            return cls(16384, 2, 4 if quick else 6, 3, 256, 128, 2 if quick else 3)
+            return cls(16384, 2, 4 if quick else 5, 3, 256, 128, 2)
         return cls(512, 1, 3 if quick else 5, 2, 8 if quick else 16, 16 if quick else 32, 1 if quick else 2)
 
 
@@ -103,7 +103,8 @@ def hf_config_dict(name: str) -> dict:
     raw = dict(spec.config) if spec is not None and spec.config else dict(SHAPES[name])
     if raw["model_type"] == "qwen2":
         raw = {**_QWEN_DEFAULTS, **raw}
-    raw.pop("torch_dtype", None)
+    for key in ("torch_dtype", "dtype", "architectures"):
+        raw.pop(key, None)
     return raw
 
 
@@ -195,9 +196,8 @@ class PeakMemory:
             self.peak = max(self.peak, self.rss())
 
     def __enter__(self):
-        gc.collect()
+        free(self.device)
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = 0
         else:
@@ -317,42 +317,23 @@ def train_theirs(raw, batches, s: Settings, device, dtype, liger: bool = False) 
 
 def eval_ours(model, prompts: list[list[int]], s: Settings, device) -> dict:
     greedy_generate(model, prompts[:8], 4, eos_token_ids=[])          # compile kernels, fill lazy caches
-    stats, seconds = {}, []
+    runs = []
     for _ in range(s.eval_reps):
-        seconds.append(timed(lambda: greedy_generate(model, prompts, s.eval_new_tokens, eos_token_ids=[],
-                                                     stats=stats), device))
-    t = statistics.median(seconds)
-    tokens = stats["generated_tokens"]
-    return {"tokens_per_second": tokens / t, "gb_per_second": decode_bytes(model, prompts, s.eval_new_tokens) / t / 1e9,
-            "seconds": seconds}
-
-
-def decode_bytes(model, prompts, new_tokens: int) -> int:
-    """Bytes a decode must read: the weights once per step (not the input embedding rows) and every
-    live sequence's cached keys and values."""
-    embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not model.config.tie_word_embeddings:
-        weights -= embedding.weight.numel() * embedding.weight.element_size()
-    per_token = KVCache.bytes_per_token(model.config, model.dtype)
-    kv = sum(per_token * (len(p) + t) for p in prompts for t in range(new_tokens - 1))
-    return weights * (new_tokens - 1) + kv
+        stats = {}
+        seconds = timed(lambda: stats.update(out=greedy_generate(model, prompts, s.eval_new_tokens, eos_token_ids=[],
+                                                                 stats=stats)), device)
+        runs.append((seconds, stats))
+    seconds, stats = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    return {"tokens_per_second": stats["generated_tokens"] / seconds, "seconds": [r[0] for r in runs],
+            "gb_per_second": bench_generate.bytes_read(model, prompts, stats["out"], stats["steps"]) / seconds / 1e9}
 
 
 def eval_theirs(model, prompts: list[list[int]], s: Settings, device) -> dict:
-    longest = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):                                     # left padding, as generate wants
-        ids[r, longest - len(p):], mask[r, longest - len(p):] = torch.tensor(p), 1
-    ids, mask = ids.to(device), mask.to(device)
-    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    """transformers' generate on the left-padded prompts, one batch (bench_generate.hf_generate)."""
     model.eval()
-    with torch.inference_mode():
-        model.generate(input_ids=ids[:8], attention_mask=mask[:8], max_new_tokens=4, min_new_tokens=4, **kwargs)
-        seconds = [timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.eval_new_tokens,
-                                                min_new_tokens=s.eval_new_tokens, **kwargs), device)
-                   for _ in range(s.eval_reps)]
+    bench_generate.hf_generate(model, prompts[:4], 4, 4)
+    seconds = [timed(lambda: bench_generate.hf_generate(model, prompts, s.eval_new_tokens, len(prompts)), device)
+               for _ in range(s.eval_reps)]
     return {"tokens_per_second": len(prompts) * s.eval_new_tokens / statistics.median(seconds), "seconds": seconds}
 
 
@@ -372,6 +353,12 @@ def free(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    else:                                      # hand freed heap back, so the next RSS peak starts clean
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
 
 
 def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[dict, dict]:
@@ -444,6 +431,8 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
                 ("cuda", False): GPU_MODELS}
     models = models or defaults[device.type, quick]
     s = Settings.for_device(device, quick)
+    if device.type == "cpu":
+        torch.set_num_threads(1)               # both sides on one thread: stabler timings on a shared machine
     name = device_name(device)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     result = {"device": name, "peak_tflops": peak, "matmul_tflops": matmul_tflops(device), "models": {}}
@@ -507,7 +496,7 @@ def row(name: str, m: dict, d: dict) -> str:
 def markdown(result: dict, details: dict) -> str:
     matmul = result["matmul_tflops"]
     lines = [f"# Throughput on {result['device']} (torch {details['torch']}, {details['dtype']})", "",
-             f"Matmul ceiling measured: {matmul:.1f} TFLOP/s; datasheet bf16 peak: {result['peak_tflops'] or '-'}. "
+             f"Matmul ceiling measured: {matmul:.3g} TFLOP/s; datasheet bf16 peak: {result['peak_tflops'] or '-'}. "
              "Training: real tokens/s (median step), ours packed vs transformers padded. "
              "Step split (ms): forward / backward / optimizer. Memory GiB: ours / theirs.", "",
              "| model | params | train tok/s ours | theirs | ratio | MFU (peak) | MFU (matmul) | fwd / bwd / opt ms | "
