@@ -30,7 +30,8 @@ import tempfile
 from pathlib import Path
 
 SHARED_LIMIT = 227 * 1024      # bytes of shared memory one block may use on an H100
-CALL_SAVE_BYTES = 16           # spills this small in a kernel that makes calls: registers saved around them
+# A few spilled bytes far below the register cap are not register pressure (see NOTES: rope)
+SMALL_SPILL_BYTES, LOW_REGISTERS = 16, 128
 REPORT_NAME = "kernels-static-sm90"
 TOOLS = ("cuobjdump", "nvdisasm", "ptxas")
 
@@ -64,10 +65,10 @@ def _ptxas_spills(ptx: str, tmp: Path) -> dict:
 
 
 def _tensor_core_ops(cubin: Path) -> dict[str, int]:
-    """SASS instruction counts: HGMMA, HMMA, FFMA and CALL."""
+    """SASS instruction counts: HGMMA, HMMA and FFMA."""
     sass = subprocess.run([str(tools_dir() / "nvdisasm"), str(cubin)], capture_output=True, text=True,
                           check=True).stdout
-    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "FFMA", "CALL")}
+    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "FFMA")}
 
 
 def compile_launch(launch) -> dict:
@@ -104,12 +105,12 @@ def tensor_cores(result: dict) -> str:
 
 def problems(result: dict) -> list[str]:
     """Why a compiled launch is not fit for the H100: compile error, register spills (beyond a few
-    bytes saved around a call), shared memory over the limit."""
+    bytes at a low register count), shared memory over the limit."""
     if "error" in result:
         return [f"does not compile for sm_90: {result['error']}"]
     found = []
-    call_saves = result["sass"]["CALL"] and result["spill_stores"] <= CALL_SAVE_BYTES
-    if result["spill_stores"] and not call_saves:
+    harmless = result["spill_stores"] <= SMALL_SPILL_BYTES and result["registers"] < LOW_REGISTERS
+    if result["spill_stores"] and not harmless:
         found.append(f"spills registers: {result['spill_stores']} B spill stores, {result['spill_loads']} B spill "
                      f"loads per thread at {result['registers']} registers (stack frame {result['stack']} B)")
     if result["shared"] > SHARED_LIMIT:
@@ -137,9 +138,10 @@ def report(launches) -> list[dict]:
 NOTES = """\
 Notes
 - Spills: bytes of spill stores per thread (ptxas -v, run when cuobjdump shows a STACK or LOCAL
-  frame); the frame size follows in parentheses. Every spill is a problem except a few bytes
-  saved around a call: rope's 8 B at 32 registers belong to its call into libdevice's sin/cos slow
-  path (Payne-Hanek range reduction, |angle| > ~1e5 only), not to register pressure. Shared: Triton's
+  frame); the frame size follows in parentheses. Every spill is a problem except a few bytes (<= 16)
+  far below the register cap (< 128): rope's 8 B at 32 registers sit in libdevice's inlined sin/cos
+  slow path (Payne-Hanek range reduction into a local array, taken for |angle| > ~1e5 only), not
+  register pressure. Shared: Triton's
   dynamic shared memory per block (the 1 KB the driver reserves is not counted), limit 227 KB.
 - Tensor cores, for kernels that call tl.dot. HGMMA is wgmma, Hopper's fast path. fp32 launches use
   `input_precision="ieee"` (exact fp32 products, as the tests require), which has no tensor-core
