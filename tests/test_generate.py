@@ -18,6 +18,15 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Hundreds of tiny forwards: two OpenMP threads on a shared 2-core machine make them 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def setup(request, tmp_path_factory):
     shape, scales = FAMILIES[request.param]
