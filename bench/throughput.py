@@ -116,7 +116,8 @@ def build_theirs(raw: dict, device, dtype, liger: bool = False):
     import transformers
     config = transformers.AutoConfig.for_model(**raw)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)   # its default: sdpa, eager for BLOOM
+    with torch.device(device):                 # initialize on the device: a 1.7B init on the host takes many seconds
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)   # default attention: sdpa; BLOOM eager
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
         apply_liger_kernel_to_qwen2(model=model)
