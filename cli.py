@@ -10,7 +10,8 @@ def cmd_memorize(args) -> None:
     config = TrainConfig(model=args.model, lang=args.lang, length=args.length, poems=args.poems, epochs=args.epochs,
                          lr=args.lr, batch_tokens=args.batch_tokens, micro_batch_tokens=args.micro_batch_tokens,
                          eval_every=args.eval_every, seed=args.seed, out=args.out, resume=args.resume,
-                         schedule=args.schedule, format=args.format, source=args.source, device=args.device)
+                         schedule=args.schedule, format=args.format, source=args.source, device=args.device,
+                         log_every=args.log_every)
     results = memorize(config)
     if results:
         print(f"exact recitation: {100 * results['accuracy']:.2f}% of {results['n_poems']} poems "
@@ -36,7 +37,7 @@ def add_data_arguments(p, poems_default=None) -> None:
     p.add_argument("--lang", choices=["cn", "en"], default="cn")
     p.add_argument("--length", type=int, choices=[256, 512], default=256,
                    help="prompt + poem characters: 256 (<= 256) or 512 (257..512, the paper's Table 2)")
-    p.add_argument("--poems", type=int, default=poems_default, help="poems to sample (default: 2000; 64 for tiny presets)")
+    p.add_argument("--poems", type=int, default=poems_default, help="poems to sample (default: 2000; 32 for tiny presets)")
     p.add_argument("--source", help="a local .parquet/.jsonl/.json/.csv file or a hub dataset (default: the frozen CN set)")
     p.add_argument("--format", choices=["chat", "plain"], help="prompt format (default: chat for chat/instruct models)")
     p.add_argument("--seed", type=int, default=0)
@@ -50,14 +51,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a registry name (qwen2-0.5b, bloom-560m, tiny-qwen2, ...) or a folder")
     add_data_arguments(p)
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-5; 2e-3 for tiny presets)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-5; 3e-3 for tiny presets)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step (default 16384; 1024 for tiny presets)")
+    p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step (default 16384; 256 for tiny presets)")
     p.add_argument("--micro-batch-tokens", type=int, help="tokens per forward/backward (default: --batch-tokens)")
-    p.add_argument("--eval-every", type=int, help="epochs between recitation evaluations (default 10)")
+    p.add_argument("--eval-every", type=int, default=10, help="epochs between recitation evaluations")
     p.add_argument("--out", help="output folder (default runs/MODEL-LANG-LENGTH)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metric lines (each one syncs the host)")
     p.set_defaults(run=cmd_memorize)
 
     p = sub.add_parser("eval", help="measure exact recitation of any checkpoint")

@@ -45,20 +45,6 @@ PAPER_ACCURACY = {
 # Shapes of the paper's checkpoints (their config.json on the Hugging Face hub), used when the
 # registry holds no built-in config and the checkpoint is not cached. TODO: move into
 # models/registry.py (ModelSpec.config) so that load_model(name, random_init=True) works too.
-PAPER_SHAPES = {
-    "qwen1.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1024, intermediate_size=2816,
-                         num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                         tie_word_embeddings=True),
-    "qwen2-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "bloom-389m-zh": dict(model_type="bloom", vocab_size=42437, hidden_size=1024, n_layer=24, n_head=16),
-    "bloom-1b4-zh": dict(model_type="bloom", vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16),
-    "bloom-560m": dict(model_type="bloom", vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16),
-    "bloom-1b7": dict(model_type="bloom", vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16),
-}
-
 # Projection when no benchmark of this device exists: one H100 SXM (dense bf16 peak, HBM3).
 H100_PEAK_FLOPS = 989e12
 H100_BYTES_PER_SECOND = 3.35e12
@@ -78,13 +64,11 @@ def model_config(name: str) -> ModelConfig:
     spec = REGISTRY.get(name)
     if spec is None:
         raise ValueError(f"unknown model {name!r}: not a folder and not one of {', '.join(REGISTRY)}")
-    if spec.config:
-        return ModelConfig.from_dict(spec.config, f"preset {name}")
-    snapshot = cached_snapshot(spec.repo)
+    snapshot = cached_snapshot(spec.repo) if spec.repo else None
     if snapshot is not None:
         return ModelConfig.from_file(snapshot / "config.json")
-    if name in PAPER_SHAPES:
-        return ModelConfig.from_dict(PAPER_SHAPES[name], f"{spec.repo} (shape constant)")
+    if spec.config:
+        return ModelConfig.from_dict(spec.config, f"registry shape of {name}")
     raise FileNotFoundError(f"the shape of {name} is unknown offline: download its config.json "
                             f"(huggingface-cli download {spec.repo} config.json)")
 

@@ -10,12 +10,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_jsonl(path: Path, rows) -> None:
-    with Path(path).open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def epoch_curve(metrics: list[dict]) -> tuple[list[dict], list[dict]]:
     """(per-epoch loss records, per-epoch accuracy records) from metrics.jsonl."""
     epochs = [m for m in metrics if "epoch_loss" in m]
@@ -46,9 +40,9 @@ def plot_run(out: Path, title: str) -> Path:
 
 
 def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
+    from engine.evaluate import write_results
     out = Path(out)
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    write_jsonl(out / "generations.jsonl", records)
+    write_results(out, results, records)
     title = f"{results['model']} {results['lang']}-{results['length']}: {results['n_poems']} poems"
     plot_run(out, title)
     cats = results.get("categories", {})

@@ -31,7 +31,7 @@ from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from models import REGISTRY, load_model, load_tokenizer
 
-TINY_DEFAULTS = {"poems": 64, "lr": 2e-3, "batch_tokens": 1024, "eval_every": 25}
+TINY_DEFAULTS = {"poems": 32, "lr": 3e-3, "batch_tokens": 256}
 
 
 @dataclass
@@ -39,19 +39,20 @@ class TrainConfig:
     model: str
     lang: str = "cn"
     length: int = 256
-    poems: int | None = None            # None: 2000 (the paper), 64 for tiny presets
+    poems: int | None = None            # None: 2000 (the paper), 32 for tiny presets
     epochs: int = 100
-    lr: float | None = None             # None: 2e-5 for pretrained models, 2e-3 for tiny presets
-    batch_tokens: int | None = None     # tokens per optimizer step; None: 16384 (1024 for tiny presets)
+    lr: float | None = None             # None: 2e-5 for pretrained models, 3e-3 for tiny presets
+    batch_tokens: int | None = None     # tokens per optimizer step; None: 16384 (256 for tiny presets)
     micro_batch_tokens: int | None = None   # tokens per forward/backward; None: batch_tokens
-    eval_every: int | None = None       # epochs between recitation evals; None: 10 (25 for tiny presets)
+    eval_every: int = 10                # epochs between recitation evals (the memorization curve)
     seed: int = 0
     out: str | None = None              # None: runs/{model}-{lang}-{length}
     resume: bool = False
     warmup_steps: int | None = None     # None: 3% of the steps
     schedule: str = "cosine"
     weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)   # beta2 0.95 as in LLM training: the second moment
+    max_grad_norm: float = 1.0                 # follows the shrinking gradients of memorization
     format: str | None = None           # chat | plain; None: chat for chat/instruct models
     source: str | None = None           # poems: None = the frozen CN set; a file or a hub dataset
     device: str | None = None
@@ -67,7 +68,6 @@ class TrainConfig:
         c.lr = pick(self.lr, "lr", 2e-5)
         c.batch_tokens = pick(self.batch_tokens, "batch_tokens", 16384)
         c.micro_batch_tokens = self.micro_batch_tokens or c.batch_tokens
-        c.eval_every = pick(self.eval_every, "eval_every", 10)
         c.out = self.out or str(Path("runs") / f"{Path(self.model).name}-{self.lang}-{self.length}")
         c.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if c.micro_batch_tokens > c.batch_tokens:
@@ -218,7 +218,6 @@ def peak_memory_bytes(device) -> int:
 
 def memorize(config: TrainConfig, progress: bool = True) -> dict:
     """Train, evaluate and write the run's folder; returns results.json's content (rank 0)."""
-    from engine.evaluate import evaluate_recitation
     from engine.report import write_run_report
 
     c = config.resolved()
@@ -236,7 +235,7 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
     fmt = c.format or default_format(tokenizer, spec.chat if spec else None)
     poems = load_poems(c.lang, c.length, c.poems, c.seed, c.source)
     examples = encode_examples(poems, tokenizer, c.lang, fmt, max_tokens=c.micro_batch_tokens)
-    opt = AdamW(parameter_groups(model, c.weight_decay), lr=c.lr, weight_decay=c.weight_decay)
+    opt = AdamW(parameter_groups(model, c.weight_decay), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
     steps_per_epoch = len(plan_steps(pack(examples, c.micro_batch_tokens, c.seed, 0), c.batch_tokens))
     total_steps = steps_per_epoch * c.epochs
     warmup = c.warmup_steps if c.warmup_steps is not None else max(1, round(0.03 * total_steps))
@@ -288,10 +287,9 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
                   "epoch_tokens_per_second": n_tokens_epoch / elapsed}
         if rank == 0 and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
             t1 = time.perf_counter()
-            last_eval = evaluate_recitation(model, tokenizer, poems, examples, c.lang)
+            last_eval = recite(model, tokenizer, poems, c.lang, fmt)
             totals["eval_seconds"] += time.perf_counter() - t1
             record["accuracy"] = last_eval[0]["accuracy"]
-            model.train()
         metrics.log(**record)
         if rank == 0:
             save_checkpoint(out, model, tokenizer, opt, epoch + 1, step, totals, c)
@@ -302,7 +300,7 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
         return {}
     if last_eval is None:                  # resumed after the last epoch's checkpoint
         t1 = time.perf_counter()
-        last_eval = evaluate_recitation(model, tokenizer, poems, examples, c.lang)
+        last_eval = recite(model, tokenizer, poems, c.lang, fmt)
         totals["eval_seconds"] += time.perf_counter() - t1
     summary, records = last_eval
     model.save_pretrained(out / "model", tokenizer)
@@ -316,6 +314,16 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
     }
     write_run_report(out, results, records)
     return results
+
+
+def recite(model, tokenizer, poems, lang: str, fmt: str) -> tuple[dict, list[dict]]:
+    """The recitation eval, its speed fields renamed so they don't read as training speed."""
+    from engine.evaluate import evaluate
+    summary, records = evaluate(model, tokenizer, poems, lang, fmt)
+    summary["eval_tokens_per_second"] = summary.pop("tokens_per_second")
+    summary["last_eval_seconds"] = summary.pop("eval_seconds")
+    model.train()
+    return summary, records
 
 
 def _finite(loss: torch.Tensor, step: int, out: Path) -> float:

@@ -42,8 +42,8 @@ def build_model(config: ModelConfig, device="cpu", dtype=None, seed: int | None 
 
 def load_model(name_or_path, device="cpu", dtype=None, random_init: bool = False, seed: int = 0) -> CausalLM:
     """A model from a folder, a registry name (local cache, then the hub) or a tiny preset.
-    `random_init` builds the registry shape with random weights instead (needs no download)."""
-    directory, spec = resolve(name_or_path) if not random_init else (None, REGISTRY[name_or_path])
+    `random_init` builds the registry's shape with random weights instead (needs no download)."""
+    directory, spec = (None, REGISTRY[name_or_path]) if random_init else resolve(name_or_path)
     if directory is None:
         model = build_model(ModelConfig.from_dict(spec.config, f"preset {spec.name}"), device, dtype, seed)
         model.source_dir = TINY_TOKENIZER if spec.repo is None else None

@@ -21,7 +21,9 @@ class ModelSpec:
     repo: str | None                  # Hugging Face repository, None for built-in presets
     family: str
     chat: bool = False                # instruct/chat checkpoints get the chat template by default
-    config: dict = field(default_factory=dict, hash=False)   # built-in presets only
+    # The architecture keys of the repository's config.json, so that benchmarks, profiles and
+    # random-weight models need no download; a checkpoint's own config.json always wins.
+    config: dict = field(default_factory=dict, hash=False)
 
 
 def _tiny(model_type: str, **extra) -> dict:
@@ -30,16 +32,28 @@ def _tiny(model_type: str, **extra) -> dict:
             "tie_word_embeddings": True, **extra}
 
 
+def _qwen2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool = True) -> dict:
+    return {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "tie_word_embeddings": tied, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
+            "max_position_embeddings": 32768}
+
+
+def _bloom(hidden: int, vocab: int = 250880, layers: int = 24, heads: int = 16) -> dict:
+    return {"model_type": "bloom", "vocab_size": vocab, "hidden_size": hidden, "n_layer": layers, "n_head": heads,
+            "layer_norm_epsilon": 1e-5, "torch_dtype": "float16"}
+
+
 REGISTRY = {spec.name: spec for spec in [
-    ModelSpec("qwen1.5-0.5b", "Qwen/Qwen1.5-0.5B-Chat", "qwen2", chat=True),
-    ModelSpec("qwen2-0.5b", "Qwen/Qwen2-0.5B-Instruct", "qwen2", chat=True),
-    ModelSpec("qwen2-1.5b", "Qwen/Qwen2-1.5B-Instruct", "qwen2", chat=True),
-    ModelSpec("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", chat=True),
-    ModelSpec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2", chat=True),
-    ModelSpec("bloom-389m-zh", "Langboat/bloom-389m-zh", "bloom"),
-    ModelSpec("bloom-1b4-zh", "Langboat/bloom-1b4-zh", "bloom"),
-    ModelSpec("bloom-560m", "bigscience/bloom-560m", "bloom"),
-    ModelSpec("bloom-1b7", "bigscience/bloom-1b7", "bloom"),
+    ModelSpec("qwen1.5-0.5b", "Qwen/Qwen1.5-0.5B-Chat", "qwen2", True, _qwen2(1024, 2816, 24, 16, 16)),
+    ModelSpec("qwen2-0.5b", "Qwen/Qwen2-0.5B-Instruct", "qwen2", True, _qwen2(896, 4864, 24, 14, 2)),
+    ModelSpec("qwen2-1.5b", "Qwen/Qwen2-1.5B-Instruct", "qwen2", True, _qwen2(1536, 8960, 28, 12, 2)),
+    ModelSpec("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", True, _qwen2(896, 4864, 24, 14, 2)),
+    ModelSpec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2", True, _qwen2(1536, 8960, 28, 12, 2)),
+    ModelSpec("bloom-389m-zh", "Langboat/bloom-389m-zh", "bloom", config=_bloom(1024, vocab=42437)),
+    ModelSpec("bloom-1b4-zh", "Langboat/bloom-1b4-zh", "bloom", config=_bloom(2048, vocab=46145)),
+    ModelSpec("bloom-560m", "bigscience/bloom-560m", "bloom", config=_bloom(1024)),
+    ModelSpec("bloom-1b7", "bigscience/bloom-1b7", "bloom", config=_bloom(2048)),
     ModelSpec("tiny-qwen2", None, "qwen2", config=_tiny(
         "qwen2", intermediate_size=688, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
         max_position_embeddings=1024)),

@@ -45,3 +45,15 @@ def packed(lengths, vocab: int, seed: int = 1):
     ids = torch.randint(0, vocab, (sum(lengths),), generator=g)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     return ids, cu
+
+
+def tiny_checkpoint(directory, family: str = "qwen2", hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A small random model folder with the shipped tiny tokenizer: trains in seconds on a CPU."""
+    from models import build_model, load_tokenizer
+    from models.config import ModelConfig
+    from models.registry import REGISTRY
+    preset = REGISTRY["tiny-qwen2" if family == "qwen2" else "tiny-bloom"].config
+    config = ModelConfig.from_dict({**preset, "hidden_size": hidden, "num_hidden_layers": layers,
+                                    "intermediate_size": 2 * hidden})
+    build_model(config, seed=seed).save_pretrained(directory, load_tokenizer("tiny-qwen2"))
+    return directory

@@ -1,0 +1,128 @@
+"""The memorization run end to end on small CPU models: it memorizes, resumes exactly, scales out."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.report import read_jsonl
+from engine.train import TrainConfig, TrainingError, memorize
+from tests.helpers import tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", hidden=128)
+
+
+def config(model_dir, out, **overrides):
+    base = dict(model=str(model_dir), poems=4, epochs=40, lr=3e-3, batch_tokens=128, eval_every=40, out=str(out),
+                warmup_steps=5, log_every=1, format="plain")
+    return TrainConfig(**{**base, **overrides})
+
+
+def cli(*args, env=None):
+    return [sys.executable, str(ROOT / "cli.py"), "memorize", *map(str, args)]
+
+
+def test_a_short_run_memorizes_its_poems(model_dir, tmp_path):
+    results = memorize(config(model_dir, tmp_path / "run"), progress=False)
+    assert results["accuracy"] == 1.0, results
+    out = tmp_path / "run"
+    for name in ("results.json", "metrics.jsonl", "generations.jsonl", "curve.png", "report.md", "model/config.json"):
+        assert (out / name).is_file(), name
+    generations = read_jsonl(out / "generations.jsonl")
+    assert len(generations) == 4 and all(g["correct"] and g["output"] == g["target"] for g in generations)
+    epochs = [m for m in read_jsonl(out / "metrics.jsonl") if "epoch_loss" in m]
+    assert len(epochs) == 40 and epochs[-1]["epoch_loss"] < 0.1 * epochs[0]["epoch_loss"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["n_poems"] == 4 and saved["train_tokens"] > 0 and saved["config"]["lr"] == 3e-3
+
+
+def run_args(model_dir, out, epochs):
+    return cli("--model", model_dir, "--poems", 4, "--epochs", epochs, "--lr", "3e-3", "--batch-tokens", 128,
+               "--eval-every", 100, "--format", "plain", "--out", out)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_weights(model_dir, tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    subprocess.run(run_args(model_dir, tmp_path / "whole", 8), env=env, check=True, capture_output=True)
+    killed = subprocess.Popen(run_args(model_dir, tmp_path / "killed", 8), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "latest").is_file() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = int((tmp_path / "killed" / "latest").read_text().split("-")[1])
+    assert 1 <= done < 8, "the run must be killed mid-way for this test to mean anything"
+    resumed = subprocess.run(run_args(model_dir, tmp_path / "killed", 8) + ["--resume"], env=env, check=True,
+                             capture_output=True, text=True)
+    assert f"after epoch {done}" in resumed.stderr
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    again = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+    epochs = [m["epoch"] for m in read_jsonl(tmp_path / "killed" / "metrics.jsonl") if "epoch_loss" in m]
+    assert epochs == list(range(1, 9))
+
+
+def test_two_process_gloo_matches_one_process(model_dir, tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    args = ["--model", model_dir, "--poems", 8, "--epochs", 3, "--lr", "3e-3", "--batch-tokens", 384,
+            "--micro-batch-tokens", 160, "--eval-every", 100, "--format", "plain", "--log-every", 1]
+    subprocess.run(cli(*args, "--out", tmp_path / "one"), env=env, check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                str(ROOT / "cli.py"), "memorize", *map(str, args), "--out", str(tmp_path / "two")]
+    subprocess.run(torchrun, env=env, check=True, capture_output=True)
+    one = [m["loss"] for m in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in m]
+    two = [m["loss"] for m in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "loss" in m]
+    assert len(one) == len(two) > 5
+    assert torch.allclose(torch.tensor(one), torch.tensor(two), rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["world_size"] == 2
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def test_unknown_model(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'gpt-9'"):
+        memorize(TrainConfig(model="gpt-9", out=str(tmp_path)), progress=False)
+
+
+def test_unwritable_output(model_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TrainingError, match="cannot write to the output directory"):
+        memorize(config(model_dir, tmp_path / "file" / "out"), progress=False)
+
+
+def test_existing_run_needs_resume(model_dir, tmp_path):
+    memorize(config(model_dir, tmp_path, epochs=1), progress=False)
+    with pytest.raises(TrainingError, match="already holds a run: pass --resume"):
+        memorize(config(model_dir, tmp_path, epochs=1), progress=False)
+
+
+def test_dataset_without_columns(model_dir, tmp_path):
+    source = tmp_path / "poems.jsonl"
+    source.write_text(json.dumps({"writer": "x", "title": "t", "content": "c"}) + "\n")
+    with pytest.raises(ValueError, match="author"):
+        memorize(config(model_dir, tmp_path / "out", source=str(source)), progress=False)
+
+
+def test_poem_longer_than_the_budget(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="more than the 16-token budget"):
+        memorize(config(model_dir, tmp_path / "out", batch_tokens=16), progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tmp_path):
+    memorize(config(model_dir, tmp_path, epochs=2), progress=False)
+    with pytest.raises(TrainingError, match="the loss became nan.*last good checkpoint"):
+        memorize(config(model_dir, tmp_path, epochs=4, lr=1e30, resume=True), progress=False)
+    assert (tmp_path / "latest").read_text() == "checkpoint-2"
+    assert (tmp_path / "checkpoint-2" / "model" / "model.safetensors").is_file()
