@@ -58,23 +58,12 @@ CPU_MODELS = CPU_QUICK_MODELS + ["qwen2-small-151k"]
 GPU_MODELS = ["qwen2-0.5b", "qwen2-1.5b", "bloom-560m", "bloom-1b7", "qwen1.5-0.5b", "bloom-389m-zh", "bloom-1b4-zh"]
 GPU_QUICK_MODELS = ["qwen2-0.5b", "bloom-560m"]
 
-# Shapes the registry may not carry yet (its `config` wins when present). qwen2-small-151k is a
-# CPU-sized Qwen2 (~31M parameters) with the real 151,936-token vocabulary and a tied output matrix.
+# A CPU-sized Qwen2 (~30M parameters) with the real 151,936-token vocabulary and a tied output
+# matrix; every other name comes from the registry, which carries each model's config.json.
 SHAPES = {
     "qwen2-small-151k": dict(model_type="qwen2", vocab_size=151936, hidden_size=192, intermediate_size=512,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen1.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1024, intermediate_size=2816,
-                         num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False),
-    "qwen2-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "bloom-389m-zh": dict(model_type="bloom", vocab_size=42437, hidden_size=1024, n_layer=24, n_head=16),
-    "bloom-1b4-zh": dict(model_type="bloom", vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16),
-    "bloom-560m": dict(model_type="bloom", vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16),
-    "bloom-1b7": dict(model_type="bloom", vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16),
 }
-SHAPES["qwen2.5-0.5b"], SHAPES["qwen2.5-1.5b"] = SHAPES["qwen2-0.5b"], SHAPES["qwen2-1.5b"]
 _QWEN_DEFAULTS = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, bos_token_id=0,
                       eos_token_id=0)
 
