@@ -70,7 +70,7 @@ class AdamW:
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """The global L2 norm of all gradients (a device tensor: no host sync)."""
-        return torch.stack([g.grad.float().norm() for g in self.groups]).norm()
+        return torch.stack([torch.linalg.vector_norm(g.grad, dtype=torch.float32) for g in self.groups]).norm()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

@@ -43,9 +43,14 @@ class PackedBatch:
         return shifted
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens), self.max_seqlen,
-                           move(self.labels))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PackedBatch":
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> "PackedBatch":
+        return PackedBatch(fn(self.input_ids), fn(self.position_ids), fn(self.cu_seqlens), self.max_seqlen,
+                           fn(self.labels))
 
 
 def collate(examples: list[Example]) -> PackedBatch:

@@ -7,8 +7,9 @@ most `micro_batch_tokens`) are grouped in order into steps, and the step's loss 
 token cross-entropies divided by the step's target-token count (known on the host from the
 packing, so no sync). With torchrun, each rank takes every world-th micro-batch of a step and the
 flat gradient buffer is all-reduced once per step: the same update as one process.
-The data order is a pure function of (seed, epoch) and checkpoints are taken at epoch ends, so
-a killed run resumed with --resume ends with the same weights as an uninterrupted one.
+The data order is a pure function of (seed, epoch) and checkpoints are taken at epoch ends (every
+`checkpoint_every` epochs), so a killed run resumed with --resume ends with the same weights as
+an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class TrainConfig:
     batch_tokens: int | None = None     # tokens per optimizer step; None: 16384 (256 for tiny presets)
     micro_batch_tokens: int | None = None   # tokens per forward/backward; None: batch_tokens
     eval_every: int = 10                # epochs between recitation evals (the memorization curve)
+    checkpoint_every: int = 10          # epochs between checkpoints (and the last): a 1.5B model's is ~25 GB
     seed: int = 0
     out: str | None = None              # None: runs/{model}-{lang}-{length}
     resume: bool = False
@@ -114,10 +116,9 @@ def train_step(model, opt: AdamW, micro_batches: list[PackedBatch], n_targets: i
     Returns (summed loss of the step as a device tensor, grad norm as a device tensor)."""
     loss_sum = torch.zeros((), device=device)
     for batch in micro_batches[rank::world]:
-        labels = batch.shifted_labels()
         batch = batch.to(device, non_blocking=True)
-        loss = model.loss(batch.input_ids, labels.to(device, non_blocking=True), batch.cu_seqlens,
-                          batch.position_ids, batch.max_seqlen, reduction="sum") / n_targets
+        loss = model.loss(batch.input_ids, batch.shifted_labels(), batch.cu_seqlens, batch.position_ids,
+                          batch.max_seqlen, reduction="sum") / n_targets
         loss.backward()
         loss_sum += loss.detach()
     if world > 1:
@@ -258,7 +259,10 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
     for epoch in range(start_epoch, c.epochs):
         t0, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
         losses = []
-        for micro_batches in plan_steps(pack(examples, c.micro_batch_tokens, c.seed, epoch), c.batch_tokens):
+        batches = pack(examples, c.micro_batch_tokens, c.seed, epoch)
+        if device.startswith("cuda"):       # pinned: the copies to the GPU then do not block the host
+            batches = [b.pin_memory() for b in batches]
+        for micro_batches in plan_steps(batches, c.batch_tokens):
             opt.set_lr(lr_at(step, total_steps, c.lr, warmup, c.schedule))
             n_targets = sum(b.num_target_tokens for b in micro_batches)
             try:
@@ -291,7 +295,7 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
             totals["eval_seconds"] += time.perf_counter() - t1
             record["accuracy"] = last_eval[0]["accuracy"]
         metrics.log(**record)
-        if rank == 0:
+        if rank == 0 and ((epoch + 1) % c.checkpoint_every == 0 or epoch + 1 == c.epochs):
             save_checkpoint(out, model, tokenizer, opt, epoch + 1, step, totals, c)
         if world > 1:
             dist.barrier()

@@ -61,21 +61,21 @@ def _sequence_bias(length: int, slopes, causal: bool, device):
 
 
 def attention_reference(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None, causal=True, scale=None):
-    """Per-sequence SDPA in fp32 (the CPU path and the tests' reference)."""
+    """Per-sequence SDPA in fp32 (the CPU path and the tests' reference). Sequences are split
+    and concatenated rather than sliced and written back, so the backward pass does not add a
+    full-size zero gradient per sequence."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        qs, ks, vs = (t[start:end].transpose(0, 1).float() for t in (q, k, v))
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    outs = []
+    for qs, ks, vs in zip(*(t.split(lengths) for t in (q, k, v))):
+        qs, ks, vs = (t.transpose(0, 1).float() for t in (qs, ks, vs))
         if alibi_slopes is None:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=True)
         else:
-            bias = _sequence_bias(end - start, alibi_slopes, causal, q.device)
+            bias = _sequence_bias(qs.shape[1], alibi_slopes, causal, q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, scale=scale, enable_gqa=True)
-        out[start:end] = o.transpose(0, 1).to(q.dtype)
-    return out
+        outs.append(o.transpose(0, 1).to(q.dtype))
+    return torch.cat(outs) if outs else torch.empty_like(q)
 
 
 # ---------------------------------------------------------------------------------------------

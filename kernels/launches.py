@@ -52,15 +52,20 @@ class Model:
     vocab: int
 
 
-MODELS = [
-    Model("qwen2-0.5b", "qwen2", 896, 4864, 14, 2, 64, 151936),
-    Model("qwen2-1.5b", "qwen2", 1536, 8960, 12, 2, 128, 151936),
-    Model("qwen1.5-0.5b", "qwen2", 1024, 2816, 16, 16, 64, 151936),
-    Model("bloom-560m", "bloom", 1024, 4096, 16, 16, 64, 250880),
-    Model("bloom-1b7", "bloom", 2048, 8192, 16, 16, 128, 250880),
-    Model("bloom-389m-zh", "bloom", 1024, 4096, 16, 16, 64, 42437),   # Langboat: reduced vocabs,
-    Model("bloom-1b4-zh", "bloom", 2048, 8192, 16, 16, 128, 46145),   # not multiples of 16
-]
+def _model(name: str) -> Model:
+    from models.config import ModelConfig
+    from models.registry import REGISTRY
+    c = ModelConfig.from_dict(REGISTRY[name].config, name)
+    return Model(name, c.model_type, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                 c.vocab_size)
+
+
+def _paper_models() -> list[Model]:
+    from models.registry import PAPER_MODELS
+    return [_model(name) for name in PAPER_MODELS]
+
+
+MODELS = _paper_models()     # the Langboat BLOOMs' reduced vocabularies are not multiples of 16
 DTYPES = (torch.bfloat16, torch.float32)
 
 

@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
 
 def config(model_dir, out, **overrides):
     base = dict(model=str(model_dir), poems=4, epochs=40, lr=3e-3, batch_tokens=128, eval_every=40, out=str(out),
-                warmup_steps=5, log_every=1, format="plain")
+                warmup_steps=5, log_every=1, checkpoint_every=1, format="plain")
     return TrainConfig(**{**base, **overrides})
 
 
@@ -49,7 +49,7 @@ def test_a_short_run_memorizes_its_poems(model_dir, tmp_path):
 
 def run_args(model_dir, out, epochs):
     return cli("--model", model_dir, "--poems", 4, "--epochs", epochs, "--lr", "3e-3", "--batch-tokens", 128,
-               "--eval-every", 100, "--format", "plain", "--out", out)
+               "--eval-every", 100, "--checkpoint-every", 1, "--format", "plain", "--out", out)
 
 
 def test_kill_and_resume_gives_the_uninterrupted_weights(model_dir, tmp_path):
