@@ -221,4 +221,15 @@ def test_load_tokenizer_from_folder_and_preset(tmp_path):
     tok = load_tokenizer("tiny-qwen2")
     text = "Dictation: 床前明月光"
     assert tok.decode(tok.encode(text)) == text
-    assert tok.eos_token_id == 0
+    assert tok.eos_token_ids == [0]
+    load_model("tiny-qwen2").save_pretrained(tmp_path, tok)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    from_folder = load_tokenizer(tmp_path)
+    assert from_folder.eos_token_ids == [0, 2] and from_folder.encode(text) == tok.encode(text)
+    assert from_folder.chat_template and "<|im_start|>" in from_folder.chat_template
+
+
+def test_folder_without_tokenizer(tmp_path):
+    load_model("tiny-qwen2").save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
