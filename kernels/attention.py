@@ -91,21 +91,33 @@ class LaunchConfig(NamedTuple):
 
 # Hopper (sm_90). Sequences here are short (~100-250 tokens), so tiles stay at 32-128 rows.
 # The forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0.
-# Checked by compiling for sm_90 on the CPU (bf16, causal, ALiBi on and off): all use wgmma
-# (HGMMA); no register spills except dQ at d128 (32 bytes of stack). Not yet timed on a GPU.
+# Checked by compiling for sm_90 on the CPU (python cli.py kernels --only attn): bf16 tiles use
+# wgmma (HGMMA), and no configuration spills registers, GQA groups of 7 and 6 included.
+# Not yet timed on a GPU.
 _GPU_CONFIGS = {
     ("fwd", 64): LaunchConfig(128, 64, 4, 3),
     ("fwd", 128): LaunchConfig(128, 64, 8, 3),
     ("bwd_preprocess", 64): LaunchConfig(128, 64, 4, 1),
     ("bwd_preprocess", 128): LaunchConfig(64, 128, 4, 1),
-    ("bwd_dkdv", 64): LaunchConfig(32, 128, 8, 3),
+    ("bwd_dkdv", 64): LaunchConfig(32, 64, 8, 2),
     ("bwd_dkdv", 128): LaunchConfig(32, 64, 8, 1),
     ("bwd_dq", 64): LaunchConfig(64, 32, 4, 3),
     ("bwd_dq", 128): LaunchConfig(64, 32, 8, 3),
 }
+# fp32 inputs: IEEE fp32 dots run on CUDA cores and hold fp32 tiles, so the tiles are smaller
+# (the bf16 tiles spill hundreds of bytes to kilobytes per thread in fp32).
+_GPU_FP32_CONFIGS = {
+    ("fwd", 64): LaunchConfig(64, 32, 8, 2),
+    ("fwd", 128): LaunchConfig(32, 16, 8, 1),
+    ("bwd_dkdv", 64): LaunchConfig(16, 32, 4, 1),
+    ("bwd_dkdv", 128): LaunchConfig(16, 32, 8, 1),
+    ("bwd_dq", 64): LaunchConfig(32, 16, 4, 1),
+    ("bwd_dq", 128): LaunchConfig(32, 16, 8, 1),
+}
 
 
-def attention_launch_config(head_dim: int, pass_name: str, interpreting: bool = INTERPRETING) -> LaunchConfig:
+def attention_launch_config(head_dim: int, pass_name: str, interpreting: bool = INTERPRETING,
+                            dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one attention pass for `head_dim`.
 
     Under the interpreter the tiles keep the GPU configs' shape ratios (so the same diagonal
@@ -118,7 +130,10 @@ def attention_launch_config(head_dim: int, pass_name: str, interpreting: bool = 
     if interpreting:
         return {"fwd": LaunchConfig(64, 32, 4, 1), "bwd_preprocess": LaunchConfig(64, head_dim, 4, 1),
                 "bwd_dkdv": LaunchConfig(32, 64, 4, 1), "bwd_dq": LaunchConfig(64, 32, 4, 1)}[pass_name]
-    return _GPU_CONFIGS.get((pass_name, head_dim), _GPU_CONFIGS[(pass_name, 64 if head_dim <= 64 else 128)])
+    key = (pass_name, 64 if head_dim <= 64 else 128)
+    if dtype == torch.float32 and key in _GPU_FP32_CONFIGS:
+        return _GPU_FP32_CONFIGS[key]
+    return _GPU_CONFIGS[key]
 
 
 def _dot_types(dtype):
@@ -416,7 +431,7 @@ def _slopes_log2(alibi_slopes, ref):
 def _flash_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
     """-> out [T, Hq, D] in q's dtype, lse2 [Hq, T] fp32 (log2 domain)."""
     n_tokens, n_heads, head_dim = q.shape
-    cfg = attention_launch_config(head_dim, "fwd")
+    cfg = attention_launch_config(head_dim, "fwd", dtype=q.dtype)
     out = torch.empty_like(q)
     lse2 = torch.empty(n_heads, n_tokens, device=q.device, dtype=torch.float32)
     dot_dtype, precision = _dot_types(q.dtype)
@@ -444,19 +459,19 @@ def _flash_backward(do, q, k, v, out, lse2, cu_seqlens, max_seqlen, alibi_slopes
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None,
                   DOT_DTYPE=dot_dtype, PRECISION=precision)
 
-    cfg = attention_launch_config(head_dim, "bwd_preprocess")
+    cfg = attention_launch_config(head_dim, "bwd_preprocess", dtype=q.dtype)
     _attn_bwd_preprocess_kernel[(triton.cdiv(n_tokens, cfg.block_m), n_heads)](
         out, do, delta, n_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         HEAD_DIM=head_dim, BLOCK_T=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = attention_launch_config(head_dim, "bwd_dkdv")
+    cfg = attention_launch_config(head_dim, "bwd_dkdv", dtype=q.dtype)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.block_n), n_seqs, n_kv)](
         q, k, v, do, lse2, delta, dk, dv, cu_seqlens, slopes2, scale * LOG2E, scale, n_tokens, n_heads // n_kv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
 
-    cfg = attention_launch_config(head_dim, "bwd_dq")
+    cfg = attention_launch_config(head_dim, "bwd_dq", dtype=q.dtype)
     _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seqs, n_heads)](
         q, k, v, do, lse2, delta, dq, cu_seqlens, slopes2, scale * LOG2E, scale, n_tokens, n_heads // n_kv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -57,14 +57,16 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, slot_ids=None
     return out.reshape(batch, n_heads, head_dim).to(q.dtype)
 
 
-def decode_launch_config(head_dim: int, interpreting: bool = INTERPRETING) -> LaunchConfig:
+def decode_launch_config(head_dim: int, interpreting: bool = INTERPRETING,
+                         dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
     """(BLOCK_M = padded GQA group, BLOCK_N = cache rows per tile, num_warps, num_stages); the
-    group padding depends on the model, so block_m is the minimum (16)."""
+    group padding depends on the model, so block_m is the minimum (16). fp32 caches at d128
+    take 8 warps: with 4 the fp32 tiles spill registers on sm_90."""
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"decode attention supports head_dim 16, 32, 64, 128 or 256, got {head_dim}")
     if interpreting:
         return LaunchConfig(16, 32, 4, 1)
-    return LaunchConfig(16, 64, 4, 3)
+    return LaunchConfig(16, 64, 8 if dtype == torch.float32 and head_dim > 64 else 4, 3)
 
 
 def decode_num_splits(batch: int, n_kv: int, s_max: int, block_n: int, device) -> int:
@@ -165,7 +167,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, s
                          f"{tuple(v_cache.shape)} must be [B, Hq, D] and [slots, Hkv, S_max, D], Hq % Hkv == 0")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("decode_attention: the caches' last dimension must be contiguous")
-    cfg = decode_launch_config(head_dim)
+    cfg = decode_launch_config(head_dim, dtype=q.dtype)
     group = n_heads // n_kv
     q = q if q.stride(-1) == 1 else q.contiguous()
     if slot_ids is None:

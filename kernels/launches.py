@@ -357,7 +357,8 @@ def _decode(m: Model, dtype, batch: int) -> list[Launch]:
 REPRESENTATIVE = {("norm", "qwen2-1.5b", "bf16"), ("norm", "qwen2-0.5b", "fp32"), ("norm", "bloom-1b7", "bf16"),
                   ("rope", "qwen2-0.5b", "bf16"), ("mlp", "qwen2-1.5b", "bf16"), ("mlp", "bloom-1b7", "bf16"),
                   ("loss", "qwen2-0.5b", "bf16"), ("loss", "qwen2-0.5b", "fp32"), ("adamw", "", "bf16"),
-                  ("adamw", "", "fp32"), ("attention", "qwen2-1.5b", "bf16"), ("decode1", "qwen2-1.5b", "bf16"),
+                  ("adamw", "", "fp32"), ("attention", "qwen2-1.5b", "bf16"), ("attention", "qwen2-0.5b", "bf16"),
+                  ("attention", "bloom-1b7", "fp32"), ("decode1", "qwen2-1.5b", "bf16"),
                   ("decode64", "qwen2-0.5b", "fp32")}
 
 

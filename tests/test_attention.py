@@ -142,15 +142,16 @@ def test_cpu_dispatch_uses_reference_unless_forced(monkeypatch):
         kernels.attention(q, q, q, cu_from_lengths([5]), 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_launch_configs_fit_the_diagonal_logic(head_dim):
+def test_gpu_launch_configs_fit_the_diagonal_logic(head_dim, dtype):
     """The forward and dQ walk key tiles inside a query tile (BLOCK_M % BLOCK_N == 0); dK/dV walks
     query tiles inside a key tile (BLOCK_N % BLOCK_M == 0)."""
     for pass_name in ("fwd", "bwd_dq"):
-        cfg = attention_launch_config(head_dim, pass_name, interpreting=False)
-        assert cfg.block_m % cfg.block_n == 0
-    cfg = attention_launch_config(head_dim, "bwd_dkdv", interpreting=False)
-    assert cfg.block_n % cfg.block_m == 0
+        cfg = attention_launch_config(head_dim, pass_name, interpreting=False, dtype=dtype)
+        assert cfg.block_m % cfg.block_n == 0 and min(cfg.block_m, cfg.block_n) >= 16
+    cfg = attention_launch_config(head_dim, "bwd_dkdv", interpreting=False, dtype=dtype)
+    assert cfg.block_n % cfg.block_m == 0 and cfg.block_m >= 16
     with pytest.raises(ValueError, match="head_dim"):
         attention_launch_config(96, "fwd")
 
