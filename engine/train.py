@@ -20,7 +20,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +59,12 @@ class TrainConfig:
     source: str | None = None           # poems: None = the frozen CN set; a file or a hub dataset
     device: str | None = None
     log_every: int = 10                 # steps between metric lines (the only host syncs)
-    extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
         """Defaults filled in: tiny presets get a demo-sized run."""
         tiny = self.model.startswith("tiny-")
         pick = lambda value, key, default: value if value is not None else (TINY_DEFAULTS[key] if tiny else default)  # noqa: E731
-        c = TrainConfig(**{**asdict(self)})
+        c = replace(self)
         c.poems = pick(self.poems, "poems", 2000)
         c.lr = pick(self.lr, "lr", 2e-5)
         c.batch_tokens = pick(self.batch_tokens, "batch_tokens", 16384)

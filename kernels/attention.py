@@ -51,31 +51,24 @@ PASSES = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 # Torch reference
 # ---------------------------------------------------------------------------------------------
 
-def _sequence_bias(length: int, slopes, causal: bool, device):
-    pos = torch.arange(length, device=device)
-    rel = (pos[None, :] - pos[:, None]).float()                     # j - i
-    bias = slopes.float()[:, None, None] * rel[None] if slopes is not None else rel[None] * 0
-    if causal:
-        bias = bias.masked_fill(rel[None] > 0, float("-inf"))
-    return bias
-
-
 def attention_reference(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None, causal=True, scale=None):
-    """Per-sequence SDPA in fp32 (the CPU path and the tests' reference). Sequences are split
-    and concatenated rather than sliced and written back, so the backward pass does not add a
-    full-size zero gradient per sequence."""
+    """One SDPA call over the sequences padded to [B, H, L, D] with a per-sequence causal (and
+    ALiBi) mask, computed in fp32: the CPU path and the tests' reference. The padded rows are
+    dropped again, so the output is packed like q."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    outs = []
-    for qs, ks, vs in zip(*(t.split(lengths) for t in (q, k, v))):
-        qs, ks, vs = (t.transpose(0, 1).float() for t in (qs, ks, vs))
-        if alibi_slopes is None:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=True)
-        else:
-            bias = _sequence_bias(qs.shape[1], alibi_slopes, causal, q.device)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, scale=scale, enable_gqa=True)
-        outs.append(o.transpose(0, 1).to(q.dtype))
-    return torch.cat(outs) if outs else torch.empty_like(q)
+    if not lengths or q.shape[0] == 0:
+        return torch.empty_like(q)
+    pad = lambda t: torch.nn.utils.rnn.pad_sequence(t.split(lengths), batch_first=True).transpose(1, 2).float()  # noqa: E731
+    pos = torch.arange(max(lengths), device=q.device)
+    real = pos[None, :] < torch.tensor(lengths, device=q.device)[:, None]       # [B, L]
+    rel = pos[None, :] - pos[:, None]                                            # [L, L]: j - i
+    mask = real[:, None, None, :] & (rel <= 0 if causal else True)               # [B, 1, L, L]
+    if alibi_slopes is not None:
+        bias = alibi_slopes.float()[None, :, None, None] * rel.float()           # [1, H, L, L]
+        mask = torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf")) + bias
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)[real].to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,13 +21,19 @@ modifying in place, and the backward needs none of them.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.dispatch import tl, triton, use_triton
 
 
+@functools.lru_cache(maxsize=16)
 def inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    """theta^(-2i/D), fp32, cached per (head_dim, theta, device): every layer of every step needs it.
+    Made outside inference mode, so a first call from the evaluator does not cache an inference tensor."""
+    with torch.inference_mode(False):
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float):

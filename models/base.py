@@ -43,6 +43,7 @@ class AttentionContext:
     cache: KVCache | None = None
     token_slots: torch.Tensor | None = None    # [T] cache slot of each token (prefill, decode)
     slot_ids: torch.Tensor | None = None       # [B] cache slot of each sequence (decode)
+    cache_seqlens: torch.Tensor | None = None  # [B] int32 cached tokens, the new one included (decode)
 
     @property
     def decode(self) -> bool:
@@ -61,7 +62,8 @@ def make_context(input_ids, cu_seqlens=None, position_ids=None, max_seqlen=None,
     if cache is not None and cu_seqlens is None:                       # decode: one token per sequence
         if position_ids is None or slot_ids is None:
             raise ValueError("a decode step needs position_ids and slot_ids for its cached sequences")
-        return AttentionContext(position_ids, cache=cache, token_slots=slot_ids, slot_ids=slot_ids)
+        return AttentionContext(position_ids, cache=cache, token_slots=slot_ids, slot_ids=slot_ids,
+                                cache_seqlens=(position_ids + 1).to(torch.int32))
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=input_ids.device)
     if position_ids is None:
@@ -82,8 +84,7 @@ def attend(q, k, v, layer: int, ctx: AttentionContext, alibi_slopes=None):
         ctx.cache.k[layer][ctx.token_slots, :, ctx.position_ids] = k
         ctx.cache.v[layer][ctx.token_slots, :, ctx.position_ids] = v
         if ctx.decode:
-            cache_seqlens = (ctx.position_ids + 1).to(torch.int32)
-            return decode_attention(q, ctx.cache.k[layer], ctx.cache.v[layer], cache_seqlens, ctx.slot_ids,
+            return decode_attention(q, ctx.cache.k[layer], ctx.cache.v[layer], ctx.cache_seqlens, ctx.slot_ids,
                                     alibi_slopes)
     return attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, alibi_slopes)
 
