@@ -31,10 +31,10 @@ step() {  # step NAME SECONDS COMMAND...
     tail -n 25 "$WORK/logs/$name.log"
 }
 
-# The headline first: whole-model training and evaluation, ours vs transformers (writes after each model).
-step throughput 240 $PY bench/throughput.py --out "$WORK/results" --time-budget 180
-# No test is marked for CUDA yet: exit code 5 means none was selected.
-step tests 25 $PY -m pytest -q -x tests/ -k "cuda or gpu" -p no:cacheprovider
+# Correctness first (tests/test_gpu.py: Triton vs torch training steps at real shapes, CUDA graphs),
+# then whole-model training and evaluation, ours vs transformers (writes after each model).
+step tests 110 $PY -m pytest -q tests/test_gpu.py -p no:cacheprovider
+step throughput 200 $PY bench/throughput.py --out "$WORK/results" --time-budget 150
 step generate 50 $PY bench/bench_generate.py --models qwen2-0.5b bloom-560m --prompts 256   # writes bench/results/generate-*
 step attention 50 $PY bench/bench_attention.py --out "$WORK/results"
 step loss_optim 45 $PY bench/bench_loss_optim.py --quick --out "$WORK/results"
