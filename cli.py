@@ -11,7 +11,9 @@ def cmd_memorize(args) -> None:
                          lr=args.lr, batch_tokens=args.batch_tokens, micro_batch_tokens=args.micro_batch_tokens,
                          eval_every=args.eval_every, seed=args.seed, out=args.out, resume=args.resume,
                          schedule=args.schedule, format=args.format, source=args.source, device=args.device,
-                         log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+                         log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                         max_grad_norm=args.max_grad_norm)
     results = memorize(config)
     if results:
         print(f"exact recitation: {100 * results['accuracy']:.2f}% of {results['n_poems']} poems "
@@ -83,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-5; 3e-3 for tiny presets)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 3%% of the steps)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="on matrices only (not norms, biases, embeddings)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="global gradient-norm clipping")
     p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step (default 16384; 256 for tiny presets)")
     p.add_argument("--micro-batch-tokens", type=int, help="tokens per forward/backward (default: --batch-tokens)")
     p.add_argument("--eval-every", type=int, default=10, help="epochs between recitation evaluations")

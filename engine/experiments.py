@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from engine.data import default_format, encode_examples, load_poems
-from engine.report import epoch_curve, read_jsonl
+from engine.report import epoch_curve, pyplot, read_jsonl
 from models import REGISTRY, PAPER_MODELS, ModelConfig, read_tokenizer_dir
 from models.registry import TINY_TOKENIZER, cached_snapshot
 
@@ -42,9 +42,6 @@ PAPER_ACCURACY = {
                   "bloom-1b4-zh": 93.65},
 }
 
-# Shapes of the paper's checkpoints (their config.json on the Hugging Face hub), used when the
-# registry holds no built-in config and the checkpoint is not cached. TODO: move into
-# models/registry.py (ModelSpec.config) so that load_model(name, random_init=True) works too.
 # Projection when no benchmark of this device exists: one H100 SXM (dense bf16 peak, HBM3).
 H100_PEAK_FLOPS = 989e12
 H100_BYTES_PER_SECOND = 3.35e12
@@ -283,16 +280,9 @@ def profile_table(rows: list[dict], lang: str, length: int, epochs: int, eval_ev
     return markdown_table(header, body) + "\n\n" + "\n".join(notes)
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_profile(rows: list[dict], path: Path, title: str) -> Path:
     """Model size vs GPU-hours (left) and exact-recitation accuracy, ours and the paper's (right)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = sorted(rows, key=lambda r: r["parameters"])
     fig, cost_ax = plt.subplots(figsize=(8, 4.5))
     sizes = [r["parameters"] / 1e6 for r in rows]
@@ -376,7 +366,7 @@ def cli_arguments(config) -> list[str]:
     defaults = asdict(TrainConfig(model=config.model))
     args = ["memorize", "--model", config.model, "--out", config.out] + (["--resume"] if config.resume else [])
     for key, value in asdict(config).items():
-        if key in ("lang", "length") or (key not in ("model", "out", "resume", "extra") and value != defaults[key]):
+        if key in ("lang", "length") or (key not in ("model", "out", "resume") and value != defaults[key]):
             args += [f"--{key.replace('_', '-')}", str(value)]
     return args
 
@@ -444,7 +434,7 @@ def cost_table(runs: list[dict]) -> str:
 
 
 def _accuracy_figure(title: str, xlabel: str):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -457,7 +447,7 @@ def _save(fig, ax, path: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 

@@ -16,11 +16,16 @@ def epoch_curve(metrics: list[dict]) -> tuple[list[dict], list[dict]]:
     return epochs, [m for m in epochs if "accuracy" in m]
 
 
-def plot_run(out: Path, title: str) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_run(out: Path, title: str) -> Path:
+    plt = pyplot()
     epochs, evals = epoch_curve(read_jsonl(out / "metrics.jsonl"))
     fig, loss_ax = plt.subplots(figsize=(7, 4))
     loss_ax.plot([m["epoch"] for m in epochs], [m["epoch_loss"] for m in epochs], color="tab:blue", label="loss")
