@@ -49,7 +49,7 @@ from engine.generate import greedy_generate  # noqa: E402
 from engine.optim import AdamW, parameter_groups  # noqa: E402
 from engine.packing import PackedBatch, collate, pack  # noqa: E402
 from engine.train import train_step  # noqa: E402
-from models import PAPER_MODELS, REGISTRY, ModelConfig, build_model, load_tokenizer  # noqa: E402
+from models import REGISTRY, ModelConfig, build_model, load_tokenizer  # noqa: E402
 from bench import bench_generate  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense datasheet figures

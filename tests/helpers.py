@@ -57,3 +57,9 @@ def tiny_checkpoint(directory, family: str = "qwen2", hidden: int = 64, layers: 
                                     "intermediate_size": 2 * hidden})
     build_model(config, seed=seed).save_pretrained(directory, load_tokenizer("tiny-qwen2"))
     return directory
+
+
+def rel_err(got, want) -> float:
+    """Relative norm error of `got` against the reference `want`, computed in float64."""
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm().clamp(min=1e-30)).item()

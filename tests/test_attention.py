@@ -8,6 +8,7 @@ import torch
 
 import kernels
 from kernels.attention import attention_launch_config, triton_attention, triton_attention_with_lse
+from tests.helpers import rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
 
@@ -49,23 +50,6 @@ def reference(q, k, v, lengths, slopes, causal, scale):
     return torch.cat(outs), torch.cat(lses)
 
 
-def rel_err(got, want):
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """Every float tensor the kernels' wrappers allocate starts as NaN, so an element a kernel
-    forgets to write fails the comparison."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
-
-
 def run_case(lengths, n_heads, n_kv, head_dim, dtype, alibi=False, causal=True):
     """-> errors of (out, lse, dq, dk, dv) of the Triton kernels against the reference, computed in
     float64 for fp32 inputs and in fp32 for bf16 inputs."""
@@ -102,7 +86,7 @@ CASES = {  # lengths, Hq, Hkv, head_dim, alibi, causal
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_attention_fp32_matches_float64_reference(case, poisoned_allocations):
+def test_attention_fp32_matches_float64_reference(case, poisoned_empty):
     lengths, n_heads, n_kv, head_dim, alibi, causal = CASES[case]
     errors = run_case(lengths, n_heads, n_kv, head_dim, torch.float32, alibi, causal)
     assert max(errors) < 1e-5, dict(zip(("out", "lse", "dq", "dk", "dv"), errors))
@@ -113,7 +97,7 @@ BF16_CASES = {"qwen2-0.5b-gqa14-2-d64": ([65, 1], 14, 2, 64, False, True),
 
 
 @pytest.mark.parametrize("case", BF16_CASES)
-def test_attention_bf16_matches_fp32_reference(case, poisoned_allocations):
+def test_attention_bf16_matches_fp32_reference(case, poisoned_empty):
     lengths, n_heads, n_kv, head_dim, alibi, causal = BF16_CASES[case]
     errors = run_case(lengths, n_heads, n_kv, head_dim, torch.bfloat16, alibi, causal)
     assert max(errors) < 1e-2, dict(zip(("out", "lse", "dq", "dk", "dv"), errors))

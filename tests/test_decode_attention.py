@@ -7,8 +7,8 @@ import torch
 
 import kernels
 from kernels.decode_attention import decode_attention, decode_attention_reference, decode_num_splits
-from tests.test_attention import MODEL_CONFIGS, bloom_alibi_slopes, cu_from_lengths, rel_err
-from tests.test_attention import poisoned_allocations  # noqa: F401 (a fixture)
+from tests.helpers import rel_err
+from tests.test_attention import MODEL_CONFIGS, bloom_alibi_slopes, cu_from_lengths
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
 
@@ -55,7 +55,7 @@ CASES = {  # batch, slots, Hq, Hkv, head_dim, S_max, alibi
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("case", CASES)
-def test_decode_fp32_matches_float64_reference(case, num_splits, poisoned_allocations):
+def test_decode_fp32_matches_float64_reference(case, num_splits, poisoned_empty):
     batch, n_slots, n_heads, n_kv, head_dim, s_max, alibi = CASES[case]
     q, k_cache, v_cache, lengths, slot_ids = random_cache(batch, n_slots, n_heads, n_kv, head_dim, s_max,
                                                           torch.float32)
@@ -68,7 +68,7 @@ def test_decode_fp32_matches_float64_reference(case, num_splits, poisoned_alloca
 
 
 @pytest.mark.parametrize("num_splits", [1, None])
-def test_decode_bf16_matches_fp32_reference(num_splits, poisoned_allocations):
+def test_decode_bf16_matches_fp32_reference(num_splits, poisoned_empty):
     q, k_cache, v_cache, lengths, slot_ids = random_cache(4, 6, 14, 2, 64, 70, torch.bfloat16)
     slopes = bloom_alibi_slopes(14)
     with kernels.backend("triton"):

@@ -117,16 +117,6 @@ def test_evaluate_scores_what_the_generator_returns(monkeypatch):
     assert records[1]["output"] == replies[1].strip()
 
 
-@pytest.fixture
-def one_thread():
-    """~130 tiny decode steps: two OpenMP threads on a shared 2-core machine make them 10x slower."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_run_eval_end_to_end(tmp_path, one_thread):
     """A random tiny model: nothing recited, but every field and file is there and consistent."""
     from models import build_model

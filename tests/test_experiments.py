@@ -4,7 +4,6 @@ import json
 import time
 
 import pytest
-import torch
 
 from engine.data import default_format, encode_examples, load_poems
 from engine.experiments import (ASSUMED_MFU, H100_PEAK_FLOPS, count_parameters, model_config,
@@ -78,15 +77,6 @@ def test_profile_all_paper_models_quickly(tmp_path):
     assert rows[1]["paper_accuracy"] == 77.5 and rows[5]["paper_accuracy"] is None
     assert len(table.splitlines()) >= 2 + len(PAPER_MODELS)
     assert (tmp_path / "profile.png").stat().st_size > 0
-
-
-@pytest.fixture
-def one_thread():
-    """The tiny presets' matmuls are too small for threads: on 2 shared cores they mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

@@ -12,7 +12,10 @@ import kernels
 from kernels.gelu import gelu
 from kernels.rope import rope, rope_reference
 from kernels.swiglu import swiglu
-from tests.test_kernels_norms import DTYPES, check_against_reference, poisoned_empty, rel_err  # noqa: F401
+from tests.helpers import rel_err
+from tests.test_kernels_norms import DTYPES, check_against_reference
+
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 THETA = 1e6
 # Two packed sequences, positions restarting at 0; the second starts far out to exercise

@@ -7,14 +7,11 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.linear_cross_entropy import CHUNK_MULTIPLE, chunk_plan, linear_cross_entropy
+from tests.helpers import rel_err
 
 # triton 3.6's interpreter warns on every `range` over a runtime bound
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def rel_err(actual, expected):
-    return ((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30)).item()
 
 
 def make_inputs(T, H, V, dtype):

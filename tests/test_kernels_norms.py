@@ -2,8 +2,8 @@
 
 Every output and every input gradient is compared with the reference run in float64 (fp32 for
 bf16 inputs) on the same values, by relative norm error. torch.empty is poisoned with NaN so
-an element a kernel forgets to write fails the comparison. `check_against_reference` and the
-`poisoned_empty` fixture are shared with test_kernels_elementwise.py.
+an element a kernel forgets to write fails the comparison. `check_against_reference` is shared
+with test_kernels_elementwise.py; `poisoned_empty` is in conftest.py.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 import kernels
 from kernels.layer_norm import layer_norm
 from kernels.rms_norm import rms_norm
+from tests.helpers import rel_err
 
 DTYPES = (torch.float32, torch.bfloat16)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -21,20 +22,7 @@ REAL_HIDDEN = (896, 1024, 1536, 2048)
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """torch.empty / empty_like return NaN-filled floating tensors: unwritten outputs show up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-
-
-def rel_err(got, want):
-    return ((got.to(want.dtype) - want).norm() / want.norm()).item()
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 
 def _run(op, inputs, backend, dtype):
