@@ -189,7 +189,7 @@ def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: i
     poems = load_poems(lang, length, n_poems, seed, source)
     summary, records = evaluate(model, tokenizer, poems, lang, fmt, margin, kv_budget_bytes=kv_budget_bytes,
                                 cuda_graphs=cuda_graphs)
-    results = {"model": str(model_name_or_path), "lang": lang, "length": length, "seed": seed,
+    results = {"model": str(model_name_or_path), "lang": lang, "length": length, "n_poems": len(poems), "seed": seed,
                "source": str(source) if source else None, "device": str(device), "dtype": str(model.dtype),
                **summary}
     if out_dir is not None:

@@ -47,6 +47,16 @@ def test_a_short_run_memorizes_its_poems(model_dir, tmp_path):
     assert saved["n_poems"] == 4 and saved["train_tokens"] > 0 and saved["config"]["lr"] == 3e-3
 
 
+def test_cli_eval_writes_the_memorize_fields(model_dir, tmp_path, capsys):
+    import cli
+    assert cli.main(["eval", "--model", str(model_dir), "--lang", "cn", "--poems", "3", "--format", "plain",
+                     "--out", str(tmp_path)]) == 0
+    assert "of 3 poems" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"model", "lang", "length", "n_poems", "accuracy", "categories", "eval_seconds"} <= results.keys()
+    assert len(read_jsonl(tmp_path / "generations.jsonl")) == 3
+
+
 def run_args(model_dir, out, epochs):
     return cli("--model", model_dir, "--poems", 4, "--epochs", epochs, "--lr", "3e-3", "--batch-tokens", 128,
                "--eval-every", 100, "--checkpoint-every", 1, "--format", "plain", "--out", out)
