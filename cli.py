@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 3%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="on matrices only (not norms, biases, embeddings)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="global gradient-norm clipping")
-    p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step (default 16384; 256 for tiny presets)")
+    p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step (default 8192, ~64 poems: ~30 updates per epoch of 2,000; 256 for tiny presets)")
     p.add_argument("--micro-batch-tokens", type=int, help="tokens per forward/backward (default: --batch-tokens)")
     p.add_argument("--eval-every", type=int, default=10, help="epochs between recitation evaluations")
     p.add_argument("--out", help="output folder (default runs/MODEL-LANG-LENGTH)")

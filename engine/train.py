@@ -43,7 +43,7 @@ class TrainConfig:
     poems: int | None = None            # None: 2000 (the paper), 32 for tiny presets
     epochs: int = 100
     lr: float | None = None             # None: 2e-5 for pretrained models, 3e-3 for tiny presets
-    batch_tokens: int | None = None     # tokens per optimizer step; None: 16384 (256 for tiny presets)
+    batch_tokens: int | None = None     # tokens per optimizer step; None: 8192 (~64 poems; 256 for tiny presets)
     micro_batch_tokens: int | None = None   # tokens per forward/backward; None: batch_tokens
     eval_every: int = 10                # epochs between recitation evals (the memorization curve)
     checkpoint_every: int = 10          # epochs between checkpoints (and the last): a 1.5B model's is ~25 GB
@@ -67,7 +67,7 @@ class TrainConfig:
         c = replace(self)
         c.poems = pick(self.poems, "poems", 2000)
         c.lr = pick(self.lr, "lr", 2e-5)
-        c.batch_tokens = pick(self.batch_tokens, "batch_tokens", 16384)
+        c.batch_tokens = pick(self.batch_tokens, "batch_tokens", 8192)
         c.micro_batch_tokens = self.micro_batch_tokens or c.batch_tokens
         c.out = self.out or str(Path("runs") / f"{Path(self.model).name}-{self.lang}-{self.length}")
         c.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
