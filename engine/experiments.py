@@ -173,7 +173,7 @@ def run_gpu_seconds(run: dict) -> float:
 
 def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256, n_poems: int = 2000,
             bench_dir="bench/results", runs=None, epochs: int = 100, eval_every: int = 10,
-            micro_batch_tokens: int = 16384, source=None, seed: int = 0, out="runs/profile") -> tuple[list[dict], str]:
+            micro_batch_tokens: int = 8192, source=None, seed: int = 0, out="runs/profile") -> tuple[list[dict], str]:
     """Per model: parameters, tokens, FLOPs, time and GPU-hours of the `epochs`-epoch experiment,
     peak memory by part, and accuracy and cost per memorized poem of matching finished runs.
     Writes profile.json and profile.png into `out` (None: nothing written)."""
