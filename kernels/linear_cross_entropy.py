@@ -6,7 +6,8 @@ hidden_t . W[labels_t], computed in fp32. reduction "mean": sum over valid token
 count; "sum": the sum (the training loop divides by a global token count). With every label
 ignored, "mean" is 0/0 = NaN as in torch (gradients are then zero); "sum" is 0.
 
-Triton path (fp32 or bf16 hidden/weight of one dtype). Tokens are processed in chunks of C
+Chunked path (Triton: fp32 or bf16 hidden/weight of one dtype; torch: fp32, the CPU default,
+with the row step in torch ops instead of the Triton kernel). Tokens are processed in chunks of C
 rows, C chosen by `chunk_plan` from a memory budget for the fp32 logits chunk [C, V] (not
 from V/H, so the GEMMs stay large), with no host synchronization anywhere. Per chunk:
     z = h_c @ W^T                       cuBLAS, bf16 inputs, fp32 output [C, V]
@@ -111,6 +112,19 @@ def _ce_rows_kernel(Z, DZ, LABELS, LOSS, SCALE, V, stride_z, stride_dz, ignore_i
             tl.store(dz_row + start + cols, g.to(DZ.dtype.element_ty), mask=mask)
 
 
+def _ce_rows_torch(z, dz, labels, row_loss, scale, ignore_index):
+    """_ce_rows in torch ops for fp32 on the CPU: dz is z itself, overwritten in place."""
+    valid = labels != ignore_index
+    lse = torch.logsumexp(z, dim=1)
+    picked = z.gather(1, labels.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+    row_loss.copy_(torch.where(valid, lse - picked, 0.0))
+    if dz is not None:
+        rows = valid.nonzero()[:, 0]
+        z.sub_(lse[:, None]).exp_()
+        z[rows, labels[rows]] -= 1.0
+        z.mul_(torch.where(valid, scale, 0.0)[:, None])
+
+
 def _ce_rows(z, dz, labels, row_loss, scale, ignore_index):
     """Per-row loss into row_loss; with dz (may alias z), the scaled softmax gradient into dz."""
     n, V = z.shape
@@ -148,7 +162,7 @@ def _loss_scale(labels, ignore_index, reduction):
     return n_valid, torch.ones(1, dtype=torch.float32, device=labels.device)
 
 
-def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes, need_gh, need_gw):
+def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes, need_gh, need_gw, ce_rows):
     """(loss, grad_hidden or None, grad_weight or None), gradients for grad_output = 1."""
     T, H = hidden.shape
     V = weight.shape[0]
@@ -165,7 +179,7 @@ def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes
         end = min(start + chunk, T)
         h, n = hidden[start:end], end - start
         _mm_fp32(h, weight.t(), z[:n])
-        _ce_rows(z[:n], None if dz is None else dz[:n], labels[start:end], row_loss[start:end], scale, ignore_index)
+        ce_rows(z[:n], None if dz is None else dz[:n], labels[start:end], row_loss[start:end], scale, ignore_index)
         if need_gh:
             torch.mm(dz[:n], weight, out=grad_hidden[start:end])
         if need_gw:
@@ -179,10 +193,10 @@ def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, budget_bytes):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, budget_bytes, ce_rows):
         need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, grad_hidden, grad_weight = _fused_forward(hidden, weight, labels, ignore_index, reduction,
-                                                        budget_bytes, need_gh, need_gw)
+                                                        budget_bytes, need_gh, need_gw, ce_rows)
         ctx.grads = (grad_hidden, grad_weight)
         return loss
 
@@ -197,18 +211,21 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_hidden.mul_(grad_loss)
         if grad_weight is not None:
             grad_weight.mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean", *,
                          budget_bytes: int = LOGITS_BUDGET_BYTES):
-    """Scalar fp32 loss; see the module docstring. budget_bytes bounds the fp32 logits chunk."""
+    """Scalar fp32 loss; see the module docstring. budget_bytes bounds the fp32 logits chunk.
+    The torch path runs the same chunks with torch row ops for fp32 inputs (so a real vocabulary
+    does not need [T, V] logits on a CPU either); other dtypes take the reference."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction {reduction!r} is not supported: use 'mean' or 'sum'")
-    if use_triton(hidden):
+    triton_path = use_triton(hidden)
+    if triton_path or (hidden.dtype == weight.dtype == torch.float32 and hidden.dim() == 2):
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.dtype != weight.dtype:
             raise ValueError(f"linear_cross_entropy: hidden [T, H] and weight [V, H] of one dtype expected, got "
                              f"{tuple(hidden.shape)} {hidden.dtype} and {tuple(weight.shape)} {weight.dtype}")
         return LinearCrossEntropyFunction.apply(hidden, weight, labels.contiguous(), ignore_index, reduction,
-                                                budget_bytes)
+                                                budget_bytes, _ce_rows if triton_path else _ce_rows_torch)
     return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)

@@ -30,21 +30,23 @@ def reference(hidden, weight, labels, reduction):
     return loss.detach(), h.grad, w.grad
 
 
-def fused(hidden, weight, labels, reduction, chunk):
-    with kernels.backend("triton"):
+def fused(hidden, weight, labels, reduction, chunk, backend="triton"):
+    """The chunked op: Triton rows ("triton") or torch rows ("torch", fp32 only)."""
+    with kernels.backend(backend):
         loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, budget_bytes=chunk * 4 * weight.shape[0])
     loss.backward()
     return loss.detach(), hidden.grad, weight.grad
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fp32_several_chunks_with_an_ignored_chunk(reduction):
+def test_fp32_several_chunks_with_an_ignored_chunk(reduction, backend):
     T, H, V = 2 * CHUNK_MULTIPLE + 1, 32, 1003  # odd T and V: chunks of 128, 128, 1
     hidden, weight, labels = make_inputs(T, H, V, torch.float32)
     labels[CHUNK_MULTIPLE:2 * CHUNK_MULTIPLE] = -100  # the whole second chunk carries no loss
     labels[::7] = -100
     assert chunk_plan(T, H, V, torch.float32, CHUNK_MULTIPLE * 4 * V).chunk_tokens == CHUNK_MULTIPLE
-    loss, grad_h, grad_w = fused(hidden, weight, labels, reduction, CHUNK_MULTIPLE)
+    loss, grad_h, grad_w = fused(hidden, weight, labels, reduction, CHUNK_MULTIPLE, backend)
     ref_loss, ref_h, ref_w = reference(hidden, weight, labels, reduction)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < TOL[torch.float32]
@@ -65,25 +67,27 @@ def test_bf16_matches_float64_reference():
     assert rel_err(grad_w, ref_w) < TOL[torch.bfloat16]
 
 
-def test_all_ignored_is_nan_for_mean_zero_for_sum_with_zero_grads():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_all_ignored_is_nan_for_mean_zero_for_sum_with_zero_grads(backend):
     T, H, V = 9, 16, 259
     for reduction, expected in (("mean", math.nan), ("sum", 0.0)):
         hidden, weight, _ = make_inputs(T, H, V, torch.float32)
         labels = torch.full((T,), -100)
-        loss, grad_h, grad_w = fused(hidden, weight, labels, reduction, CHUNK_MULTIPLE)
+        loss, grad_h, grad_w = fused(hidden, weight, labels, reduction, CHUNK_MULTIPLE, backend)
         torch_loss = F.cross_entropy(hidden.detach() @ weight.detach().t(), labels, reduction=reduction)
         assert math.isnan(loss.item()) == math.isnan(torch_loss.item()) == math.isnan(expected)
         assert reduction == "mean" or loss.item() == 0.0
         assert grad_h.abs().max() == 0 and grad_w.abs().max() == 0
 
 
-def test_tied_weight_grad_accumulates_with_embedding_and_previous_grad():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_tied_weight_grad_accumulates_with_embedding_and_previous_grad(backend):
     T, H, V = 33, 16, 301
     weight = (torch.randn(V, H) * 0.3).requires_grad_()
     ids, labels = torch.randint(0, V, (T,)), torch.randint(0, V, (T,))
     weight.grad = torch.randn(V, H)  # an earlier micro-batch's gradient
     previous = weight.grad.clone()
-    with kernels.backend("triton"):
+    with kernels.backend(backend):
         hidden = torch.tanh(F.embedding(ids, weight))
         (2.0 * linear_cross_entropy(hidden, weight, labels)).backward()
     w = weight.detach().double().requires_grad_()
