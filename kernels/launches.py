@@ -269,10 +269,10 @@ def _loss(m: Model, dtype) -> list[Launch]:
     shape = f"{_tag(dtype)} T={T} V={V}"
 
     def run():
-        linear_cross_entropy.LinearCrossEntropyFunction.apply(h, w, labels, -100, "mean",
-                                                              linear_cross_entropy.LOGITS_BUDGET_BYTES)
-        linear_cross_entropy.LinearCrossEntropyFunction.apply(h.detach(), w.detach(), labels, -100, "mean",
-                                                              linear_cross_entropy.LOGITS_BUDGET_BYTES)
+        budget, rows = linear_cross_entropy.LOGITS_BUDGET_BYTES, linear_cross_entropy._ce_rows
+        linear_cross_entropy.LinearCrossEntropyFunction.apply(h, w, labels, -100, "mean", budget, rows)
+        linear_cross_entropy.LinearCrossEntropyFunction.apply(h.detach(), w.detach(), labels, -100, "mean", budget,
+                                                              rows)
 
     def ce_rows(launch):  # one chunk; training reads it twice (lse, then softmax) and writes dlogits
         rows, train = launch.grid[0], launch.constexprs["WRITE_GRAD"]
