@@ -190,6 +190,13 @@ def default_format(tokenizer, chat: bool | None = None) -> str:
     return "chat" if chat and tokenizer.chat_template else "plain"
 
 
+def model_format(model_name_or_path, tokenizer) -> str:
+    """default_format with the registry's chat flag for a registry name (a folder: guessed)."""
+    from models.registry import REGISTRY
+    spec = REGISTRY.get(str(model_name_or_path))
+    return default_format(tokenizer, spec.chat if spec else None)
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled_template(template: str):
     # The same environment as transformers.utils.chat_template_utils._compile_jinja_template.

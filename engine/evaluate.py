@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from engine.data import Poem, default_format, encode_examples, load_poems, prompt_text, stop_token_ids
+from engine.data import Poem, default_format, encode_examples, load_poems, model_format, prompt_text, stop_token_ids
 from engine.generate import greedy_generate
 
 CATEGORIES = ("correct", "minor", "severe", "memory_loss")
@@ -179,13 +179,11 @@ def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: i
     """`cli.py eval`: load the model and tokenizer, select the poems, recite, score, write
     `generations.jsonl` and `results.json` under out_dir (if given) -> the results dict."""
     from models import load_model, load_tokenizer
-    from models.registry import REGISTRY
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_name_or_path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(model_name_or_path)
-    spec = REGISTRY.get(str(model_name_or_path))
-    fmt = fmt or default_format(tokenizer, spec.chat if spec else None)
+    fmt = fmt or model_format(model_name_or_path, tokenizer)
     poems = load_poems(lang, length, n_poems, seed, source)
     summary, records = evaluate(model, tokenizer, poems, lang, fmt, margin, kv_budget_bytes=kv_budget_bytes,
                                 cuda_graphs=cuda_graphs)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine.data import default_format, encode_examples, load_poems
+from engine.data import encode_examples, load_poems, model_format
 from engine.report import epoch_curve, pyplot, read_jsonl
 from models import REGISTRY, PAPER_MODELS, ModelConfig, read_tokenizer_dir
 from models.registry import TINY_TOKENIZER, cached_snapshot
@@ -190,8 +190,7 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
         config = model_config(name)
         params = count_parameters(config)
         tokenizer, tok_note = model_tokenizer(name)
-        spec = REGISTRY.get(name)
-        fmt = default_format(tokenizer, spec.chat if spec else None)
+        fmt = model_format(name, tokenizer)
         key = (str(tokenizer.source_dir), fmt)
         if key not in encoded:
             encoded[key] = encode_examples(poems, tokenizer, lang, fmt)

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.data import default_format, encode_examples, load_poems
+from engine.data import encode_examples, load_poems, model_format
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
-from models import REGISTRY, load_model, load_tokenizer
+from models import load_model, load_tokenizer
 
 TINY_DEFAULTS = {"poems": 32, "lr": 3e-3, "batch_tokens": 256}
 
@@ -231,8 +231,7 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
 
     tokenizer = load_tokenizer(c.model)
     model = load_model(c.model, device=device, seed=c.seed)
-    spec = REGISTRY.get(c.model)
-    fmt = c.format or default_format(tokenizer, spec.chat if spec else None)
+    fmt = c.format or model_format(c.model, tokenizer)
     poems = load_poems(c.lang, c.length, c.poems, c.seed, c.source)
     examples = encode_examples(poems, tokenizer, c.lang, fmt, max_tokens=c.micro_batch_tokens)
     opt = AdamW(parameter_groups(model, c.weight_decay), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)

@@ -163,39 +163,30 @@ def test_config_aliases_and_defaults():
     assert q.num_kv_heads == 4 and q.rope_theta == 1e6 and q.head_dim == 16 and not q.tie_word_embeddings
 
 
-def test_missing_tensor_is_named(tmp_path):
+def _drop(name):
+    return lambda state: state.pop(name)
+
+
+def _add(name):
+    return lambda state: state.__setitem__(name, torch.zeros(2))
+
+
+def _truncate(name):
+    return lambda state: state.__setitem__(name, state[name][:-1].clone())
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_drop("model.layers.1.mlp.up_proj.weight"), "missing tensor.*model.layers.1.mlp.up_proj.weight"),
+    (_add("model.layers.0.extra.weight"), "unexpected tensor 'model.layers.0.extra.weight'"),
+    (_truncate("lm_head.weight"), r"'lm_head.weight' has shape \(319, 64\), config.json implies \(320, 64\)"),
+    (_drop("lm_head.weight"), "missing tensor.*lm_head.weight"),      # untied head absent
+], ids=["missing", "unexpected", "shape", "untied-head"])
+def test_bad_tensors_are_named(tmp_path, damage, message):
     write_checkpoint(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
-    del state["model.layers.1.mlp.up_proj.weight"]
+    damage(state)
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="missing tensor.*model.layers.1.mlp.up_proj.weight"):
-        load_model(tmp_path)
-
-
-def test_unexpected_tensor_is_named(tmp_path):
-    write_checkpoint(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    state["model.layers.0.extra.weight"] = torch.zeros(2)
-    save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.extra.weight'"):
-        load_model(tmp_path)
-
-
-def test_shape_mismatch_is_named(tmp_path):
-    write_checkpoint(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    state["lm_head.weight"] = state["lm_head.weight"][:-1].clone()
-    save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"'lm_head.weight' has shape \(319, 64\), config.json implies \(320, 64\)"):
-        load_model(tmp_path)
-
-
-def test_missing_untied_head(tmp_path):
-    write_checkpoint(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    del state["lm_head.weight"]
-    save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="missing tensor.*lm_head.weight"):
+    with pytest.raises(CheckpointError, match=message):
         load_model(tmp_path)
 
 
