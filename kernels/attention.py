@@ -47,6 +47,14 @@ LOG2E = 1.4426950408889634
 PASSES = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 
 
+def cu_seqlens(lengths, device=None) -> torch.Tensor:
+    """[B+1] int32 sequence boundaries of a packed stream of sequences of these lengths: the
+    one place the packed layout's `cu_seqlens` is built from lengths."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.as_tensor(lengths, dtype=torch.int64).cumsum(0)
+    return cu.to(device) if device is not None else cu
+
+
 # ---------------------------------------------------------------------------------------------
 # Torch reference
 # ---------------------------------------------------------------------------------------------
