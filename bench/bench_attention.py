@@ -16,57 +16,53 @@ FLOPs count only the causal triangle actually needed: forward 4 * D * Hq * sum_b
 (QK^T and PV), backward 2.5x that (five matmuls instead of two). Backward time = time(forward +
 backward) - time(forward). Every implementation is checked against ours before it is timed.
 
-Decode attention: bf16 caches [slots, Hkv, 512, D], batch 64-512, cache lengths 100-400, one query
+Decode attention: bf16 caches [slots, Hkv, 512, D], batch 64-512, cache lengths 20-80% of 512, one query
 per sequence; achieved GB/s = bytes of K and V rows read (+ q and out) / time, for our kernel
 with the automatic split rule and with split-K off, and for the torch reference.
 
-Writes attention_<device>.json and attention_<device>.md under --out. About a minute on an H100.
+Writes attention-<device>.json and .md under --out (bench/common.py: arguments, timing, output).
+About a minute on an H100; --dry-run: a smoke test on the CPU under the Triton interpreter.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import re
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import triton_attention
-from kernels.decode_attention import decode_attention, decode_attention_reference, decode_num_splits
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MODELS = {  # name: (Hq, Hkv, head_dim, alibi)
-    "qwen2-0.5b": (14, 2, 64, False),
-    "qwen2-1.5b": (12, 2, 128, False),
-    "qwen1.5-0.5b": (16, 16, 64, False),
-    "bloom-560m": (16, 16, 64, True),
-}
+from bench import common  # noqa: E402  (first: it sets the interpreter up for --dry-run)
+from kernels.attention import cu_seqlens, triton_attention  # noqa: E402
+from kernels.decode_attention import decode_attention, decode_attention_reference, decode_num_splits  # noqa: E402
+from kernels.dispatch import backend  # noqa: E402
+from models import REGISTRY, ModelConfig  # noqa: E402
+from models.bloom import alibi_slopes  # noqa: E402
+
+MODELS = ("qwen2-0.5b", "qwen2-1.5b", "qwen1.5-0.5b", "bloom-560m")   # 14/2 d64, 12/2 d128, 16/16 d64, ALiBi
 TOKEN_BUDGETS = (16384, 65536)
 DECODE_BATCHES = (64, 128, 256, 512)
 DECODE_S_MAX = 512
+# --dry-run: the tiny presets (GQA; ALiBi), a few sequences, under the interpreter
+DRY = {"models": ("tiny-qwen2", "tiny-bloom"), "budgets": (48,), "batches": (3,), "s_max": 128}
 
 
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """BLOOM's slopes (n_heads a power of two here)."""
-    base = 2.0 ** (-8.0 / n_heads)
-    return torch.tensor([base ** (h + 1) for h in range(n_heads)], dtype=torch.float32)
+def heads(model: str) -> tuple[int, int, int, bool]:
+    """(query heads, KV heads, head_dim, ALiBi) from the registry's config."""
+    c = ModelConfig.from_dict(REGISTRY[model].config, model)
+    return c.num_heads, c.num_kv_heads, c.head_dim, c.model_type == "bloom"
 
 
 def poem_lengths(budget: int, generator) -> list[int]:
-    lengths = []
+    """Poem-like lengths of 100-250 tokens (shorter for a tiny budget) filling `budget` tokens."""
+    hi = min(250, budget // 2)
+    lo, lengths = min(100, hi // 2), []
     while sum(lengths) < budget:
-        lengths.append(int(torch.randint(100, 251, (1,), generator=generator)))
+        lengths.append(int(torch.randint(lo, hi + 1, (1,), generator=generator)))
     lengths[-1] -= sum(lengths) - budget
     return [n for n in lengths if n > 0]
-
-
-def bench_ms(fn) -> float:
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +106,7 @@ def sdpa_padded(q, k, v, lengths, l_max, slopes):
     return run, (qp, kp, vp), lambda out: unpad(out, lengths)
 
 
-def time_fwd_bwd(run, inputs, dout):
+def time_fwd_bwd(timer, run, inputs, dout):
     """-> (forward ms, backward ms) of `run()` whose output gets the gradient `dout`."""
     def fwd():
         with torch.no_grad():
@@ -120,45 +116,51 @@ def time_fwd_bwd(run, inputs, dout):
         for t in inputs:
             t.grad = None
         run().backward(dout)
-    forward = bench_ms(fwd)
-    return forward, max(bench_ms(fwd_bwd) - forward, 1e-6)
+    forward = timer.median_ms(fwd)
+    return {"fwd_ms": forward, "bwd_ms": max(timer.median_ms(fwd_bwd) - forward, 1e-6)}
 
 
-def bench_training(model, budget, generator):
-    n_heads, n_kv, head_dim, alibi = MODELS[model]
+def bench_training(model, budget, generator, timer, strict):
+    n_heads, n_kv, head_dim, alibi = heads(model)
+    device, dtype = timer.device, dtype_on(timer.device)
     lengths = poem_lengths(budget, generator)
     n_tokens, l_max = sum(lengths), max(lengths)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
-    slopes = alibi_slopes(n_heads).cuda() if alibi else None
-    q, k, v = (torch.randn(n_tokens, h, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    cu = cu_seqlens(lengths, device)
+    slopes = alibi_slopes(n_heads).to(device) if alibi else None
+    q, k, v = (torch.randn(n_tokens, h, head_dim, device=device, dtype=dtype).requires_grad_()
                for h in (n_heads, n_kv, n_kv))
     dout = torch.randn_like(q)
     flops_fwd = 4 * head_dim * n_heads * sum(n * (n + 1) // 2 for n in lengths)
     rows = []
 
-    def record(impl, fwd_ms, bwd_ms, err):
-        rows.append({"kind": "train", "model": model, "tokens": n_tokens, "sequences": len(lengths),
-                     "max_seqlen": l_max, "impl": impl, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
-                     "fwd_tflops": flops_fwd / fwd_ms * 1e-9, "bwd_tflops": 2.5 * flops_fwd / bwd_ms * 1e-9,
-                     "rel_err_vs_ours": err})
+    def record(impl, measure):
+        row = {"kind": "train", "model": model, "tokens": n_tokens, "sequences": len(lengths), "max_seqlen": l_max,
+               "impl": impl, **common.guarded(measure, strict)}
+        if "fwd_ms" in row:
+            row.update(fwd_tflops=flops_fwd / row["fwd_ms"] * 1e-9, bwd_tflops=2.5 * flops_fwd / row["bwd_ms"] * 1e-9)
+        rows.append(row)
 
     def ours():
         return triton_attention(q, k, v, cu, l_max, slopes)
     reference = ours().detach()
-    record("ours (triton)", *time_fwd_bwd(ours, (q, k, v), dout), 0.0)
+    record("ours (triton)", lambda: {**time_fwd_bwd(timer, ours, (q, k, v), dout), "rel_err_vs_ours": 0.0})
 
     try:
         from flash_attn import flash_attn_varlen_func
-    except ImportError:
+    except (ImportError, OSError):
         flash_attn_varlen_func = None
-    if flash_attn_varlen_func is not None:
+    if flash_attn_varlen_func is not None and device.type == "cuda":
         def flash():
-            return flash_attn_varlen_func(q, k, v, cu, cu, l_max, l_max, causal=True, alibi_slopes=slopes)
-        record("flash-attn", *time_fwd_bwd(flash, (q, k, v), dout), rel_err(flash(), reference))
+            kwargs = {"alibi_slopes": slopes} if slopes is not None else {}
+            return flash_attn_varlen_func(q, k, v, cu, cu, l_max, l_max, causal=True, **kwargs)
+        record("flash-attn", lambda: {**time_fwd_bwd(timer, flash, (q, k, v), dout),
+                                      "rel_err_vs_ours": common.rel_err(flash(), reference)})
 
-    run, inputs, to_packed = sdpa_padded(q, k, v, lengths, l_max, slopes)
-    dout_padded = pad(dout, lengths, l_max)
-    record("sdpa (padded)", *time_fwd_bwd(run, inputs, dout_padded), rel_err(to_packed(run()), reference))
+    def sdpa():
+        run, inputs, to_packed = sdpa_padded(q, k, v, lengths, l_max, slopes)
+        return {**time_fwd_bwd(timer, run, inputs, pad(dout, lengths, l_max)),
+                "rel_err_vs_ours": common.rel_err(to_packed(run()), reference)}
+    record("sdpa (padded)", sdpa)
     return rows
 
 
@@ -166,29 +168,31 @@ def bench_training(model, budget, generator):
 # Decode attention
 # ---------------------------------------------------------------------------------------------
 
-def bench_decode(model, batch, generator):
-    n_heads, n_kv, head_dim, alibi = MODELS[model]
-    lengths = torch.randint(100, 401, (batch,), generator=generator, dtype=torch.int32).cuda()
-    cache_shape = (batch, n_kv, DECODE_S_MAX, head_dim)
-    k_cache = torch.randn(cache_shape, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn(cache_shape, device="cuda", dtype=torch.bfloat16)
-    slot_ids = torch.randperm(batch, generator=generator).cuda()
-    q = torch.randn(batch, n_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    slopes = alibi_slopes(n_heads).cuda() if alibi else None
+def bench_decode(model, batch, s_max, generator, timer, strict):
+    n_heads, n_kv, head_dim, alibi = heads(model)
+    device, dtype = timer.device, dtype_on(timer.device)
+    lengths = torch.randint(s_max // 5, 4 * s_max // 5, (batch,), generator=generator, dtype=torch.int32).to(device)
+    cache_shape = (batch, n_kv, s_max, head_dim)
+    k_cache = torch.randn(cache_shape, device=device, dtype=dtype)
+    v_cache = torch.randn(cache_shape, device=device, dtype=dtype)
+    slot_ids = torch.randperm(batch, generator=generator).to(device)
+    q = torch.randn(batch, n_heads, head_dim, device=device, dtype=dtype)
+    slopes = alibi_slopes(n_heads).to(device) if alibi else None
     nbytes = (2 * int(lengths.sum()) * n_kv * head_dim + 2 * q.numel()) * q.element_size()
     reference = decode_attention_reference(q, k_cache, v_cache, lengths, slot_ids, slopes)
-    auto_splits = decode_num_splits(batch, n_kv, DECODE_S_MAX, 64, q.device)
+    auto_splits = decode_num_splits(batch, n_kv, s_max, 64, q.device)
     impls = {f"ours (splits={auto_splits})": lambda: decode_attention(q, k_cache, v_cache, lengths, slot_ids, slopes),
              "ours (splits=1)": lambda: decode_attention(q, k_cache, v_cache, lengths, slot_ids, slopes, num_splits=1),
              "torch reference": lambda: decode_attention_reference(q, k_cache, v_cache, lengths, slot_ids, slopes)}
+    if auto_splits == 1:
+        del impls["ours (splits=1)"]
     rows = []
     for impl, fn in impls.items():
-        if impl == "ours (splits=1)" and auto_splits == 1:
-            continue
-        err = rel_err(fn(), reference)
-        ms = bench_ms(fn)
-        rows.append({"kind": "decode", "model": model, "batch": batch, "impl": impl, "ms": ms,
-                     "gb_per_s": nbytes / ms * 1e-6, "rel_err_vs_reference": err})
+        def measure(fn=fn):
+            ms = timer.median_ms(fn)
+            return {"ms": ms, "gb_per_s": nbytes / ms * 1e-6, "rel_err_vs_reference": common.rel_err(fn(), reference)}
+        rows.append({"kind": "decode", "model": model, "batch": batch, "s_max": s_max, "impl": impl,
+                     **common.guarded(measure, strict)})
     return rows
 
 
@@ -196,49 +200,54 @@ def bench_decode(model, batch, generator):
 # Report
 # ---------------------------------------------------------------------------------------------
 
-def markdown(device: str, rows) -> str:
-    lines = [f"# Attention on {device}", "",
-             "bf16; TFLOP/s over the causal FLOPs actually needed (backward counted as 2.5x forward).", "",
-             "| model | tokens | seqs | impl | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | rel err |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if r["kind"] == "train":
-            lines.append(f"| {r['model']} | {r['tokens']} | {r['sequences']} | {r['impl']} | {r['fwd_ms']:.3f} | "
-                         f"{r['fwd_tflops']:.1f} | {r['bwd_ms']:.3f} | {r['bwd_tflops']:.1f} | "
-                         f"{r['rel_err_vs_ours']:.1e} |")
-    lines += ["", "Decode (one query per sequence, cache lengths 100-400, S_max 512):", "",
-              "| model | batch | impl | ms | GB/s | rel err |", "|---|---:|---|---:|---:|---:|"]
-    for r in rows:
-        if r["kind"] == "decode":
-            lines.append(f"| {r['model']} | {r['batch']} | {r['impl']} | {r['ms']:.4f} | {r['gb_per_s']:.0f} | "
-                         f"{r['rel_err_vs_reference']:.1e} |")
+def dtype_on(device) -> torch.dtype:
+    """bf16 on the GPU; fp32 under the CPU dry run (torch's CPU SDPA and the interpreter)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cells(row: dict, keys: list[str], fmt: str) -> list[str]:
+    return [format(row[k], fmt) if k in row else row.get("status", "") for k in keys]
+
+
+def markdown(device, rows) -> str:
+    train = [[r["model"], r["tokens"], r["sequences"], r["impl"],
+              *cells(r, ["fwd_ms", "fwd_tflops", "bwd_ms", "bwd_tflops"], ".3f"), *cells(r, ["rel_err_vs_ours"], ".1e")]
+             for r in rows if r["kind"] == "train"]
+    decode = [[r["model"], r["batch"], r["impl"], *cells(r, ["ms", "gb_per_s"], ".4f"),
+               *cells(r, ["rel_err_vs_reference"], ".1e")] for r in rows if r["kind"] == "decode"]
+    hw = common.hardware(device)
+    peak = f"; datasheet bf16 peak {hw.peak_bf16_flops / 1e12:.0f} TFLOP/s" if hw else ""
+    lines = [f"# Attention on {common.device_name(device)}", "",
+             f"TFLOP/s over the causal FLOPs actually needed (backward counted as 2.5x forward){peak}.", "",
+             *common.table(["model", "tokens", "seqs", "impl", "fwd ms", "fwd TFLOP/s", "bwd ms", "bwd TFLOP/s",
+                            "rel err"], train, "lrrlrrrrr"),
+             "", "Decode (one query per sequence, cache lengths 20-80% of S_max):", "",
+             *common.table(["model", "batch", "impl", "ms", "GB/s", "rel err"], decode, "lrlrrr")]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser = common.parser(__doc__)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_attention needs a CUDA GPU (the Triton kernels are timed, not interpreted)")
-    device = torch.cuda.get_device_name()
+    device = common.pick_device(args, parser, needs_cuda=True)
+    timer = common.Timer.for_args(device, args, warmup=10, reps=30)
+    models, budgets, batches, s_max = ((DRY["models"], DRY["budgets"], DRY["batches"], DRY["s_max"]) if args.dry_run
+                                       else (MODELS, TOKEN_BUDGETS, DECODE_BATCHES, DECODE_S_MAX))
     generator = torch.Generator().manual_seed(0)
     rows = []
-    for model in MODELS:
-        for budget in TOKEN_BUDGETS:
-            rows += bench_training(model, budget, generator)
-            print(json.dumps(rows[-1]), flush=True)
-    for model in MODELS:
-        for batch in DECODE_BATCHES:
-            rows += bench_decode(model, batch, generator)
-            print(json.dumps(rows[-1]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "attention_" + re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
-    meta = {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "peak_bf16_tflops_datasheet": 989}
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(device, rows))
+    with backend("triton"):                      # ours is the Triton kernel (interpreted under --dry-run)
+        for model in models:
+            for budget in budgets:
+                rows += bench_training(model, budget, generator, timer, args.dry_run)
+                print(json.dumps(rows[-1]), flush=True)
+        for model in models:
+            for batch in batches:
+                rows += bench_decode(model, batch, s_max, generator, timer, args.dry_run)
+                print(json.dumps(rows[-1]), flush=True)
+    path = common.write_results(args.out, common.stem("attention", device), {"meta": common.meta(device), "rows": rows},
+                                markdown(device, rows))
     print(markdown(device, rows))
+    print(f"wrote {path}.json/.md")
 
 
 if __name__ == "__main__":

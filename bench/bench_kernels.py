@@ -7,17 +7,15 @@ For each op at real shapes (bf16, T tokens in {8K, 64K}; hidden 896/1024/1536/20
 head layouts 14/2x64, 16/16x64, 12/2x128, intermediate 4864/8960/2816, BLOOM's 4H), each
 implementation is timed in three modes: forward (with autograd recording, as in training),
 backward (torch.autograd.grad through a kept graph) and full (both): median ms by
-triton.testing.do_bench, GB/s over the minimum bf16 traffic, and peak memory allocated above
-the inputs. Implementations: ours (Triton), torch eager (the module's reference), torch.compile
+CUDA events (bench/common.py), GB/s over the minimum bf16 traffic, and peak memory allocated
+above the inputs. Implementations: ours (Triton), torch eager (the module's reference), torch.compile
 of that reference (dynamic shapes, one compile per op) and Liger-Kernel's ops when importable
 (no plain GELU there). A correctness check of ours against the reference in fp32 runs first.
-Writes kernels_<gpu>.json and .md under --out. About 1-2 minutes on an H100.
+Writes kernels-<gpu>.json and .md under --out. About 1-2 minutes on an H100; --dry-run: the tiny
+presets' shapes on the CPU under the Triton interpreter, torch.compile left out.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -25,69 +23,86 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import common  # noqa: E402  (first: it sets the interpreter up for --dry-run)
+from kernels.dispatch import backend  # noqa: E402
 from kernels.gelu import gelu, gelu_reference  # noqa: E402
 from kernels.layer_norm import layer_norm, layer_norm_reference  # noqa: E402
 from kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from kernels.rope import rope, rope_cos_sin, rope_reference  # noqa: E402
 from kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
+from models import REGISTRY, ModelConfig  # noqa: E402
 
 TOKENS = (8192, 65536)
-HIDDEN = (896, 1024, 1536, 2048)
-ROPE_HEADS = {"qwen2-0.5b": (14, 2, 64), "qwen1.5-0.5b": (16, 16, 64), "qwen2-1.5b": (12, 2, 128)}
-INTERMEDIATE = (4864, 8960, 2816)
-BLOOM_MLP = (4096, 6144, 8192)
+QWEN = ("qwen2-0.5b", "qwen1.5-0.5b", "qwen2-1.5b")    # hidden 896/1024/1536, heads 14/2x64, 16/16x64, 12/2x128
+BLOOM = ("bloom-560m", "bloom-1b7")                   # hidden 1024/2048, MLP 4H
+DRY = {"tokens": (8,), "qwen": ("tiny-qwen2",), "bloom": ("tiny-bloom",)}
 MODES = ("forward", "backward", "full")
 EPS, THETA, SEQ_LEN = 1e-6, 1e6, 512  # rope positions restart every SEQ_LEN tokens (packed batch)
-MiB = 1 << 20
 
 
 @dataclass
 class Case:
-    """One op at one shape: `make(dtype)` builds fresh CUDA inputs (the float ones require grad);
+    """One op at one shape: `make(dtype, device)` builds fresh inputs (the float ones require grad);
     traffic: tensor elements the forward and the backward must at least read plus write."""
     op: str
     shape: str
-    make: Callable[[torch.dtype], tuple]
+    make: Callable[[torch.dtype, torch.device], tuple]
     traffic: tuple[int, int]
 
 
-def _randn(*shape, dtype, grad=True, scale=1.0):
-    return (scale * torch.randn(*shape, device="cuda")).to(dtype).requires_grad_(grad)
+def _randn(*shape, dtype, device, grad=True, scale=1.0):
+    return (scale * torch.randn(*shape, device=device)).to(dtype).requires_grad_(grad)
 
 
-def _positions(t):
-    return torch.arange(t, device="cuda") % SEQ_LEN
+def _positions(t, device):
+    return torch.arange(t, device=device) % SEQ_LEN
 
 
-def cases(quick: bool) -> list[Case]:
-    tokens = TOKENS[:1] if quick else TOKENS
+def shapes(qwen: tuple[str, ...], bloom: tuple[str, ...]) -> dict[str, list]:
+    """The registry's per-layer shapes: hidden sizes, Qwen2 head layouts and MLP widths, BLOOM's 4H."""
+    q = [ModelConfig.from_dict(REGISTRY[n].config, n) for n in qwen]
+    b = [ModelConfig.from_dict(REGISTRY[n].config, n) for n in bloom]
+    unique = lambda xs: list(dict.fromkeys(xs))  # noqa: E731
+    return {"hidden": unique(c.hidden_size for c in q + b),
+            "rope": unique((n, c.num_heads, c.num_kv_heads, c.head_dim) for n, c in zip(qwen, q)),
+            "intermediate": unique(c.intermediate_size for c in q),
+            "bloom_mlp": unique(4 * c.hidden_size for c in b)}
+
+
+def cases(quick: bool, dry_run: bool) -> list[Case]:
+    tokens, qwen, bloom = (DRY["tokens"], DRY["qwen"], DRY["bloom"]) if dry_run else (TOKENS, QWEN, BLOOM)
+    first = (lambda xs: xs[:1]) if quick else (lambda xs: xs)  # noqa: E731
+    tokens, sizes = first(tokens), {k: first(v) for k, v in shapes(qwen, bloom).items()}
     out = []
     for t in tokens:
-        for h in HIDDEN[:1] if quick else HIDDEN:
-            norm_in = lambda dt, t=t, h=h: (_randn(t, h, dtype=dt), _randn(h, dtype=dt))  # noqa: E731
+        for h in sizes["hidden"]:
+            norm_in = lambda dt, dev, t=t, h=h: (_randn(t, h, dtype=dt, device=dev), _randn(h, dtype=dt, device=dev))  # noqa: E731
             out.append(Case("rms_norm", f"T={t} H={h}", norm_in, (2 * t * h, 3 * t * h)))
             out.append(Case("rms_norm_residual", f"T={t} H={h}",
-                            lambda dt, t=t, h=h: (_randn(t, h, dtype=dt), _randn(t, h, dtype=dt), _randn(h, dtype=dt)),
+                            lambda dt, dev, t=t, h=h: (_randn(t, h, dtype=dt, device=dev), _randn(t, h, dtype=dt, device=dev),
+                                                       _randn(h, dtype=dt, device=dev)),
                             (4 * t * h, 4 * t * h)))
             out.append(Case("layer_norm", f"T={t} H={h}",
-                            lambda dt, t=t, h=h: (*norm_in(dt, t, h), _randn(h, dtype=dt, scale=0.1)),
+                            lambda dt, dev, t=t, h=h: (*norm_in(dt, dev, t, h), _randn(h, dtype=dt, device=dev, scale=0.1)),
                             (2 * t * h, 3 * t * h)))
-        for model, (hq, hkv, d) in list(ROPE_HEADS.items())[:1] if quick else ROPE_HEADS.items():
-            def rope_in(dt, t=t, hq=hq, hkv=hkv, d=d):
-                cos, sin = rope_cos_sin(_positions(t), d, THETA)  # for Liger, made once per step as in HF
-                return _randn(t, hq, d, dtype=dt), _randn(t, hkv, d, dtype=dt), _positions(t), cos[None], sin[None]
+        for model, hq, hkv, d in sizes["rope"]:
+            def rope_in(dt, dev, t=t, hq=hq, hkv=hkv, d=d):
+                cos, sin = rope_cos_sin(_positions(t, dev), d, THETA)  # for Liger, made once per step as in HF
+                return (_randn(t, hq, d, dtype=dt, device=dev), _randn(t, hkv, d, dtype=dt, device=dev),
+                        _positions(t, dev), cos[None], sin[None])
             n = 2 * t * (hq + hkv) * d
             out.append(Case("rope", f"T={t} {model} {hq}/{hkv}x{d}", rope_in, (n, n)))
-        for i in INTERMEDIATE[:1] if quick else INTERMEDIATE:
+        for i in sizes["intermediate"]:
             out.append(Case("swiglu", f"T={t} I={i}",
-                            lambda dt, t=t, i=i: (_randn(t, i, dtype=dt, scale=2.0), _randn(t, i, dtype=dt)),
+                            lambda dt, dev, t=t, i=i: (_randn(t, i, dtype=dt, device=dev, scale=2.0),
+                                                       _randn(t, i, dtype=dt, device=dev)),
                             (3 * t * i, 5 * t * i)))
-        for i in BLOOM_MLP[:1] if quick else BLOOM_MLP:
-            out.append(Case("gelu", f"T={t} 4H={i}", lambda dt, t=t, i=i: (_randn(t, i, dtype=dt, scale=2.0),),
+        for i in sizes["bloom_mlp"]:
+            out.append(Case("gelu", f"T={t} 4H={i}",
+                            lambda dt, dev, t=t, i=i: (_randn(t, i, dtype=dt, device=dev, scale=2.0),),
                             (2 * t * i, 3 * t * i)))
     return out
 
@@ -131,8 +146,9 @@ def _liger_ops() -> dict[str, Callable]:
     return ops
 
 
-def implementations() -> dict[str, dict[str, Callable]]:
-    """op -> implementation name -> callable on a Case's inputs."""
+def implementations(compile_peers: bool = True) -> dict[str, dict[str, Callable]]:
+    """op -> implementation name -> callable on a Case's inputs. `compile_peers=False` leaves
+    torch.compile out (--dry-run: compiling on the CPU takes minutes and measures nothing)."""
     ours = {
         "rms_norm": lambda x, w: rms_norm(x, w, EPS),
         "rms_norm_residual": lambda x, r, w: rms_norm(x, w, EPS, residual=r),
@@ -144,7 +160,9 @@ def implementations() -> dict[str, dict[str, Callable]]:
     eager, liger = _eager_ops(), _liger_ops()
     impls = {}
     for op in ours:
-        impls[op] = {"ours": ours[op], "torch_eager": eager[op], "torch_compile": torch.compile(eager[op], dynamic=True)}
+        impls[op] = {"ours": ours[op], "torch_eager": eager[op]}
+        if compile_peers:
+            impls[op]["torch_compile"] = torch.compile(eager[op], dynamic=True)
         if op in liger:
             impls[op]["liger"] = liger[op]
     return impls
@@ -169,29 +187,19 @@ def mode_fn(impl, inputs, mode: str) -> Callable[[], object]:
     return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
 
 
-def measure(impl, case: Case, mode: str) -> dict:
+def measure(impl, case: Case, mode: str, timer: common.Timer) -> dict:
     """Median ms, GB/s over the minimum traffic and peak MiB allocated above the inputs."""
-    try:
-        inputs = case.make(torch.bfloat16)
-        fn = mode_fn(impl, inputs, mode)
-        fn()  # compile / autotune outside the memory window
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    inputs = case.make(torch.bfloat16, timer.device)
+    fn = mode_fn(impl, inputs, mode)
+    fn()  # compile / autotune outside the memory window
+    with common.PeakMemory(timer.device) as mem:
         fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / MiB
-        ms = triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"status": "OOM"}
-    except Exception as e:  # a peer's failure (e.g. another Liger version) must not lose the whole run
-        return {"status": f"error: {type(e).__name__}: {e}"[:200]}
+    ms = timer.median_ms(fn)
     elems = {"forward": case.traffic[0], "backward": case.traffic[1], "full": sum(case.traffic)}[mode]
-    return {"ms": round(ms, 4), "GBps": round(2 * elems / ms / 1e6, 1), "peak_mib": round(peak, 1)}
+    return {"ms": round(ms, 4), "GBps": round(2 * elems / ms / 1e6, 1), "peak_mib": round(mem.bytes / common.MiB, 1)}
 
 
-def check_correctness(impls, all_cases: list[Case]) -> dict:
+def check_correctness(impls, all_cases: list[Case], device) -> dict:
     """Largest relative error of ours vs the eager reference (fp32, first shape of each op) over
     every output and input gradient."""
     errors = {}
@@ -199,65 +207,58 @@ def check_correctness(impls, all_cases: list[Case]) -> dict:
         if case.op in errors:
             continue
         torch.manual_seed(0)
-        inputs = case.make(torch.float32)
+        inputs = case.make(torch.float32, device)
         results = []
         for name in ("ours", "torch_eager"):
             outs = _outputs(impls[case.op][name](*inputs))
             leaves = [x for x in inputs if x.requires_grad]
             grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
-            results.append([o.float() for o in outs] + [g.float() for g in grads])
-        errors[case.op] = max(((a - b).norm() / b.norm()).item() for a, b in zip(*results))
+            results.append([*outs, *grads])
+        errors[case.op] = max(common.rel_err(a, b) for a, b in zip(*results))
     return errors
 
 
-def run(quick: bool) -> tuple[dict, list[dict]]:
-    impls, all_cases = implementations(), cases(quick)
-    check = check_correctness(impls, all_cases)
+def run(quick: bool, timer: common.Timer, dry_run: bool) -> tuple[dict, list[dict]]:
+    impls, all_cases = implementations(compile_peers=not dry_run), cases(quick, dry_run)
+    check = check_correctness(impls, all_cases, timer.device)
     print("correctness (max relative error vs fp32 reference):", check, flush=True)
     rows = []
     for case in all_cases:
         for name, impl in impls[case.op].items():
             for mode in MODES:
-                row = {"op": case.op, "shape": case.shape, "impl": name, "mode": mode, **measure(impl, case, mode)}
+                row = {"op": case.op, "shape": case.shape, "impl": name, "mode": mode,
+                       **common.guarded(lambda: measure(impl, case, mode, timer), strict=dry_run)}
                 rows.append(row)
                 print(row, flush=True)
     return check, rows
 
 
-def markdown(device: str, check: dict, rows: list[dict]) -> str:
-    lines = [f"# Row and elementwise kernels on {device}", "",
-             f"bf16. Correctness (max relative error of ours vs the fp32 reference): {check}", "",
-             "ms = do_bench median; GB/s over the minimum traffic; peak = MiB allocated above the inputs.", "",
-             "| op | shape | impl | fwd ms | bwd ms | full ms | full GB/s | full peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+def markdown(device, check: dict, rows: list[dict]) -> str:
     by_key: dict[tuple, dict] = {}
     for r in rows:
         by_key.setdefault((r["op"], r["shape"], r["impl"]), {})[r["mode"]] = r
-    for (op, shape, impl), m in by_key.items():
-        cell = lambda mode, key: m.get(mode, {}).get(key, m.get(mode, {}).get("status", "").split(":")[0])  # noqa: E731
-        lines.append(f"| {op} | {shape} | {impl} | {cell('forward', 'ms')} | {cell('backward', 'ms')} | "
-                     f"{cell('full', 'ms')} | {cell('full', 'GBps')} | {cell('full', 'peak_mib')} |")
+    cell = lambda m, mode, key: m.get(mode, {}).get(key, m.get(mode, {}).get("status", "").split(":")[0])  # noqa: E731
+    body = [[op, shape, impl, cell(m, "forward", "ms"), cell(m, "backward", "ms"), cell(m, "full", "ms"),
+             cell(m, "full", "GBps"), cell(m, "full", "peak_mib")] for (op, shape, impl), m in by_key.items()]
+    lines = [f"# Row and elementwise kernels on {common.device_name(device)}", "",
+             f"bf16. Correctness (max relative error of ours vs the fp32 reference): {check}", "",
+             "ms = median; GB/s over the minimum traffic; peak = MiB allocated above the inputs.", "",
+             *common.table(["op", "shape", "impl", "fwd ms", "bwd ms", "full ms", "full GB/s", "full peak MiB"], body,
+                           "lllrrrrr")]
     return "\n".join(lines) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--quick", action="store_true", help="T=8K and one shape per op")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_kernels needs a CUDA GPU (torch.cuda.is_available() is False). On the CPU the kernels "
-                 "are checked by: python -m pytest tests/test_kernels_norms.py tests/test_kernels_elementwise.py")
-    device = torch.cuda.get_device_name()
+def main(argv=None):
+    parser = common.parser(__doc__, quick="T=8K and one shape per op")
+    args = parser.parse_args(argv)
+    device = common.pick_device(args, parser, needs_cuda=True)
+    timer = common.Timer.for_args(device, args, warmup=5, reps=20)
     started = time.time()
-    check, rows = run(args.quick)
-    result = {"device": device, "torch": torch.__version__, "correctness": check, "rows": rows,
-              "seconds": round(time.time() - started, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(device, check, rows))
-    print(f"wrote {stem}.json/.md in {result['seconds']} s")
+    with backend("triton"):                      # ours is the Triton kernel (interpreted under --dry-run)
+        check, rows = run(args.quick, timer, args.dry_run)
+    result = {"meta": common.meta(device), "correctness": check, "rows": rows, "seconds": round(time.time() - started, 1)}
+    path = common.write_results(args.out, common.stem("kernels", device), result, markdown(device, check, rows))
+    print(f"wrote {path}.json/.md in {result['seconds']} s")
 
 
 if __name__ == "__main__":

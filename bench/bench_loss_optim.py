@@ -12,14 +12,11 @@ LigerFusedLinearCrossEntropyFunction when importable. Shapes: T in {8K, 32K, 64K
 path against the fp32 reference runs first.
 AdamW (one flat buffer of 0.5B and 1.5B parameters): ours with bf16 grads writing bf16
 params, ours with fp32 grads and no param copy, torch.optim.AdamW(fused=True) and foreach on
-fp32 params and grads. Writes loss_optim_<gpu>.json and .md under --out. ~1-2 min on an H100.
+fp32 params and grads. Writes loss_optim-<gpu>.json and .md under --out. ~1-2 min on an H100;
+--dry-run: a tiny head (fp32) and a 4K-element AdamW on the CPU under the Triton interpreter.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,43 +26,32 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import common  # noqa: E402  (first: it sets the interpreter up for --dry-run)
 from kernels.adamw import adamw_step  # noqa: E402
+from kernels.dispatch import backend  # noqa: E402
 from kernels.linear_cross_entropy import LOGITS_BUDGET_BYTES, chunk_plan, linear_cross_entropy  # noqa: E402
+from models import REGISTRY, ModelConfig  # noqa: E402
 
-LOSS_MODELS = {"qwen2-0.5b": (896, 151936), "qwen2-1.5b": (1536, 151936), "bloom-1b7": (2048, 250880)}
+LOSS_MODELS = ("qwen2-0.5b", "qwen2-1.5b", "bloom-1b7")   # (H, V) = (896, 151936), (1536, 151936), (2048, 250880)
 TOKENS = (8192, 32768, 65536)
 ADAMW_SIZES = {"0.5B": 494_000_000, "1.5B": 1_544_000_000}
+DRY = {"models": ("tiny-qwen2",), "tokens": (40,), "adamw": {"4K": 4096}}
 HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-MiB = 1 << 20
+MiB = common.MiB
 
 
-def median_ms(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def head_shape(model: str) -> tuple[int, int]:
+    """(hidden, vocab) of the model's output layer, from the registry."""
+    c = ModelConfig.from_dict(REGISTRY[model].config, model)
+    return c.hidden_size, c.vocab_size
 
 
-def measure(fn, reps: int) -> dict:
+def measure(fn, timer: common.Timer) -> dict:
     """Median ms of fn() and the peak memory it allocates above what was live before (MiB)."""
-    try:
-        fn()  # warm-up outside the memory window: compilation, lazy optimizer state
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        ms = median_ms(fn, reps, warmup=0)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"status": "OOM"}
-    return {"ms": round(ms, 3), "peak_mib": round((torch.cuda.max_memory_allocated() - base) / MiB, 1)}
+    fn()  # warm-up outside the memory window: compilation, lazy optimizer state
+    with common.PeakMemory(timer.device) as mem:
+        ms = timer.median_ms(fn)
+    return {"ms": round(ms, 3), "peak_mib": round(mem.bytes / MiB, 1)}
 
 
 def liger_loss():
@@ -84,24 +70,26 @@ def eager_loss(h, w, y):
     return F.cross_entropy((h @ w.t()).float(), y)
 
 
-def loss_impls() -> dict:
+def loss_impls(compile_peers: bool = True) -> dict:
+    """`compile_peers=False` leaves torch.compile out (--dry-run: minutes of compiling on the CPU)."""
     impls = {
         "ours": lambda h, w, y: linear_cross_entropy(h, w, y),
         "ours_1.5GiB": lambda h, w, y: linear_cross_entropy(h, w, y, budget_bytes=1536 * MiB),
         "torch_eager": eager_loss,
-        "torch_compile": torch.compile(eager_loss, dynamic=True),
     }
+    if compile_peers:
+        impls["torch_compile"] = torch.compile(eager_loss, dynamic=True)
     liger = liger_loss()
     if liger is not None:
         impls["liger"] = liger
     return impls
 
 
-def loss_inputs(T, H, V, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    h = torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
-    w = (torch.randn(V, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16).requires_grad_()
-    y = torch.randint(0, V, (T,), device="cuda", generator=g)
+def loss_inputs(T, H, V, device, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(T, H, device=device, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (T,), device=device, generator=g)
     y[::10] = -100
     return h, w, y
 
@@ -113,42 +101,41 @@ def fwd_bwd(impl, h, w, y):
     return run
 
 
-def fits_unfused(T, V, bytes_per_logit):
+def fits_unfused(T, V, bytes_per_logit, device):
     """Whether an implementation holding bytes_per_logit per logit leaves 10% of free memory."""
-    return T * V * bytes_per_logit < 0.9 * torch.cuda.mem_get_info()[0]
+    return device.type != "cuda" or T * V * bytes_per_logit < 0.9 * torch.cuda.mem_get_info(device)[0]
 
 
-def check_correctness() -> dict:
-    """Our loss and grads vs the fp32 reference at T=1000, several chunks (exercises cuBLAS out_dtype paths)."""
-    T, (H, V) = 1000, LOSS_MODELS["qwen2-0.5b"]
-    h, w, y = loss_inputs(T, H, V, seed=1)
-    linear_cross_entropy(h, w, y, budget_bytes=256 * 4 * V).backward()
-    ours = (h.grad.float(), w.grad.float())
+def check_correctness(model: str, T: int, device, dtype) -> dict:
+    """Our loss and grads vs the fp32 reference, several chunks (exercises cuBLAS out_dtype paths)."""
+    H, V = head_shape(model)
+    h, w, y = loss_inputs(T, H, V, device, dtype, seed=1)
+    linear_cross_entropy(h, w, y, budget_bytes=max(T // 4, 1) * 4 * V).backward()
+    ours = (h.grad, w.grad)
     h.grad = w.grad = None
     hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = F.cross_entropy(hr @ wr.t(), y)
     ref.backward()
     loss = linear_cross_entropy(h.detach(), w.detach(), y)
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-    return {"loss_abs_err": abs(loss.item() - ref.item()), "grad_hidden_rel_err": rel(ours[0], hr.grad),
-            "grad_weight_rel_err": rel(ours[1], wr.grad)}
+    return {"loss_abs_err": abs(loss.item() - ref.item()), "grad_hidden_rel_err": common.rel_err(ours[0], hr.grad),
+            "grad_weight_rel_err": common.rel_err(ours[1], wr.grad)}
 
 
-def bench_loss(quick: bool) -> list[dict]:
-    rows, impls = [], loss_impls()
-    for model, (H, V) in LOSS_MODELS.items():
-        for T in TOKENS[:1] if quick else TOKENS:
-            h, w, y = loss_inputs(T, H, V)
+def bench_loss(models, tokens, timer: common.Timer, dtype, strict: bool) -> list[dict]:
+    rows, impls, device = [], loss_impls(compile_peers=not strict), timer.device
+    for model in models:
+        H, V = head_shape(model)
+        for T in tokens:
+            h, w, y = loss_inputs(T, H, V, device, dtype)
             flops = 6 * T * H * V
-            plan = chunk_plan(T, H, V, torch.bfloat16)
+            plan = chunk_plan(T, H, V, dtype)
             for name, impl in impls.items():
                 row = {"model": model, "T": T, "H": H, "V": V, "impl": name}
                 unfused = {"torch_eager": 16, "torch_compile": 12}.get(name)
-                if unfused and not fits_unfused(T, V, unfused):
+                if unfused and not fits_unfused(T, V, unfused, device):
                     row["status"] = f"skipped: needs ~{T * V * unfused / 1e9:.0f} GB"
                 else:
-                    reps = 3 if flops > 5e13 else 5
-                    row.update(measure(fwd_bwd(impl, h, w, y), reps))
+                    row.update(common.guarded(lambda: measure(fwd_bwd(impl, h, w, y), timer), strict))
                 if "ms" in row:
                     row["tflops"] = round(flops / row["ms"] / 1e9, 1)
                 if name == "ours":
@@ -160,27 +147,29 @@ def bench_loss(quick: bool) -> list[dict]:
     return rows
 
 
-def bench_adamw(quick: bool) -> list[dict]:
+def bench_adamw(sizes: dict, timer: common.Timer, strict: bool) -> list[dict]:
     rows = []
-    for label, n in list(ADAMW_SIZES.items())[:1] if quick else ADAMW_SIZES.items():
+    for label, n in sizes.items():
         for name in ("ours_bf16", "ours_fp32", "torch_fused", "torch_foreach"):
-            row = {"params": label, "n": n, "impl": name}
-            row.update(measure(adamw_case(name, n), reps=5))
+            if name == "torch_fused" and timer.device.type != "cuda":
+                continue
+            row = {"params": label, "n": n, "impl": name,
+                   **common.guarded(lambda: measure(adamw_case(name, n, timer.device), timer), strict)}
             if "ms" in row:
                 row["GBps"] = round(n * 28 / row["ms"] / 1e6, 1)  # g, p, m, v in; p, m, v (+ bf16 p) out
             rows.append(row)
             print(row, flush=True)
-            torch.cuda.empty_cache()
+            common.free(timer.device)
     return rows
 
 
-def adamw_case(name: str, n: int):
+def adamw_case(name: str, n: int, device):
     """A closure running one step of `name` on fresh flat buffers of n elements (kept alive by it)."""
-    master = torch.randn(n, device="cuda")
+    master = torch.randn(n, device=device)
     if name.startswith("ours"):
         m, v = torch.zeros_like(master), torch.zeros_like(master)
-        grad = torch.randn(n, device="cuda", dtype=torch.bfloat16 if name == "ours_bf16" else torch.float32)
-        param = torch.empty(n, device="cuda", dtype=torch.bfloat16) if name == "ours_bf16" else None
+        grad = torch.randn(n, device=device, dtype=torch.bfloat16 if name == "ours_bf16" else torch.float32)
+        param = torch.empty(n, device=device, dtype=torch.bfloat16) if name == "ours_bf16" else None
         state = {"step": 0}
 
         def step():
@@ -194,43 +183,44 @@ def adamw_case(name: str, n: int):
     return opt.step
 
 
-def markdown(device: str, check: dict, loss_rows: list[dict], adamw_rows: list[dict]) -> str:
-    lines = [f"# Fused loss and AdamW on {device}", "",
+def markdown(device, check: dict, loss_rows: list[dict], adamw_rows: list[dict]) -> str:
+    loss = [[r["model"], r["T"], r["impl"], r.get("ms", ""), r.get("tflops", ""), r.get("peak_mib", ""),
+             r.get("planned_peak_mib", ""), r.get("status", "ok")] for r in loss_rows]
+    adamw = [[r["params"], r["impl"], r.get("ms", ""), r.get("GBps", ""), r.get("peak_mib", ""), r.get("status", "ok")]
+             for r in adamw_rows]
+    lines = [f"# Fused loss and AdamW on {common.device_name(device)}", "",
              f"Correctness (ours vs fp32 reference, T=1000, Qwen2-0.5B head): {check}", "",
              f"Loss: forward + backward, bf16, 10% of labels ignored; ours default logits budget "
              f"{LOGITS_BUDGET_BYTES // MiB} MiB. Peak = memory above the inputs, gradients included.", "",
-             "| model | T | impl | ms | TFLOP/s | peak MiB | planned MiB | status |", "|---|---|---|---|---|---|---|---|"]
-    for r in loss_rows:
-        lines.append(f"| {r['model']} | {r['T']} | {r['impl']} | {r.get('ms', '')} | {r.get('tflops', '')} | "
-                     f"{r.get('peak_mib', '')} | {r.get('planned_peak_mib', '')} | {r.get('status', 'ok')} |")
-    lines += ["", "AdamW: one step over one flat buffer; GB/s counts the minimum traffic.", "",
-              "| params | impl | ms | GB/s | peak MiB | status |", "|---|---|---|---|---|---|"]
-    for r in adamw_rows:
-        lines.append(f"| {r['params']} | {r['impl']} | {r.get('ms', '')} | {r.get('GBps', '')} | "
-                     f"{r.get('peak_mib', '')} | {r.get('status', 'ok')} |")
+             *common.table(["model", "T", "impl", "ms", "TFLOP/s", "peak MiB", "planned MiB", "status"], loss,
+                           "lrlrrrrl"),
+             "", "AdamW: one step over one flat buffer; GB/s counts the minimum traffic.", "",
+             *common.table(["params", "impl", "ms", "GB/s", "peak MiB", "status"], adamw, "llrrrl")]
     return "\n".join(lines) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--quick", action="store_true", help="T=8K and the 0.5B AdamW only")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_loss_optim needs a CUDA GPU")
-    device = torch.cuda.get_device_name()
+def main(argv=None):
+    parser = common.parser(__doc__, quick="T=8K and the 0.5B AdamW only")
+    args = parser.parse_args(argv)
+    device = common.pick_device(args, parser, needs_cuda=True)
+    timer = common.Timer.for_args(device, args, warmup=1, reps=5)
+    if args.dry_run:
+        models, tokens, sizes, dtype = DRY["models"], DRY["tokens"], DRY["adamw"], torch.float32
+    else:
+        first = (lambda xs: xs[:1]) if args.quick else (lambda xs: xs)  # noqa: E731
+        models, tokens, dtype = LOSS_MODELS, first(TOKENS), torch.bfloat16
+        sizes = dict(first(list(ADAMW_SIZES.items())))
     started = time.time()
-    check = check_correctness()
-    print("correctness", check, flush=True)
-    loss_rows = bench_loss(args.quick)
-    adamw_rows = bench_adamw(args.quick)
-    result = {"device": device, "torch": torch.__version__, "correctness": check, "loss": loss_rows,
-              "adamw": adamw_rows, "seconds": round(time.time() - started, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"loss_optim_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(device, check, loss_rows, adamw_rows))
-    print(f"wrote {stem}.json/.md in {result['seconds']} s")
+    with backend("triton"):                      # ours is the Triton kernel (interpreted under --dry-run)
+        check = check_correctness(models[0], DRY["tokens"][0] if args.dry_run else 1000, device, dtype)
+        print("correctness", check, flush=True)
+        loss_rows = bench_loss(models, tokens, timer, dtype, args.dry_run)
+        adamw_rows = bench_adamw(sizes, timer, args.dry_run)
+    result = {"meta": common.meta(device), "correctness": check, "loss": loss_rows, "adamw": adamw_rows,
+              "seconds": round(time.time() - started, 1)}
+    path = common.write_results(args.out, common.stem("loss_optim", device), result,
+                                markdown(device, check, loss_rows, adamw_rows))
+    print(f"wrote {path}.json/.md in {result['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,247 @@
+"""What every benchmark script shares: its arguments, timing, peak memory, the device's name and
+figures, and the JSON + markdown it writes.
+
+    parser = common.parser(__doc__)              # --out, --device, --quick, --dry-run
+    args = parser.parse_args()
+    device = common.pick_device(args, parser, needs_cuda=True)
+    timer = common.Timer.for_args(device, args)
+    ms = timer.median_ms(fn)                     # warm-up calls, then the median of timed calls
+    with common.PeakMemory(device) as mem:       # mem.bytes: peak above what was live before
+        fn()
+    common.write_results(args.out, common.stem("kernels", device), data, markdown)
+
+`--dry-run` runs a script on the CPU at tiny sizes with one timed call and no warm-up, so that bench/gpu.sh
+--dry-run catches an import, path or argument error before a GPU lease is spent on it; Triton
+kernels then run under the interpreter (set here, before any kernel module is imported).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+if "--dry-run" in sys.argv:          # @triton.jit picks interpreted vs compiled when a kernel module loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:        # scripts run as `python bench/x.py` import the project from the checkout
+    sys.path.insert(0, str(REPO))
+
+from kernels.hardware import Hardware, lookup  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------- arguments and device
+
+def parser(doc: str, quick: str = "fewer shapes and steps") -> argparse.ArgumentParser:
+    """The arguments every script takes; a script adds its own to the returned parser."""
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and markdown results")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny sizes on the CPU, one timed call: checks that the script runs, measures nothing")
+    return p
+
+
+def pick_device(args, p: argparse.ArgumentParser, needs_cuda: bool = False) -> torch.device:
+    """--dry-run: the CPU. Else --device, or CUDA when there is one; parser error (exit 2) when a
+    GPU-only benchmark finds none."""
+    if args.dry_run:
+        return torch.device("cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but torch sees no CUDA GPU")
+    if needs_cuda and device.type != "cuda":
+        p.error("this benchmark times Triton kernels on a CUDA GPU and none is visible; "
+                "--dry-run runs it on the CPU at tiny sizes (a smoke test, no numbers)")
+    return device
+
+
+def device_name(device) -> str:
+    """'NVIDIA H200', or 'cpu' (the name cli.py profile matches benchmarks by)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def hardware(device) -> Hardware | None:
+    """The device's row of kernels/hardware.py (peak and measured figures), None for the CPU or an
+    unknown card."""
+    return lookup(device_name(device)) if torch.device(device).type == "cuda" else None
+
+
+def stem(kind: str, device) -> str:
+    """File stem of a result: 'throughput-NVIDIA-H200', 'kernels-cpu'."""
+    return f"{kind}-{re.sub(r'[^A-Za-z0-9]+', '-', device_name(device)).strip('-')}"
+
+
+def meta(device, **extra) -> dict:
+    """Where and with what a result was measured."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "host": platform.machine(), "threads": torch.get_num_threads(),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **extra}
+
+
+# ---------------------------------------------------------------- timing and memory
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Timer:
+    """Medians of repeated calls: CUDA events around each call on a GPU, perf_counter on the CPU.
+    Warm-up calls first, so compilation, autotuning and lazy allocation stay out of the numbers."""
+    device: torch.device
+    warmup: int = 3
+    reps: int = 20
+
+    @classmethod
+    def for_args(cls, device, args, warmup: int = 3, reps: int = 20) -> "Timer":
+        return cls(torch.device(device), 0, 1) if args.dry_run else cls(torch.device(device), warmup, reps)
+
+    def median_ms(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        if self.device.type != "cuda":
+            return 1e3 * statistics.median(self.seconds(fn)[1] for _ in range(self.reps))
+        sync(self.device)
+        events = []
+        for _ in range(self.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        sync(self.device)
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+    def seconds(self, fn):
+        """-> (fn(), wall seconds of that one call, the device synchronized before and after)."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        result = fn()
+        sync(self.device)
+        return result, time.perf_counter() - t0
+
+
+def free(device) -> None:
+    """Collect garbage and hand cached memory back (CUDA cache; the C heap on the CPU), so that
+    the next peak starts clean."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory above what was live on entry: GPU max_memory_allocated; CPU resident memory,
+    sampled every 2 ms by a thread. Use as `with PeakMemory(device) as mem: ...; mem.bytes`."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> "PeakMemory":
+        free(self.device)
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.base = self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+    @property
+    def bytes(self) -> int:
+        return self.peak - self.base
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp32."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def guarded(fn, strict: bool) -> dict:
+    """fn() -> dict, or {"status": "OOM" | "error: ..."} when a peer fails (another Liger version,
+    a shape that does not fit), so one failure does not lose a GPU run. `strict` (--dry-run)
+    raises instead: there an error is a bug in the script."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        if strict:
+            raise
+        free("cuda")
+        return {"status": "OOM"}
+    except Exception as e:
+        if strict:
+            raise
+        return {"status": f"error: {type(e).__name__}: {e}"[:200]}
+
+
+# ---------------------------------------------------------------- output
+
+def table(header: list[str], rows: list[list], align: str | None = None) -> list[str]:
+    """Markdown table lines; `align` one character per column: 'l' or 'r' (default: all left)."""
+    align = align or "l" * len(header)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return [f"| {' | '.join(map(str, r))} |" for r in [header, rule, *rows]]
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def write_results(out_dir, name: str, data: dict, markdown: str) -> Path:
+    """out_dir/name.json and out_dir/name.md; returns out_dir/name."""
+    path = Path(out_dir) / name
+    write_json(path.parent / f"{name}.json", data)
+    (path.parent / f"{name}.md").write_text(markdown)
+    return path
