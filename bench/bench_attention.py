@@ -244,7 +244,7 @@ def main(argv=None):
             for batch in batches:
                 rows += bench_decode(model, batch, s_max, generator, timer, args.dry_run)
                 print(json.dumps(rows[-1]), flush=True)
-    path = common.write_results(args.out, common.stem("attention", device), {"meta": common.meta(device), "rows": rows},
+    path = common.write_results(args.out, common.stem("attention", common.device_name(device)), {"meta": common.meta(device), "rows": rows},
                                 markdown(device, rows))
     print(markdown(device, rows))
     print(f"wrote {path}.json/.md")

@@ -13,38 +13,31 @@ transformers gets the prompts left-padded with an attention mask, in one batch. 
 with 2 OpenMP threads on a shared machine swing by 10x. Reported: tokens/s of each, the ratio, the share
 of identical outputs, and for ours the achieved memory bandwidth: per decode step the weights
 plus every live sequence's cached keys and values are read once. Results go to
-bench/results/generate-<device>.{json,md}.
+generate-<device>.{json,md} under --out (default bench/results/).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import common  # noqa: E402
 from engine.generate import greedy_generate  # noqa: E402
-from models import KVCache, load_model  # noqa: E402
+from models import REGISTRY, KVCache, load_model  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CPU_MODEL = {"model_type": "qwen2", "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 688,
-             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-             "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 4096}
+CPU_MODEL = "tiny-qwen2"
 
 
 def cpu_model(directory: Path):
     """A random Qwen2 of the tiny-qwen2 preset's shape, written by transformers (std 0.02 init), loaded by us."""
     import transformers
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(**{k: v for k, v in CPU_MODEL.items() if k != "model_type"})
-    transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
+    raw = {k: v for k, v in REGISTRY[CPU_MODEL].config.items() if k not in ("model_type", "torch_dtype")}
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**raw)).save_pretrained(directory)
     return load_model(directory)
 
 
@@ -100,16 +93,6 @@ def common_token(outputs: list[list[int]]) -> int:
     return max(counts, key=counts.get)
 
 
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
-
-
 def bytes_read(model, prompts, outputs, steps: int) -> int:
     """Weights once per decode step + each live sequence's cached keys and values once per step."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -118,9 +101,11 @@ def bytes_read(model, prompts, outputs, steps: int) -> int:
     return steps * weights + kv
 
 
-def bench_one(name: str, model, prompts, max_new_tokens: int, hf_batch: int, **generate_kwargs) -> list[dict]:
+def bench_one(name: str, model, prompts, max_new_tokens: int, hf_batch: int, max_cap: int | None = None,
+              **generate_kwargs) -> list[dict]:
     """Three workloads: 'fixed' (no EOS: every sequence makes max_new_tokens), 'eos' (an EOS id
-    the model emits, so outputs end at different steps) and 'recitation' (per-prompt caps)."""
+    the model emits, so outputs end at different steps) and 'recitation' (per-prompt caps, at
+    most `max_cap`)."""
     hf = hf_twin(model)
     greedy_generate(model, prompts[:4], 4, [], **generate_kwargs)                # warm-up (kernels, graphs)
     hf_generate(hf, prompts[:4], 4, 4)
@@ -128,9 +113,12 @@ def bench_one(name: str, model, prompts, max_new_tokens: int, hf_batch: int, **g
     for workload in ("fixed", "eos", "recitation"):
         eos_ids = [eos] if workload == "eos" else []
         caps = recitation_caps(len(prompts)) if workload == "recitation" else [max_new_tokens] * len(prompts)
+        caps = [min(c, max_cap or c) for c in caps]
         stats = {}
-        ours, ours_s = timed(lambda: greedy_generate(model, prompts, caps, eos_ids, stats=stats, **generate_kwargs))
-        theirs, theirs_s = timed(lambda: hf_generate(hf, prompts, max(caps), hf_batch, eos_ids[0] if eos_ids else None))
+        timer = common.Timer(model.device)
+        ours, ours_s = timer.seconds(lambda: greedy_generate(model, prompts, caps, eos_ids, stats=stats, **generate_kwargs))
+        theirs, theirs_s = timer.seconds(lambda: hf_generate(hf, prompts, max(caps), hf_batch,
+                                                             eos_ids[0] if eos_ids else None))
         theirs = [row[:cap] for row, cap in zip(theirs, caps)]
         tokens = stats["generated_tokens"]             # kept tokens + the EOS that ended a sequence
         rows.append({
@@ -146,60 +134,55 @@ def bench_one(name: str, model, prompts, max_new_tokens: int, hf_batch: int, **g
     return rows
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+def markdown(rows: list[dict], meta: dict) -> str:
+    body = [[r["model"], r["workload"], r["dtype"], r["prompts"], r["max_new_tokens"], r["generated_tokens"],
+             f"{r['ours_tok_s']:.0f}", f"{r['transformers_tok_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['ours_gb_s']:.1f}",
+             f"{100 * r['identical_outputs']:.0f}%"] for r in rows]
+    lines = [f"# Greedy generation: engine vs transformers ({meta['device']})", "",
+             f"`{meta['command']}`, torch {meta['torch']}, {meta['threads']} CPU threads", "",
+             *common.table(["model", "workload", "dtype", "prompts", "max new", "generated", "ours tok/s",
+                            "transformers tok/s", "speedup", "ours GB/s", "identical"], rows=body, align="lllrrrrrrrr")]
+    return "\n".join(lines) + "\n"
 
 
-def write(rows: list[dict], command: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
-    path = RESULTS / f"generate-{slug}"
-    meta = {"device": device_name(), "torch": torch.__version__, "command": command}
-    path.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
-    lines = [f"# Greedy generation: engine vs transformers ({meta['device']})", "", f"`{command}`, torch {torch.__version__}", "",
-             "| model | workload | dtype | prompts | max new | generated | ours tok/s | transformers tok/s | speedup "
-             "| ours GB/s | identical |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['workload']} | {r['dtype']} | {r['prompts']} | {r['max_new_tokens']} | "
-              f"{r['generated_tokens']} | {r['ours_tok_s']:.0f} | "
-              f"{r['transformers_tok_s']:.0f} | {r['speedup']:.2f}x | {r['ours_gb_s']:.1f} | "
-              f"{100 * r['identical_outputs']:.0f}% |" for r in rows]
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    parser = common.parser(__doc__, quick="64 prompts on a GPU")
     parser.add_argument("--models", nargs="*", default=None, help="registry names (GPU mode, random weights)")
     parser.add_argument("--prompts", type=int, default=None, help="default: 32 on CPU, 512 on GPU")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 on CPU, 128 on GPU")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for both sides (1: stable timings on a shared machine)")
-    args = parser.parse_args()
-    command = "python bench/bench_generate.py " + " ".join(sys.argv[1:])
+    args = parser.parse_args(argv)
+    device = common.pick_device(args, parser)
     rows = []
-    if args.models:
-        if not torch.cuda.is_available():
-            raise SystemExit("--models runs registry-size models on a GPU; none is visible (run without --models on a CPU)")
-        n, new = args.prompts or 512, args.max_new_tokens or 128
+    if args.models and device.type == "cuda":
+        unknown = [m for m in args.models if m not in REGISTRY]
+        if unknown:
+            parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(REGISTRY)}")
+        n, new = args.prompts or (64 if args.quick else 512), args.max_new_tokens or 128
         for name in args.models:
-            model = load_model(name, device="cuda", random_init=True)
+            model = load_model(name, device=device, random_init=True)
             prompts = prompts_for(n, 30, 60, model.config.vocab_size)
             rows += bench_one(name, model, prompts, new, hf_batch=n, cuda_graphs=not args.no_cuda_graphs)
             print(*rows[-3:], sep="\n", flush=True)
             del model
-            torch.cuda.empty_cache()
-    else:
+            common.free(device)
+    elif args.models and not args.dry_run:
+        parser.error("--models runs registry-size models on a GPU; none is visible (run without --models on a CPU)")
+    else:                                        # the CPU mode, or --dry-run of the GPU command
         torch.set_num_threads(args.threads)
-        n, new = args.prompts or 32, args.max_new_tokens or 64
+        n, new = (2, 3) if args.dry_run else (args.prompts or 32, args.max_new_tokens or 64)
         with tempfile.TemporaryDirectory() as tmp:
             model = cpu_model(Path(tmp))
             prompts = prompts_for(n, 8, 64, model.config.vocab_size)
-            rows += bench_one("qwen2 tiny shape: 4 layers, h256, vocab 4096 (random)", model, prompts, new, hf_batch=n)
+            rows += bench_one(f"{CPU_MODEL} shape (random)", model, prompts, new, hf_batch=n,
+                              max_cap=new if args.dry_run else None)
             print(*rows[-3:], sep="\n", flush=True)
-    print(f"wrote {write(rows, command)}.{{json,md}}")
+    meta = common.meta(device)
+    path = common.write_results(args.out, common.stem("generate", common.device_name(device)),
+                                {**meta, "results": rows}, markdown(rows, meta))
+    print(f"wrote {path}.json/.md")
 
 
 if __name__ == "__main__":

@@ -257,7 +257,7 @@ def main(argv=None):
     with backend("triton"):                      # ours is the Triton kernel (interpreted under --dry-run)
         check, rows = run(args.quick, timer, args.dry_run)
     result = {"meta": common.meta(device), "correctness": check, "rows": rows, "seconds": round(time.time() - started, 1)}
-    path = common.write_results(args.out, common.stem("kernels", device), result, markdown(device, check, rows))
+    path = common.write_results(args.out, common.stem("kernels", common.device_name(device)), result, markdown(device, check, rows))
     print(f"wrote {path}.json/.md in {result['seconds']} s")
 
 

@@ -218,7 +218,7 @@ def main(argv=None):
         adamw_rows = bench_adamw(sizes, timer, args.dry_run)
     result = {"meta": common.meta(device), "correctness": check, "loss": loss_rows, "adamw": adamw_rows,
               "seconds": round(time.time() - started, 1)}
-    path = common.write_results(args.out, common.stem("loss_optim", device), result,
+    path = common.write_results(args.out, common.stem("loss_optim", common.device_name(device)), result,
                                 markdown(device, check, loss_rows, adamw_rows))
     print(f"wrote {path}.json/.md in {result['seconds']} s")
 

@@ -8,7 +8,7 @@ figures, and the JSON + markdown it writes.
     ms = timer.median_ms(fn)                     # warm-up calls, then the median of timed calls
     with common.PeakMemory(device) as mem:       # mem.bytes: peak above what was live before
         fn()
-    common.write_results(args.out, common.stem("kernels", device), data, markdown)
+    common.write_results(args.out, common.stem("kernels", common.device_name(device)), data, markdown)
 
 `--dry-run` runs a script on the CPU at tiny sizes with one timed call and no warm-up, so that bench/gpu.sh
 --dry-run catches an import, path or argument error before a GPU lease is spent on it; Triton
@@ -83,9 +83,9 @@ def hardware(device) -> Hardware | None:
     return lookup(device_name(device)) if torch.device(device).type == "cuda" else None
 
 
-def stem(kind: str, device) -> str:
-    """File stem of a result: 'throughput-NVIDIA-H200', 'kernels-cpu'."""
-    return f"{kind}-{re.sub(r'[^A-Za-z0-9]+', '-', device_name(device)).strip('-')}"
+def stem(kind: str, name: str) -> str:
+    """File stem of a result on the device called `name`: 'throughput-NVIDIA-H200', 'kernels-cpu'."""
+    return f"{kind}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}"
 
 
 def meta(device, **extra) -> dict:

@@ -29,13 +29,8 @@ throughput-<device>-detail.json (per-step times, liger, MFU vs the matmul ceilin
 """
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import os
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,28 +39,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import bench_generate, common  # noqa: E402
 from engine.data import Example, encode_examples, load_poems  # noqa: E402
 from engine.generate import greedy_generate  # noqa: E402
 from engine.optim import AdamW, parameter_groups  # noqa: E402
 from engine.packing import PackedBatch, collate, pack  # noqa: E402
 from engine.train import train_step  # noqa: E402
 from models import REGISTRY, ModelConfig, build_model, load_tokenizer  # noqa: E402
-from bench import bench_generate  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense datasheet figures
 CPU_QUICK_MODELS = ["tiny-qwen2", "tiny-bloom"]
 CPU_MODELS = CPU_QUICK_MODELS + ["qwen2-small-151k"]
 GPU_MODELS = ["qwen2-0.5b", "qwen2-1.5b", "bloom-560m", "bloom-1b7", "qwen1.5-0.5b", "bloom-389m-zh", "bloom-1b4-zh"]
 GPU_QUICK_MODELS = ["qwen2-0.5b", "bloom-560m"]
 
-# A CPU-sized Qwen2 (~30M parameters) with the real 151,936-token vocabulary and a tied output
-# matrix; every other name comes from the registry, which carries each model's config.json.
-SHAPES = {
-    "qwen2-small-151k": dict(model_type="qwen2", vocab_size=151936, hidden_size=192, intermediate_size=512,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-}
-_QWEN_DEFAULTS = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, bos_token_id=0,
-                      eos_token_id=0)
+# A CPU-sized Qwen2 (~30M parameters) with Qwen2-0.5B's 151,936-token vocabulary and tied output
+# matrix; every other name is the registry's own config.
+SMALL = {"qwen2-small-151k": ("qwen2-0.5b", dict(hidden_size=192, intermediate_size=512, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2))}
 
 
 @dataclass
@@ -79,7 +69,9 @@ class Settings:
     eval_reps: int
 
     @classmethod
-    def for_device(cls, device: torch.device, quick: bool) -> "Settings":
+    def for_device(cls, device: torch.device, quick: bool, dry_run: bool = False) -> "Settings":
+        if dry_run:                            # one step of each kind: a smoke test
+            return cls(256, 0, 1, 1, 2, 2, 1)
         if device.type == "cuda":
             return cls(16384, 2, 4 if quick else 5, 3, 256, 128, 2)
         return cls(512, 1, 3 if quick else 5, 2, 8 if quick else 16, 16 if quick else 32, 1 if quick else 2)
@@ -88,10 +80,9 @@ class Settings:
 # ---------------------------------------------------------------- models and data
 
 def hf_config_dict(name: str) -> dict:
-    spec = REGISTRY.get(name)
-    raw = dict(spec.config) if spec is not None and spec.config else dict(SHAPES[name])
-    if raw["model_type"] == "qwen2":
-        raw = {**_QWEN_DEFAULTS, **raw}
+    """The registry's config.json keys for `name` (or a SMALL variant), dtype keys left out."""
+    base, override = SMALL.get(name, (name, {}))
+    raw = {**REGISTRY[base].config, **override}
     for key in ("torch_dtype", "dtype", "architectures"):
         raw.pop(key, None)
     return raw
@@ -155,58 +146,11 @@ def flops_per_token(model, batches: list[PackedBatch]) -> float:
     return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * ctx
 
 
-# ---------------------------------------------------------------- timing and memory
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
+# ---------------------------------------------------------------- timing
 
 def timed(fn, device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-class PeakMemory:
-    """GPU: max_memory_allocated since start(). CPU: peak RSS above start(), sampled by a thread."""
-
-    def __init__(self, device):
-        self.device, self.peak, self.base, self._stop = device, 0, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.rss())
-
-    def __enter__(self):
-        free(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = 0
-        else:
-            self.base = self.peak = self.rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.rss())
-
-    @property
-    def bytes(self) -> int:
-        return self.peak - self.base
+    """Wall seconds of one fn() call, the device synchronized around it."""
+    return common.Timer(device).seconds(fn)[1]
 
 
 def host_syncs(fn, device) -> list[str] | None:
@@ -224,20 +168,18 @@ def host_syncs(fn, device) -> list[str] | None:
     return [str(w.message).splitlines()[0][:200] for w in caught]
 
 
-def matmul_tflops(device) -> float:
-    """Median dense matmul throughput: bf16 8192^3 on the GPU, fp32 1024^3 on the CPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+def matmul_tflops(device, dry_run: bool = False) -> float:
+    """Median dense matmul throughput: bf16 8192^3 on the GPU, fp32 1024^3 on the CPU (256^3: dry run)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (256 if dry_run else 1024, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = [timed(lambda: a @ b, device) for _ in range(10 if device.type == "cuda" else 5)]
-    return 2 * n ** 3 / statistics.median(times) / 1e12
+    ms = common.Timer(device, 3, 10 if device.type == "cuda" else 5).median_ms(lambda: a @ b)
+    return 2 * n ** 3 / ms / 1e9
 
 
 # ---------------------------------------------------------------- training
 
 def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
-    with PeakMemory(device) as mem:
+    with common.PeakMemory(device) as mem:
         model = build_ours(raw, device, dtype)
         opt = AdamW(parameter_groups(model, 0.01), lr=1e-5, weight_decay=0.01)
         step = lambda b: train_step(model, opt, [b], b.num_target_tokens, device, 1, 0, 1.0)  # noqa: E731
@@ -264,7 +206,7 @@ def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
 
 
 def train_theirs(raw, batches, s: Settings, device, dtype, liger: bool = False) -> tuple[dict, object]:
-    with PeakMemory(device) as mem:
+    with common.PeakMemory(device) as mem:
         model = build_theirs(raw, device, dtype, liger)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
@@ -274,7 +216,7 @@ def train_theirs(raw, batches, s: Settings, device, dtype, liger: bool = False) 
         def step(ids, mask, labels):
             while not accumulate(ids, mask, labels, splits["n"]):   # split the padded batch only if it does not fit
                 opt.zero_grad(set_to_none=True)
-                free(device)
+                common.free(device)
                 splits["n"] *= 2
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -339,18 +281,6 @@ def liger_available(device, raw) -> bool:
         return False
 
 
-def free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    else:                                      # hand freed heap back, so the next RSS peak starts clean
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-
-
 def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[dict, dict]:
     raw = hf_config_dict(name)
     config = ModelConfig.from_dict(raw, name)
@@ -364,14 +294,14 @@ def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[di
     params, fpt = model.num_parameters(), flops_per_token(model, batches)
     ours_eval = eval_ours(model, prompts, s, device)
     del model
-    free(device)
+    common.free(device)
     theirs, hf = train_theirs(raw, batches, s, device, dtype)
     theirs_eval = eval_theirs(hf, prompts, s, device)
     del hf
-    free(device)
+    common.free(device)
     shuffled, hf = train_theirs(raw, shuffled_batches(examples, batches), s, device, dtype)
     del hf
-    free(device)
+    common.free(device)
 
     achieved = ours["tokens_per_second"] * fpt / 1e12
     entry = {
@@ -402,46 +332,45 @@ def bench_liger(name: str, s: Settings, device, dtype) -> dict:
     batches = pack(poem_examples(raw["vocab_size"]), s.batch_tokens, seed=0, epoch=0)[:s.warmup + s.steps]
     result, hf = train_theirs(raw, batches, s, device, dtype, liger=True)
     del hf
-    free(device)
+    common.free(device)
     return result
 
 
-def device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget: float | None = None) -> dict:
+def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget: float | None = None,
+        dry_run: bool = False) -> dict:
     """Benchmark `models` (None: the CPU trio, or the paper's models on a GPU), write
     throughput-<device>.json/.md under out_dir and return the JSON's content. Models left when
-    `time_budget` seconds have passed are skipped (the files are rewritten after every model)."""
+    `time_budget` seconds have passed are skipped (the files are rewritten after every model).
+    `dry_run`: one step of each kind, and any error raises (a smoke test of this script)."""
     start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     defaults = {("cpu", True): CPU_QUICK_MODELS, ("cpu", False): CPU_MODELS, ("cuda", True): GPU_QUICK_MODELS,
                 ("cuda", False): GPU_MODELS}
-    models = models or defaults[device.type, quick]
-    s = Settings.for_device(device, quick)
+    models = models or (CPU_QUICK_MODELS if dry_run else defaults[device.type, quick])
+    s = Settings.for_device(device, quick, dry_run)
     if device.type == "cpu":
         torch.set_num_threads(1)               # both sides on one thread: stabler timings on a shared machine
-    name = device_name(device)
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    result = {"device": name, "peak_tflops": peak, "matmul_tflops": matmul_tflops(device), "models": {}}
-    details = {"torch": torch.__version__, "dtype": str(dtype), "skipped": [], "errors": {}, "liger": {},
-               "models": {}}
+    hw = common.hardware(device)
+    result = {"device": common.device_name(device), "peak_tflops": hw.peak_bf16_flops / 1e12 if hw else None,
+              "matmul_tflops": matmul_tflops(device, dry_run), "models": {}}
+    details = {**common.meta(device), "dtype": str(dtype), "skipped": [], "errors": {}, "liger": {}, "models": {}}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for model in models:
         if time_budget and time.perf_counter() - start > time_budget:
             details["skipped"].append(model)
             continue
         t0 = time.perf_counter()
         try:
-            result["models"][model], details["models"][model] = bench_model(model, s, device, dtype, peak,
+            result["models"][model], details["models"][model] = bench_model(model, s, device, dtype,
+                                                                            result["peak_tflops"],
                                                                             result["matmul_tflops"])
         except Exception as e:                    # one model's failure (OOM, a missing shape) keeps the others
+            if dry_run:
+                raise
             details["errors"][model] = f"{type(e).__name__}: {e}"
             print(f"{model}: {details['errors'][model]}", file=sys.stderr, flush=True)
-            free(device)
+            common.free(device)
             continue
         details["models"][model]["bench_seconds"] = time.perf_counter() - t0
         print(row(model, result["models"][model], details["models"][model]), flush=True)
@@ -462,14 +391,10 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
 
 # ---------------------------------------------------------------- output
 
-def stem(device: str) -> str:
-    return "throughput-" + "-".join(device.replace("/", " ").split())
-
-
 def write(out: Path, result: dict, details: dict) -> None:
-    (out / f"{stem(result['device'])}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem(result['device'])}-detail.json").write_text(json.dumps(details, indent=1))
-    (out / f"{stem(result['device'])}.md").write_text(markdown(result, details))
+    name = common.stem("throughput", details["device"])
+    common.write_results(out, name, result, markdown(result, details))
+    common.write_json(out / f"{name}-detail.json", details)
 
 
 def row(name: str, m: dict, d: dict) -> str:
@@ -519,14 +444,15 @@ def markdown(result: dict, details: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__, quick="fewer steps (and two models on a GPU)")
     p.add_argument("--models", nargs="+", help=f"registry names or {', '.join(CPU_MODELS)} (default: by device)")
-    p.add_argument("--quick", action="store_true", help="fewer steps (and two models on a GPU)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--time-budget", type=float, help="seconds; later models are skipped once it is spent")
     args = p.parse_args(argv)
-    run(args.models, args.quick, args.out, args.device, args.time_budget)
+    unknown = [m for m in args.models or [] if m not in REGISTRY and m not in SMALL]
+    if unknown:
+        p.error(f"unknown model {', '.join(unknown)}: choose registry names or {', '.join(SMALL)}")
+    device = common.pick_device(args, p)
+    run(args.models, args.quick, args.out, device, args.time_budget, args.dry_run)
 
 
 if __name__ == "__main__":
