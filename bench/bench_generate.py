@@ -156,28 +156,28 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = common.pick_device(args, parser)
     rows = []
-    if args.models and device.type == "cuda":
+    if args.models and (device.type == "cuda" or args.dry_run):
         unknown = [m for m in args.models if m not in REGISTRY]
         if unknown:
             parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(REGISTRY)}")
-        n, new = args.prompts or (64 if args.quick else 512), args.max_new_tokens or 128
+        n, new = (2, 3) if args.dry_run else (args.prompts or (64 if args.quick else 512), args.max_new_tokens or 128)
         for name in args.models:
             model = load_model(name, device=device, random_init=True)
             prompts = prompts_for(n, 30, 60, model.config.vocab_size)
-            rows += bench_one(name, model, prompts, new, hf_batch=n, cuda_graphs=not args.no_cuda_graphs)
+            rows += bench_one(name, model, prompts, new, hf_batch=n, max_cap=new if args.dry_run else None,
+                              cuda_graphs=not args.no_cuda_graphs)
             print(*rows[-3:], sep="\n", flush=True)
             del model
             common.free(device)
-    elif args.models and not args.dry_run:
+    elif args.models:
         parser.error("--models runs registry-size models on a GPU; none is visible (run without --models on a CPU)")
-    else:                                        # the CPU mode, or --dry-run of the GPU command
+    else:
         torch.set_num_threads(args.threads)
-        n, new = (2, 3) if args.dry_run else (args.prompts or 32, args.max_new_tokens or 64)
+        n, new = args.prompts or 32, args.max_new_tokens or 64
         with tempfile.TemporaryDirectory() as tmp:
             model = cpu_model(Path(tmp))
             prompts = prompts_for(n, 8, 64, model.config.vocab_size)
-            rows += bench_one(f"{CPU_MODEL} shape (random)", model, prompts, new, hf_batch=n,
-                              max_cap=new if args.dry_run else None)
+            rows += bench_one(f"{CPU_MODEL} shape (random)", model, prompts, new, hf_batch=n)
             print(*rows[-3:], sep="\n", flush=True)
     meta = common.meta(device)
     path = common.write_results(args.out, common.stem("generate", common.device_name(device)),

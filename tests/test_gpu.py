@@ -1,82 +1,183 @@
-"""On a CUDA GPU (skipped elsewhere; bench/gpu.sh runs it): the Triton path against the torch
-path at the real head and attention shapes: a whole training step (loss, every gradient, the
-AdamW update) for both families, and greedy generation with and without CUDA graphs."""
+"""On a CUDA GPU (skipped elsewhere; bench/gpu.sh runs it first): the Triton path against the
+torch path at the real per-layer shapes (the registry's configs, two layers), both families.
+
+- Gradients of one forward/backward, every parameter by relative norm per tensor, against the
+  torch path in fp32 on the same weights. Not the weights after an AdamW step: with zero-
+  initialized biases the first update is about +-lr times the sign of each gradient element, so
+  near-zero gradients (BLOOM's key bias has an exact gradient of zero: softmax ignores a shift
+  shared by all keys) flip with correct kernels.
+- The loss over a few AdamW steps (engine.optim, fp32 masters) on the same batch.
+- bf16 bounds: max(a floor, 3x the torch path's own bf16 error on that tensor or step), so a
+  quantity that bf16 rounding cannot resolve does not fail the test. A CPU emulation at the
+  Qwen2-0.5B layer shapes measured torch bf16 vs fp32: 0.7-1.4e-2 per gradient tensor, loss
+  within 1e-3 relative over 3 steps at lr 1e-3.
+- Under the "triton" backend our attention kernel is what runs, also where flash-attn is
+  installed (counted launches; flash-attn replaced by a function that fails).
+- Greedy generation with and without CUDA graphs equals the torch path.
+
+GPU_TESTS_ON_CPU=1 runs the same checks on the CPU under the Triton interpreter at the tiny
+presets' shapes (bench/gpu.sh --dry-run): proof that the test runs, not that the GPU is right.
+"""
+import contextlib
+import dataclasses
+import functools
+import importlib
+import os
+
 import pytest
 import torch
 
-import kernels
 from engine.generate import greedy_generate
 from engine.optim import AdamW, parameter_groups
 from engine.packing import PackedBatch
-from models import build_model
-from models.config import ModelConfig
+from kernels.attention import cu_seqlens
+from kernels.dispatch import backend
+from models import REGISTRY, ModelConfig, build_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ATTENTION = importlib.import_module("kernels.attention")   # the module (kernels/__init__ may shadow the name)
+ON_CPU = os.environ.get("GPU_TESTS_ON_CPU") == "1"
+DEVICE = torch.device("cpu" if ON_CPU else "cuda")
+pytestmark = pytest.mark.skipif(not ON_CPU and not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (GPU_TESTS_ON_CPU=1: the interpreter at tiny shapes)")
 
-SHAPES = {   # the real per-layer shapes and vocabularies, two layers
-    "qwen2-0.5b": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
-                   "num_hidden_layers": 2, "num_attention_heads": 14, "num_key_value_heads": 2,
-                   "tie_word_embeddings": True, "rope_theta": 1e6},
-    "qwen2-1.5b": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
-                   "num_hidden_layers": 2, "num_attention_heads": 12, "num_key_value_heads": 2,
-                   "tie_word_embeddings": True, "rope_theta": 1e6},
-    "bloom-1b7": {"model_type": "bloom", "vocab_size": 250880, "hidden_size": 2048, "n_layer": 2, "n_head": 16},
-}
-TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2}     # relative norm error, gradients
+if ON_CPU:      # the interpreter costs ~1 ms per program: a few tokens, one step, one case per family
+    TRAINING = [("tiny-qwen2", torch.bfloat16), ("tiny-bloom", torch.float32)]
+    GENERATION, LENGTHS, STEPS = ["tiny-bloom"], [1, 5, 12], 1
+else:
+    TRAINING = [("qwen2-0.5b", torch.float32), ("qwen2-0.5b", torch.bfloat16), ("qwen2-1.5b", torch.bfloat16),
+                ("bloom-1b7", torch.bfloat16)]
+    GENERATION, LENGTHS, STEPS = ["qwen2-0.5b", "bloom-1b7"], [1, 63, 64, 65, 300, 129], 3  # around 64-token tiles
+LR = 1e-3
+FLOOR = {torch.float32: 5e-3, torch.bfloat16: 4e-2}       # gradient relative norm (fp32: tf32 dots)
+LOSS_FLOOR = {torch.float32: 2e-3, torch.bfloat16: 5e-3}  # loss, relative
+YARDSTICK = 3.0                                           # x the torch path's own bf16 error
 
 
-def batch(lengths, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (sum(lengths),), generator=g)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    pos = torch.cat([torch.arange(n) for n in lengths])
+def config(name: str, **override) -> ModelConfig:
+    """The registry's model cut to two layers."""
+    return dataclasses.replace(ModelConfig.from_dict(REGISTRY[name].config, name), num_layers=2, **override)
+
+
+def packed_batch(vocab: int) -> PackedBatch:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (sum(LENGTHS),), generator=g)
+    cu = cu_seqlens(LENGTHS)
     labels = ids.clone()
-    labels[cu[:-1].long()] = -100
-    return PackedBatch(ids, pos, cu, max(lengths), labels).to("cuda")
+    labels[cu[:-1].long()] = -100                # a prompt token per sequence, as the packer marks them
+    pos = torch.cat([torch.arange(n) for n in LENGTHS])
+    return PackedBatch(ids, pos, cu, max(LENGTHS), labels).to(DEVICE)
 
 
-def train_step(name, dtype, backend):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig.from_dict(SHAPES[name]), device="cuda", dtype=dtype, seed=0)
-    opt = AdamW(parameter_groups(model, 0.01), lr=1e-3)
-    b = batch([1, 63, 64, 65, 300, 129], model.config.vocab_size)
-    with kernels.backend(backend):
-        loss = model.loss(b.input_ids, b.shifted_labels(), b.cu_seqlens, b.position_ids, b.max_seqlen)
-        loss.backward()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
-        opt.step()
-    return loss.float(), grads, {n: p.detach().float() for n, p in model.named_parameters()}
+@dataclasses.dataclass
+class Run:
+    losses: list[float]                  # before each AdamW step and after the last
+    grads: dict[str, torch.Tensor]       # fp32, of the first backward
+    attention_launches: int
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+@contextlib.contextmanager
+def count_attention_launches():
+    """Counts launches of the Triton kernels defined in kernels/attention.py (an instance `run`
+    shadows the class's: `kernel[grid](...)` calls self.run)."""
+    from triton.runtime.jit import KernelInterface
+    launched = [0]
+    jitted = [k for k in vars(ATTENTION).values() if isinstance(k, KernelInterface)]
+
+    def counting(run):
+        def counted(*args, **kwargs):
+            launched[0] += 1
+            return run(*args, **kwargs)
+        return counted
+    for k in jitted:
+        k.run = counting(k.run)
+    try:
+        yield launched
+    finally:
+        for k in jitted:
+            del k.run
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", SHAPES)
-def test_training_step_triton_equals_torch(name, dtype):
-    loss, grads, weights = train_step(name, dtype, "triton")
-    ref_loss, ref_grads, ref_weights = train_step(name, dtype, "torch")
-    assert torch.isfinite(loss) and rel(loss, ref_loss) < TOLERANCE[dtype] / 10
-    worst = max(grads, key=lambda n: rel(grads[n], ref_grads[n]))
-    assert rel(grads[worst], ref_grads[worst]) < TOLERANCE[dtype], worst
-    assert all(rel(weights[n], ref_weights[n]) < TOLERANCE[dtype] for n in weights)
+def flash_attn_must_not_run(*args, **kwargs):
+    raise AssertionError("flash-attn ran although the kernel backend is 'triton'")
 
 
-@pytest.mark.parametrize("name", ["qwen2-0.5b", "bloom-1b7"])
+@functools.lru_cache(maxsize=None)
+def initial_weights(name: str) -> dict:
+    """One bf16 initialization per model (on the host), so every run starts from the same weights."""
+    return {k: v.cpu() for k, v in build_model(config(name), DEVICE, torch.bfloat16, seed=0).state_dict().items()}
+
+
+def train(name: str, dtype: torch.dtype, kernel_backend: str, monkeypatch=None) -> Run:
+    model = build_model(config(name), DEVICE, dtype, seed=0)
+    model.load_state_dict(initial_weights(name))
+    opt = AdamW(parameter_groups(model, 0.01), lr=LR)
+    b = packed_batch(model.config.vocab_size)
+    labels = b.shifted_labels()
+    losses, grads = [], {}
+    if monkeypatch is not None:
+        monkeypatch.setattr(ATTENTION, "flash_attn_varlen_func", flash_attn_must_not_run, raising=False)
+    with backend(kernel_backend), count_attention_launches() as launched:
+        for step in range(STEPS + 1):
+            loss = model.loss(b.input_ids, labels, b.cu_seqlens, b.position_ids, b.max_seqlen)
+            losses.append(loss.item())
+            if step == STEPS:
+                break
+            loss.backward()
+            grads = grads or {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad()
+    if monkeypatch is not None:
+        monkeypatch.undo()
+    return Run(losses, grads, launched[0])
+
+
+@functools.lru_cache(maxsize=None)
+def torch_run(name: str, dtype: torch.dtype) -> Run:
+    return train(name, dtype, "torch")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name, dtype", TRAINING)
+def test_training_triton_matches_torch(name, dtype, monkeypatch):
+    ours = train(name, dtype, "triton", monkeypatch)
+    reference = torch_run(name, torch.float32)
+    same_dtype = torch_run(name, dtype) if dtype != torch.float32 else None
+    assert ours.attention_launches > 0, "the 'triton' backend did not launch the kernels of kernels/attention.py"
+    assert all(torch.isfinite(torch.tensor(ours.losses))), ours.losses
+
+    def bound(floor: float, own_error: float | None) -> float:
+        return max(floor, YARDSTICK * own_error) if own_error is not None else floor
+
+    failures = []
+    for n, ref in reference.grads.items():
+        own = rel(same_dtype.grads[n], ref) if same_dtype else None
+        if rel(ours.grads[n], ref) > bound(FLOOR[dtype], own):
+            failures.append(f"grad {n}: {rel(ours.grads[n], ref):.2e} (torch {dtype}: {own})")
+    for step, (loss, ref) in enumerate(zip(ours.losses, reference.losses)):
+        own = abs(same_dtype.losses[step] - ref) / ref if same_dtype else None
+        if abs(loss - ref) / ref > bound(LOSS_FLOOR[dtype], own):
+            failures.append(f"loss after {step} steps: {loss:.5f} vs {ref:.5f} (torch {dtype}: {own})")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", GENERATION)
 def test_generation_with_cuda_graphs(name):
-    config = ModelConfig.from_dict({**SHAPES[name], "vocab_size": 4096})
-    model = build_model(config, device="cuda", dtype=torch.float32, seed=0)
+    model = build_model(config(name, vocab_size=4096), DEVICE, torch.float32, seed=0)
     with torch.no_grad():
         for p in model.parameters():            # O(1) logits: greedy outputs that vary
             if p.dim() == 2:
                 p.normal_(0, p.shape[1] ** -0.5)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (1, 7, 40, 130, 300, 12, 64, 3)]
-    caps = [30, 5, 64, 17, 40, 1, 50, 33]
-    graphs = greedy_generate(model, prompts, caps, [7], cuda_graphs=True)
-    eager = greedy_generate(model, prompts, caps, [7], cuda_graphs=False)
-    with kernels.backend("torch"):
-        reference = greedy_generate(model, prompts, caps, [7], cuda_graphs=False)
+    lengths, caps = ((1, 6, 3), (4, 2, 1)) if ON_CPU else ((1, 7, 40, 130, 300, 12, 64, 3),
+                                                                    (30, 5, 64, 17, 40, 1, 50, 33))
+    prompts = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in lengths]
+    with backend("triton"):
+        graphs = greedy_generate(model, prompts, list(caps), [7], cuda_graphs=True)
+        eager = greedy_generate(model, prompts, list(caps), [7], cuda_graphs=False)
+    with backend("torch"):
+        reference = greedy_generate(model, prompts, list(caps), [7], cuda_graphs=False)
     assert graphs == eager == reference
     assert len({tuple(o) for o in reference}) > 1
