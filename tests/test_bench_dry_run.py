@@ -1,0 +1,76 @@
+"""bench/gpu.sh fits a GPU lease and runs: its step limits sum to at most 540 s, and
+`bash bench/gpu.sh --dry-run` runs every step on the CPU at tiny sizes, so an import, path or
+argument error in a benchmark shows here rather than on the GPU. Plus bench/common.py's helpers."""
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import common
+
+REPO = Path(__file__).resolve().parent.parent
+GPU_SH = REPO / "bench" / "gpu.sh"
+STEPS = ["tests", "train", "generate", "attention", "loss_optim", "kernels"]   # most valuable first
+CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+
+
+def step_limits() -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(r"^step (\S+) (\d+) ", GPU_SH.read_text(), re.M)}
+
+
+def test_step_limits_fit_a_lease():
+    limits = step_limits()
+    assert list(limits) == STEPS
+    assert sum(limits.values()) <= 540, limits
+
+
+def test_dry_run_runs_every_step(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(GPU_SH), "--dry-run", str(out)], env=CPU_ENV, capture_output=True, text=True,
+                          timeout=1200)
+    summary = (out / "summary.log").read_text()
+    assert done.returncode == 0, summary + done.stdout[-3000:] + done.stderr[-2000:]
+    assert [line.split()[0] for line in summary.splitlines()] == STEPS
+    assert len(list(out.iterdir())) <= 8                   # what the device tool brings back
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+        tests_log = tar.extractfile("logs/tests.log").read().decode()
+        throughput = json.load(tar.extractfile("results/throughput-cpu.json"))
+    for kind in ["throughput", "generate", "attention", "loss_optim", "kernels"]:
+        assert {f"{kind}-cpu.json", f"{kind}-cpu.md"} <= names, kind
+    assert re.search(r"\b\d+ passed\b", tests_log) and "skipped" not in tests_log, tests_log[-2000:]
+    assert throughput["models"]["tiny-qwen2"]["train_tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("script", ["bench_attention.py", "bench_kernels.py", "bench_loss_optim.py"])
+def test_gpu_benchmarks_refuse_a_cpu_in_one_line(script):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script)], env=CPU_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2
+    assert "error: " in done.stderr and "--dry-run" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_timer_and_results(tmp_path):
+    timer = common.Timer(torch.device("cpu"), warmup=1, reps=3)
+    calls = []
+    assert timer.median_ms(lambda: calls.append(1)) >= 0 and len(calls) == 4
+    name = common.stem("kernels", "NVIDIA H200 (x/y)")
+    assert name == "kernels-NVIDIA-H200-x-y"
+    md = "\n".join(common.table(["a", "b"], [[1, 2.5]], "lr")) + "\n"
+    path = common.write_results(tmp_path, name, {"rows": [1]}, md)
+    assert json.loads(path.with_name(name + ".json").read_text()) == {"rows": [1]}
+    assert path.with_name(name + ".md").read_text() == "| a | b |\n| --- | ---: |\n| 1 | 2.5 |\n"
+
+
+def test_guarded_keeps_a_gpu_run_going_and_raises_in_a_dry_run():
+    def broken():
+        raise ValueError("no such shape")
+    assert common.guarded(broken, strict=False) == {"status": "error: ValueError: no such shape"}
+    with pytest.raises(ValueError):
+        common.guarded(broken, strict=True)
