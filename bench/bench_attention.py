@@ -227,10 +227,7 @@ def markdown(device, rows) -> str:
 
 
 def main(argv=None):
-    parser = common.parser(__doc__)
-    args = parser.parse_args(argv)
-    device = common.pick_device(args, parser, needs_cuda=True)
-    timer = common.Timer.for_args(device, args, warmup=10, reps=30)
+    args, device, timer = common.start(common.parser(__doc__), argv, needs_cuda=True, warmup=10, reps=30)
     models, budgets, batches, s_max = ((DRY["models"], DRY["budgets"], DRY["batches"], DRY["s_max"]) if args.dry_run
                                        else (MODELS, TOKEN_BUDGETS, DECODE_BATCHES, DECODE_S_MAX))
     generator = torch.Generator().manual_seed(0)
@@ -244,8 +241,8 @@ def main(argv=None):
             for batch in batches:
                 rows += bench_decode(model, batch, s_max, generator, timer, args.dry_run)
                 print(json.dumps(rows[-1]), flush=True)
-    path = common.write_results(args.out, common.stem("attention", common.device_name(device)), {"meta": common.meta(device), "rows": rows},
-                                markdown(device, rows))
+    path = common.write_results(args.out, common.stem("attention", common.device_name(device)),
+                                {"meta": common.meta(device), "rows": rows}, markdown(device, rows))
     print(markdown(device, rows))
     print(f"wrote {path}.json/.md")
 

@@ -116,7 +116,8 @@ def bench_one(name: str, model, prompts, max_new_tokens: int, hf_batch: int, max
         caps = [min(c, max_cap or c) for c in caps]
         stats = {}
         timer = common.Timer(model.device)
-        ours, ours_s = timer.seconds(lambda: greedy_generate(model, prompts, caps, eos_ids, stats=stats, **generate_kwargs))
+        ours, ours_s = timer.seconds(lambda: greedy_generate(model, prompts, caps, eos_ids, stats=stats,
+                                                             **generate_kwargs))
         theirs, theirs_s = timer.seconds(lambda: hf_generate(hf, prompts, max(caps), hf_batch,
                                                              eos_ids[0] if eos_ids else None))
         theirs = [row[:cap] for row, cap in zip(theirs, caps)]
@@ -136,8 +137,8 @@ def bench_one(name: str, model, prompts, max_new_tokens: int, hf_batch: int, max
 
 def markdown(rows: list[dict], meta: dict) -> str:
     body = [[r["model"], r["workload"], r["dtype"], r["prompts"], r["max_new_tokens"], r["generated_tokens"],
-             f"{r['ours_tok_s']:.0f}", f"{r['transformers_tok_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['ours_gb_s']:.1f}",
-             f"{100 * r['identical_outputs']:.0f}%"] for r in rows]
+             f"{r['ours_tok_s']:.0f}", f"{r['transformers_tok_s']:.0f}", f"{r['speedup']:.2f}x",
+             f"{r['ours_gb_s']:.1f}", f"{100 * r['identical_outputs']:.0f}%"] for r in rows]
     lines = [f"# Greedy generation: engine vs transformers ({meta['device']})", "",
              f"`{meta['command']}`, torch {meta['torch']}, {meta['threads']} CPU threads", "",
              *common.table(["model", "workload", "dtype", "prompts", "max new", "generated", "ours tok/s",

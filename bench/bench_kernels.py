@@ -79,15 +79,17 @@ def cases(quick: bool, dry_run: bool) -> list[Case]:
     out = []
     for t in tokens:
         for h in sizes["hidden"]:
-            norm_in = lambda dt, dev, t=t, h=h: (_randn(t, h, dtype=dt, device=dev), _randn(h, dtype=dt, device=dev))  # noqa: E731
+            def norm_in(dt, dev, t=t, h=h):
+                return _randn(t, h, dtype=dt, device=dev), _randn(h, dtype=dt, device=dev)
+
+            def residual_in(dt, dev, t=t, h=h):
+                return _randn(t, h, dtype=dt, device=dev), *norm_in(dt, dev, t, h)
+
+            def layer_norm_in(dt, dev, t=t, h=h):
+                return *norm_in(dt, dev, t, h), _randn(h, dtype=dt, device=dev, scale=0.1)
             out.append(Case("rms_norm", f"T={t} H={h}", norm_in, (2 * t * h, 3 * t * h)))
-            out.append(Case("rms_norm_residual", f"T={t} H={h}",
-                            lambda dt, dev, t=t, h=h: (_randn(t, h, dtype=dt, device=dev), _randn(t, h, dtype=dt, device=dev),
-                                                       _randn(h, dtype=dt, device=dev)),
-                            (4 * t * h, 4 * t * h)))
-            out.append(Case("layer_norm", f"T={t} H={h}",
-                            lambda dt, dev, t=t, h=h: (*norm_in(dt, dev, t, h), _randn(h, dtype=dt, device=dev, scale=0.1)),
-                            (2 * t * h, 3 * t * h)))
+            out.append(Case("rms_norm_residual", f"T={t} H={h}", residual_in, (4 * t * h, 4 * t * h)))
+            out.append(Case("layer_norm", f"T={t} H={h}", layer_norm_in, (2 * t * h, 3 * t * h)))
         for model, hq, hkv, d in sizes["rope"]:
             def rope_in(dt, dev, t=t, hq=hq, hkv=hkv, d=d):
                 cos, sin = rope_cos_sin(_positions(t, dev), d, THETA)  # for Liger, made once per step as in HF
@@ -249,15 +251,15 @@ def markdown(device, check: dict, rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    parser = common.parser(__doc__, quick="T=8K and one shape per op")
-    args = parser.parse_args(argv)
-    device = common.pick_device(args, parser, needs_cuda=True)
-    timer = common.Timer.for_args(device, args, warmup=5, reps=20)
+    args, device, timer = common.start(common.parser(__doc__, quick="T=8K and one shape per op"), argv,
+                                       needs_cuda=True, warmup=5, reps=20)
     started = time.time()
     with backend("triton"):                      # ours is the Triton kernel (interpreted under --dry-run)
         check, rows = run(args.quick, timer, args.dry_run)
-    result = {"meta": common.meta(device), "correctness": check, "rows": rows, "seconds": round(time.time() - started, 1)}
-    path = common.write_results(args.out, common.stem("kernels", common.device_name(device)), result, markdown(device, check, rows))
+    result = {"meta": common.meta(device), "correctness": check, "rows": rows,
+              "seconds": round(time.time() - started, 1)}
+    path = common.write_results(args.out, common.stem("kernels", common.device_name(device)), result,
+                                markdown(device, check, rows))
     print(f"wrote {path}.json/.md in {result['seconds']} s")
 
 

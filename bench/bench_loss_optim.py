@@ -200,10 +200,8 @@ def markdown(device, check: dict, loss_rows: list[dict], adamw_rows: list[dict])
 
 
 def main(argv=None):
-    parser = common.parser(__doc__, quick="T=8K and the 0.5B AdamW only")
-    args = parser.parse_args(argv)
-    device = common.pick_device(args, parser, needs_cuda=True)
-    timer = common.Timer.for_args(device, args, warmup=1, reps=5)
+    args, device, timer = common.start(common.parser(__doc__, quick="T=8K and the 0.5B AdamW only"), argv,
+                                       needs_cuda=True, warmup=1, reps=5)
     if args.dry_run:
         models, tokens, sizes, dtype = DRY["models"], DRY["tokens"], DRY["adamw"], torch.float32
     else:

@@ -1,10 +1,7 @@
 """What every benchmark script shares: its arguments, timing, peak memory, the device's name and
 figures, and the JSON + markdown it writes.
 
-    parser = common.parser(__doc__)              # --out, --device, --quick, --dry-run
-    args = parser.parse_args()
-    device = common.pick_device(args, parser, needs_cuda=True)
-    timer = common.Timer.for_args(device, args)
+    args, device, timer = common.start(common.parser(__doc__), needs_cuda=True)   # --out --device --quick --dry-run
     ms = timer.median_ms(fn)                     # warm-up calls, then the median of timed calls
     with common.PeakMemory(device) as mem:       # mem.bytes: peak above what was live before
         fn()
@@ -69,6 +66,13 @@ def pick_device(args, p: argparse.ArgumentParser, needs_cuda: bool = False) -> t
         p.error("this benchmark times Triton kernels on a CUDA GPU and none is visible; "
                 "--dry-run runs it on the CPU at tiny sizes (a smoke test, no numbers)")
     return device
+
+
+def start(p: argparse.ArgumentParser, argv=None, needs_cuda: bool = False, warmup: int = 3, reps: int = 20):
+    """Parse the arguments and pick the device: (args, device, its Timer)."""
+    args = p.parse_args(argv)
+    device = pick_device(args, p, needs_cuda)
+    return args, device, Timer.for_args(device, args, warmup, reps)
 
 
 def device_name(device) -> str:
