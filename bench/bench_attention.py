@@ -232,19 +232,23 @@ def main(argv=None):
                                        else (MODELS, TOKEN_BUDGETS, DECODE_BATCHES, DECODE_S_MAX))
     generator = torch.Generator().manual_seed(0)
     rows = []
+
+    def save():
+        return common.write_results(args.out, common.stem("attention", common.device_name(device)),
+                                    {"meta": common.meta(device), "rows": rows}, markdown(device, rows))
     with backend("triton"):                      # ours is the Triton kernel (interpreted under --dry-run)
         for model in models:
             for budget in budgets:
                 rows += bench_training(model, budget, generator, timer, args.dry_run)
                 print(json.dumps(rows[-1]), flush=True)
+            save()
         for model in models:
             for batch in batches:
                 rows += bench_decode(model, batch, s_max, generator, timer, args.dry_run)
                 print(json.dumps(rows[-1]), flush=True)
-    path = common.write_results(args.out, common.stem("attention", common.device_name(device)),
-                                {"meta": common.meta(device), "rows": rows}, markdown(device, rows))
+            save()
     print(markdown(device, rows))
-    print(f"wrote {path}.json/.md")
+    print(f"wrote {save()}.json/.md")
 
 
 if __name__ == "__main__":
