@@ -157,6 +157,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = common.pick_device(args, parser)
     rows = []
+
+    def save():                                  # after every model: a time limit keeps the finished ones
+        meta = common.meta(device)
+        return common.write_results(args.out, common.stem("generate", common.device_name(device)),
+                                    {**meta, "results": rows}, markdown(rows, meta))
     if args.models and (device.type == "cuda" or args.dry_run):
         unknown = [m for m in args.models if m not in REGISTRY]
         if unknown:
@@ -168,6 +173,7 @@ def main(argv=None) -> None:
             rows += bench_one(name, model, prompts, new, hf_batch=n, max_cap=new if args.dry_run else None,
                               cuda_graphs=not args.no_cuda_graphs)
             print(*rows[-3:], sep="\n", flush=True)
+            save()
             del model
             common.free(device)
     elif args.models:
@@ -180,10 +186,7 @@ def main(argv=None) -> None:
             prompts = prompts_for(n, 8, 64, model.config.vocab_size)
             rows += bench_one(f"{CPU_MODEL} shape (random)", model, prompts, new, hf_batch=n)
             print(*rows[-3:], sep="\n", flush=True)
-    meta = common.meta(device)
-    path = common.write_results(args.out, common.stem("generate", common.device_name(device)),
-                                {**meta, "results": rows}, markdown(rows, meta))
-    print(f"wrote {path}.json/.md")
+    print(f"wrote {save()}.json/.md")
 
 
 if __name__ == "__main__":

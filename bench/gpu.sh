@@ -64,12 +64,12 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 # 1. Correctness: Triton vs torch gradients and losses at the real layer shapes, CUDA graphs.
-step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step tests 130 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 # 2. Training throughput (and its evaluation), ours vs transformers (vs Liger when carried);
 #    results are rewritten after each model, later models are skipped past --time-budget.
-step train 200 $PY bench/throughput.py $DRY --models $TRAIN_MODELS --time-budget 150 --out "$RESULTS"
+step train 180 $PY bench/throughput.py $DRY --models $TRAIN_MODELS --time-budget 130 --out "$RESULTS"
 # 3. Evaluation throughput: greedy generation, three workloads, ours vs transformers' generate.
-step generate 70 $PY bench/bench_generate.py $DRY --models $EVAL_MODELS --prompts 256 --out "$RESULTS"
+step generate 60 $PY bench/bench_generate.py $DRY --models $EVAL_MODELS --prompts 256 --out "$RESULTS"
 # 4. The kernels: attention (training and decode), fused loss and AdamW, row and elementwise ops.
 step attention 50 $PY bench/bench_attention.py $DRY --out "$RESULTS"
 step loss_optim 50 $PY bench/bench_loss_optim.py $DRY --quick --out "$RESULTS"
