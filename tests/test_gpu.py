@@ -42,7 +42,7 @@ pytestmark = pytest.mark.skipif(not ON_CPU and not torch.cuda.is_available(),
 
 if ON_CPU:      # the interpreter costs ~1 ms per program: a few tokens, one step, one case per family
     TRAINING = [("tiny-qwen2", torch.bfloat16)]
-    GENERATION, LENGTHS, STEPS = ["tiny-bloom"], [1, 5, 12], 1
+    GENERATION, LENGTHS, STEPS = ["tiny-bloom"], [1, 4, 9], 1
 else:
     TRAINING = [("qwen2-0.5b", torch.float32), ("qwen2-0.5b", torch.bfloat16), ("qwen2-1.5b", torch.bfloat16),
                 ("bloom-1b7", torch.bfloat16)]
