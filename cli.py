@@ -4,6 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+# `bench` and `kernels` hand their arguments to the benchmark scripts (see their --help).
+PASSTHROUGH = {"bench": ("bench.throughput", "training and evaluation throughput against transformers"),
+               "kernels": ("bench.kernel_report", "compile every Triton launch for the H100 and report")}
+DATA_FLAGS = ("lang", "length", "poems", "source", "format", "seed")
+SWEEP_FLAGS = ("epochs", "poems", "lr", "batch_tokens")
+
 
 def cmd_memorize(args) -> None:
     from engine.train import from_flags, memorize
@@ -31,9 +37,8 @@ def cmd_data(args) -> None:
 
 def cmd_profile(args) -> None:
     from engine.costs import profile
-    _, table = profile(_names(args.models), args.lang, args.length, args.poems, bench_dir=args.bench_dir,
-                       runs=args.runs, epochs=args.epochs, out=args.out)
-    print(table)
+    print(profile(_names(args.models), args.lang, args.length, args.poems, bench_dir=args.bench_dir, runs=args.runs,
+                  epochs=args.epochs, out=args.out)[1])
 
 
 def cmd_sweep(args) -> None:
@@ -41,7 +46,7 @@ def cmd_sweep(args) -> None:
     overrides = {name: getattr(args, name) for name in SWEEP_FLAGS if getattr(args, name) is not None}
     if args.source:
         overrides["source"] = {"en": args.source}
-    sweep(_names(args.models), _names(args.lang), [int(x) for x in _names(args.length)], args.out_root, **overrides)
+    sweep(_names(args.models), _names(args.lang), [int(n) for n in _names(args.length)], args.out_root, **overrides)
 
 
 def cmd_report(args) -> None:
@@ -53,57 +58,47 @@ def _names(text: str | None) -> list[str] | None:
     return [name for name in text.split(",") if name] if text else None
 
 
-# `bench` and `kernels` hand their arguments to the benchmark scripts (see their --help).
-PASSTHROUGH = {"bench": ("bench.throughput", "training and evaluation throughput against transformers"),
-               "kernels": ("bench.kernel_report", "compile every Triton launch for the H100 and report")}
-
-DATA_FLAGS = ("lang", "length", "poems", "source", "format", "seed")
-SWEEP_FLAGS = ("epochs", "poems", "lr", "batch_tokens")
-
-
 def parser() -> argparse.ArgumentParser:
     from engine.train import TrainConfig, add_flags
     top = argparse.ArgumentParser(prog="cli.py", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
     poems = {"poems": TrainConfig.default("poems")}
 
-    p = sub.add_parser("memorize", help="fine-tune a model to memorize poems and measure exact recitation")
-    add_flags(p)
-    p.set_defaults(run=cmd_memorize)
+    def command(name, run, text):
+        p = sub.add_parser(name, help=text)
+        p.set_defaults(run=run)
+        return p
 
-    p = sub.add_parser("eval", help="measure exact recitation of any checkpoint")
+    add_flags(command("memorize", cmd_memorize, "fine-tune a model to memorize poems and measure exact recitation"))
+
+    p = command("eval", cmd_eval, "measure exact recitation of any checkpoint")
     add_flags(p, ("model",) + DATA_FLAGS + ("device",), defaults=poems)
     p.add_argument("--out", required=True)
-    p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("data", help="dataset statistics: counts, lengths, packing efficiency")
+    p = command("data", cmd_data, "dataset statistics: counts, lengths, packing efficiency")
     p.add_argument("--model", default="tiny-qwen2", help="whose tokenizer counts the tokens")
     add_flags(p, DATA_FLAGS, defaults=poems)
     p.add_argument("--budget", type=int, default=TrainConfig.default("batch_tokens"),
                    help="tokens per packed batch (default: the training micro-batch)")
-    p.set_defaults(run=cmd_data)
 
-    p = sub.add_parser("profile", help="the cost of memorization per model size (measured or projected)")
+    p = command("profile", cmd_profile, "the cost of memorization per model size (measured or projected)")
     p.add_argument("--models", help="comma-separated (default: the paper's seven)")
     add_flags(p, ("lang", "length", "poems", "epochs"), defaults=poems)
     p.add_argument("--bench-dir", default="bench/results", help="where throughput-<device>.json results are")
     p.add_argument("--runs", nargs="*", help="finished run folders (default: runs/**)")
     p.add_argument("--out", default="runs/profile")
-    p.set_defaults(run=cmd_profile)
 
-    p = sub.add_parser("sweep", help="memorize every model x language x length, then the paper's tables")
+    p = command("sweep", cmd_sweep, "memorize every model x language x length, then the paper's tables")
     p.add_argument("--models", required=True, help="comma-separated registry names or folders")
     p.add_argument("--lang", default="cn", help="comma-separated: cn,en")
     p.add_argument("--length", default="256", help="comma-separated: 256,512")
     p.add_argument("--source", help="the English poems file (no English set ships with the engine)")
     add_flags(p, SWEEP_FLAGS, defaults=dict.fromkeys(SWEEP_FLAGS))      # None: memorize's defaults
     p.add_argument("--out-root", default="runs/sweep")
-    p.set_defaults(run=cmd_sweep)
 
-    p = sub.add_parser("report", help="rebuild the tables and plots from finished runs")
+    p = command("report", cmd_report, "rebuild the tables and plots from finished runs")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out")
-    p.set_defaults(run=cmd_report)
 
     for name, (_, text) in PASSTHROUGH.items():
         sub.add_parser(name, help=text + " (its own --help)", add_help=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from engine.data import encode_examples, load_poems, model_format
-from engine.report import PAPER_ACCURACY, duration, markdown_table, pyplot
+from engine.report import PAPER_ACCURACY, duration, markdown_table, pyplot, save_figure
 from engine.runs import find_runs, run_gpu_seconds
 from engine.train import TrainConfig
 from kernels.hardware import PROJECTION
@@ -144,29 +144,25 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
     models = models or PAPER_MODELS
     poems = load_poems(lang, length, n_poems, seed, source)
     bench = load_bench(bench_dir)
-    matching = {}
-    for run in find_runs(runs):
-        if (run["lang"], run["length"]) == (lang, length):
-            matching[run["model"]] = run
-    encoded = {}
-    rows = []
+    matching = {run["model"]: run for run in find_runs(runs) if (run["lang"], run["length"]) == (lang, length)}
+    encoded, rows = {}, []
     for name in models:
         config = model_config(name)
         params = count_parameters(config)
-        tokenizer, tok_note = model_tokenizer(name)
+        tokenizer, tokenizer_note = model_tokenizer(name)
         fmt = model_format(name, tokenizer)
         key = (str(tokenizer.source_dir), fmt)
         if key not in encoded:
             encoded[key] = encode_examples(poems, tokenizer, lang, fmt)
         examples = encoded[key]
-        tokens = sum(len(e) for e in examples)
-        flops = train_flops(config, params, [len(e) for e in examples])
+        lengths = [len(example) for example in examples]
+        flops = train_flops(config, params, lengths)
         measured = (bench or {}).get("models", {}).get(name)
         measured = measured if measured and "train_tokens_per_second" in measured else None
         epoch_s, eval_s, basis = seconds_per_epoch_and_eval(config, params, examples, flops, measured, bench)
         evals = math.ceil(epochs / eval_every)
-        row = {"model": name, "parameters": params, "tokenizer": tok_note, "format": fmt, "poems": len(examples),
-               "tokens_per_epoch": tokens, "flops_per_epoch": flops, "flops_total": flops * epochs,
+        row = {"model": name, "parameters": params, "tokenizer": tokenizer_note, "format": fmt, "poems": len(examples),
+               "tokens_per_epoch": sum(lengths), "flops_per_epoch": flops, "flops_total": flops * epochs,
                "epoch_seconds": epoch_s, "eval_seconds": eval_s,
                "gpu_hours": (epochs * epoch_s + evals * eval_s) / 3600, "basis": basis,
                "projected": not measured, "memory": memory_split(config, params, micro_batch_tokens),
@@ -190,13 +186,13 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
 def seconds_per_epoch_and_eval(config, params, examples, flops, measured: dict | None, bench: dict | None):
     """(training seconds per epoch, seconds per evaluation, basis): from this device's benchmark of the
     model when there is one, else projected (PROJECTION)."""
-    prompt_tokens = [len(e.prompt_ids) for e in examples]
-    target_tokens = [len(e.target_ids) for e in examples]
+    prompt_tokens = [len(example.prompt_ids) for example in examples]
+    target_tokens = [len(example.target_ids) for example in examples]
     if measured:
         return (sum(prompt_tokens + target_tokens) / measured["train_tokens_per_second"],
                 sum(target_tokens) / measured["eval_tokens_per_second"], f"measured ({bench['device']})")
-    return (flops / (PROJECTION.peak_bf16_flops * ASSUMED_MFU), projected_eval_seconds(config, params, prompt_tokens, target_tokens),
-            PROJECTED)
+    return (flops / (PROJECTION.peak_bf16_flops * ASSUMED_MFU),
+            projected_eval_seconds(config, params, prompt_tokens, target_tokens), PROJECTED)
 
 
 def _gib(n) -> str:
@@ -205,30 +201,30 @@ def _gib(n) -> str:
 
 def profile_table(rows: list[dict], lang: str, length: int, epochs: int, eval_every: int, micro_batch_tokens: int) -> str:
     body = []
-    for r in rows:
-        m = r["memory"]
-        acc = f"{r['accuracy']:.2f}" if "accuracy" in r else "-"
-        per_poem = f"{r['gpu_seconds_per_poem']:.2f}" if r.get("gpu_seconds_per_poem") else "-"
-        body.append([r["model"], f"{r['parameters'] / 1e6:,.0f}M", f"{r['tokens_per_epoch']:,}"
-                     + (" *" if r["tokenizer"] != "own" else ""), f"{r['flops_per_epoch'] / 1e15:.2f}",
-                     f"{r['flops_total'] / 1e18:.2f}", duration(r["epoch_seconds"]), f"{r['gpu_hours']:.3g}"
-                     + ("" if r["projected"] else " (measured)"), _gib(m["weights"]), _gib(m["gradients"]),
-                     _gib(m["optimizer"]), _gib(m["activations"]), _gib(m["total"]) + (
-                         f" ({_gib(r['measured_peak_memory_bytes'])} measured)" if r["measured_peak_memory_bytes"] else ""),
-                     acc,
-                     "-" if r["paper_accuracy"] is None else r["paper_accuracy"], per_poem])
+    for row in rows:
+        memory, measured_peak = row["memory"], row["measured_peak_memory_bytes"]
+        body.append([row["model"], f"{row['parameters'] / 1e6:,.0f}M",
+                     f"{row['tokens_per_epoch']:,}" + (" *" if row["tokenizer"] != "own" else ""),
+                     f"{row['flops_per_epoch'] / 1e15:.2f}", f"{row['flops_total'] / 1e18:.2f}",
+                     duration(row["epoch_seconds"]), f"{row['gpu_hours']:.3g}" + ("" if row["projected"] else " (measured)"),
+                     *(_gib(memory[part]) for part in ("weights", "gradients", "optimizer", "activations")),
+                     _gib(memory["total"]) + (f" ({_gib(measured_peak)} measured)" if measured_peak else ""),
+                     f"{row['accuracy']:.2f}" if "accuracy" in row else "-",
+                     "-" if row["paper_accuracy"] is None else row["paper_accuracy"],
+                     f"{row['gpu_seconds_per_poem']:.2f}" if row.get("gpu_seconds_per_poem") else "-"])
     header = ["model", "params", "tokens/epoch", "PFLOP/epoch", f"EFLOP/{epochs} ep", "time/epoch",
               f"GPU-h ({epochs} ep + eval)", "weights GiB", "grads GiB", "AdamW GiB",
               f"activ. GiB ({micro_batch_tokens} tok)", "peak GiB", "acc % (ours)", "acc % (paper)",
               "GPU-s per memorized poem"]
     notes = [f"Cost of memorizing {rows[0]['poems'] if rows else 0} {lang}-{length} poems for {epochs} epochs.",
-             "Time: " + "; ".join(sorted({r["basis"] for r in rows})) + ". Projected evaluation: decode at "
+             "Time: " + "; ".join(sorted({row["basis"] for row in rows})) + ". Projected evaluation: decode at "
              f"{ASSUMED_BANDWIDTH_USE:.0%} of {PROJECTION.hbm_bytes_per_second / 1e12:.2f} TB/s, batch {EVAL_BATCH}, "
              f"one evaluation every {eval_every} epochs.",
              "FLOPs: 6N + causal attention 6·L·d·(s+1) per sequence of s tokens. Memory: bf16 weights and "
              "gradients, fp32 master + 2 moments, activations of one packed micro-batch (no recompute)."]
-    notes += [f"Ours: {r['run_dir']} ({r['run_poems']} poems, {r['run_epochs']} epochs)." for r in rows if "run_dir" in r]
-    if any(r["tokenizer"] != "own" for r in rows):
+    notes += [f"Ours: {row['run_dir']} ({row['run_poems']} poems, {row['run_epochs']} epochs)."
+              for row in rows if "run_dir" in row]
+    if any(row["tokenizer"] != "own" for row in rows):
         notes.append("* tokens counted with the tiny tokenizer as a proxy: the model's tokenizer is not available "
                      "locally (real counts differ).")
     return markdown_table(header, body) + "\n\n" + "\n".join(notes)
@@ -236,19 +232,18 @@ def profile_table(rows: list[dict], lang: str, length: int, epochs: int, eval_ev
 
 def plot_profile(rows: list[dict], path: Path, title: str) -> Path:
     """Model size vs GPU-hours (left) and exact-recitation accuracy, ours and the paper's (right)."""
-    plt = pyplot()
-    rows = sorted(rows, key=lambda r: r["parameters"])
-    fig, cost_ax = plt.subplots(figsize=(8, 4.5))
-    sizes = [r["parameters"] / 1e6 for r in rows]
-    cost_ax.plot(sizes, [r["gpu_hours"] for r in rows], "s-", color="tab:blue")
-    for x, r in zip(sizes, rows):
-        cost_ax.annotate(r["model"], (x, r["gpu_hours"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    rows = sorted(rows, key=lambda row: row["parameters"])
+    fig, cost_ax = pyplot().subplots(figsize=(8, 4.5))
+    sizes = [row["parameters"] / 1e6 for row in rows]
+    cost_ax.plot(sizes, [row["gpu_hours"] for row in rows], "s-", color="tab:blue")
+    for x, row in zip(sizes, rows):
+        cost_ax.annotate(row["model"], (x, row["gpu_hours"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     cost_ax.set_xscale("log")
     cost_ax.set_xlabel("parameters (millions)")
     cost_ax.set_ylabel("GPU-hours, training + evaluation", color="tab:blue")
     acc_ax = cost_ax.twinx()
     for key, marker, label in (("accuracy", "o", "ours"), ("paper_accuracy", "^", "paper")):
-        points = [(x, r[key]) for x, r in zip(sizes, rows) if r.get(key) is not None]
+        points = [(x, row[key]) for x, row in zip(sizes, rows) if row.get(key) is not None]
         if points:
             acc_ax.scatter(*zip(*points), marker=marker, color="tab:red", label=f"accuracy ({label})",
                            facecolors="none" if label == "paper" else "tab:red")
@@ -257,7 +252,4 @@ def plot_profile(rows: list[dict], path: Path, title: str) -> Path:
     if acc_ax.get_legend_handles_labels()[0]:
         acc_ax.legend(loc="lower right", fontsize=8)
     cost_ax.set_title(f"Cost of memorization by model size ({title})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -46,6 +46,13 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
 def plot_run(out: Path, title: str) -> Path:
     plt = pyplot()
     epochs, evals = epoch_curve(read_jsonl(out / "metrics.jsonl"))
@@ -59,11 +66,7 @@ def plot_run(out: Path, title: str) -> Path:
     acc_ax.set_ylabel("exact recitation accuracy (%)", color="tab:red")
     acc_ax.set_ylim(0, 100)
     loss_ax.set_title(title)
-    fig.tight_layout()
-    path = out / "curve.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "curve.png")
 
 
 def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
@@ -86,11 +89,11 @@ def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
         "Files: results.json (all numbers and the full config), metrics.jsonl (per step and per epoch),",
         "generations.jsonl (prompt, target, output, correct per poem), model/ (the final weights, Hugging Face format).",
     ]
-    wrong = [r for r in records if not r.get("correct")][:3]
+    wrong = [record for record in records if not record.get("correct")][:3]
     if wrong:
         lines += ["", "## Some wrong recitations", ""]
-        for r in wrong:
-            lines += [f"- {r['prompt']}", f"  - target: {r['target']!r}", f"  - output: {r['output']!r}"]
+        for record in wrong:
+            lines += [f"- {record['prompt']}", f"  - target: {record['target']!r}", f"  - output: {record['output']!r}"]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -122,17 +125,17 @@ def describe(lang: str, length: int, tokenizer, budget_tokens: int, source=None,
     fmt = fmt or default_format(tokenizer)
     poems = load_poems(lang, length, n, seed, source)
     examples = encode_examples(poems, tokenizer, lang, fmt, budget_tokens)
-    chars = [poem_chars(p, lang) for p in poems]
-    tokens = [len(e) for e in examples]
+    chars = [poem_chars(poem, lang) for poem in poems]
+    tokens = [len(example) for example in examples]
     batches = pack(examples, budget_tokens, seed=seed, epoch=0)
     where = source or FROZEN / f"poems-{lang}-{length}.jsonl"
-    total, fullest = sum(tokens), sorted(b.num_tokens for b in batches)[1:]
+    total, fullest = sum(tokens), sorted(batch.num_tokens for batch in batches)[1:]
     return "\n".join([
         f"{len(poems)} {lang} poems from {where} (length bin {length}, seed {seed}, format {fmt})",
         f"characters (prompt + poem): min {min(chars)} mean {sum(chars) / len(chars):.1f} max {max(chars)}",
         histogram(chars),
         f"tokens (prompt + target + EOS): min {min(tokens)} mean {total / len(tokens):.1f} max {max(tokens)}, "
-        f"total {total} ({sum(len(e.target_ids) for e in examples)} target)",
+        f"total {total} ({sum(len(example.target_ids) for example in examples)} target)",
         histogram(tokens),
         f"packing at {budget_tokens} tokens per batch: {len(batches)} batches, "
         f"efficiency {100 * packing_efficiency(batches, budget_tokens):.2f}% "
@@ -156,12 +159,14 @@ def _percent(value) -> str:
 
 def accuracy_tables(runs: list[dict]) -> str:
     """Our accuracy beside the paper's, in the layout of its Table 1 (CN / ENG) and Table 2 (CN 256-512)."""
-    ours = {(r["model"], r["lang"], r["length"]): 100 * r["accuracy"] for r in runs}
-    models = PAPER_MODELS + sorted({r["model"] for r in runs} - set(PAPER_MODELS))
-    table1 = [[display_name(m)] + [_percent(acc) for key in (("cn", 256), ("en", 256))
-                                   for acc in (ours.get((m, *key)), PAPER_ACCURACY[key].get(m))] for m in models]
-    table2 = [[display_name(m), _percent(ours.get((m, "cn", 512))), _percent(PAPER_ACCURACY[("cn", 512)].get(m))]
-              for m in models if m in PAPER_ACCURACY[("cn", 512)] or (m, "cn", 512) in ours]
+    ours = {(run["model"], run["lang"], run["length"]): 100 * run["accuracy"] for run in runs}
+    models = PAPER_MODELS + sorted({run["model"] for run in runs} - set(PAPER_MODELS))
+    table1 = [[display_name(model)] + [_percent(accuracy) for key in (("cn", 256), ("en", 256))
+                                       for accuracy in (ours.get((model, *key)), PAPER_ACCURACY[key].get(model))]
+              for model in models]
+    table2 = [[display_name(model), _percent(ours.get((model, "cn", 512))),
+               _percent(PAPER_ACCURACY[("cn", 512)].get(model))]
+              for model in models if model in PAPER_ACCURACY[("cn", 512)] or (model, "cn", 512) in ours]
     return "\n".join([
         "Table 1: exact recitation accuracy (%), prompt + poem <= 256 characters, after the runs' epochs "
         "(the paper: 100).", "",
@@ -172,13 +177,13 @@ def accuracy_tables(runs: list[dict]) -> str:
 
 def cost_table(runs: list[dict]) -> str:
     body = []
-    for r in runs:
-        memorized = r["accuracy"] * r["n_poems"]
-        per_poem = f"{run_gpu_seconds(r) / memorized:.2f}" if memorized else "-"
-        body.append([Path(r["run_dir"]).name, display_name(r["model"]), f"{r['lang']}-{r['length']}", r["n_poems"],
-                     r["epochs"], f"{100 * r['accuracy']:.2f}", duration(r["train_seconds"]),
-                     duration(r["eval_seconds"]), f"{r.get('device', '?')} x{r.get('world_size', 1)}",
-                     f"{run_gpu_seconds(r) / 3600:.3g}", per_poem])
+    for run in runs:
+        memorized = run["accuracy"] * run["n_poems"]
+        per_poem = f"{run_gpu_seconds(run) / memorized:.2f}" if memorized else "-"
+        body.append([Path(run["run_dir"]).name, display_name(run["model"]), f"{run['lang']}-{run['length']}", run["n_poems"],
+                     run["epochs"], f"{100 * run['accuracy']:.2f}", duration(run["train_seconds"]),
+                     duration(run["eval_seconds"]), f"{run.get('device', '?')} x{run.get('world_size', 1)}",
+                     f"{run_gpu_seconds(run) / 3600:.3g}", per_poem])
     return markdown_table(["run", "model", "poems", "n", "epochs", "accuracy %", "train time", "eval time", "device",
                            "device-hours", "device-s per memorized poem"], body)
 
@@ -195,10 +200,7 @@ def _accuracy_figure(title: str, xlabel: str):
 
 def _save(fig, ax, path: Path) -> Path:
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _label(run: dict) -> str:
@@ -208,9 +210,9 @@ def _label(run: dict) -> str:
 def plot_curves(runs: list[dict], path: Path) -> Path:
     """Memorization curves: exact-recitation accuracy per epoch of several runs in one figure."""
     fig, ax = _accuracy_figure("Memorization curves", "epoch")
-    for r in runs:
-        _, evals = epoch_curve(read_jsonl(Path(r["run_dir"]) / "metrics.jsonl"))
-        ax.plot([m["epoch"] for m in evals], [100 * m["accuracy"] for m in evals], "o-", markersize=3, label=_label(r))
+    for run in runs:
+        _, evals = epoch_curve(read_jsonl(Path(run["run_dir"]) / "metrics.jsonl"))
+        ax.plot([m["epoch"] for m in evals], [100 * m["accuracy"] for m in evals], "o-", markersize=3, label=_label(run))
     return _save(fig, ax, path)
 
 
@@ -223,10 +225,10 @@ def accuracy_by_length(run: dict) -> list[dict]:
 def plot_by_length(runs: list[dict], path: Path) -> Path:
     labels = [length_bucket(edge) for edge in LENGTH_EDGES] + [length_bucket(LENGTH_EDGES[-1] + 1)]
     fig, ax = _accuracy_figure("Accuracy by poem length", "poem length (characters)")
-    for r in runs:
-        buckets = accuracy_by_length(r)
+    for run in runs:
+        buckets = accuracy_by_length(run)
         ax.plot([labels.index(b["chars"]) for b in buckets], [100 * b["accuracy"] for b in buckets], "o-",
-                label=_label(r))
+                label=_label(run))
     ax.set_xticks(range(len(labels)), labels)
     return _save(fig, ax, path)
 
@@ -237,12 +239,12 @@ def report(run_dirs: list[str], out=None) -> str:
     runs = find_runs(run_dirs)
     if not runs:
         raise ValueError("report: no run folders given: pass the folders of finished memorize runs")
-    out = Path(out) if out is not None else Path(os.path.commonpath([Path(r["run_dir"]).resolve() for r in runs]))
+    out = Path(out) if out is not None else Path(os.path.commonpath([Path(run["run_dir"]).resolve() for run in runs]))
     if len(runs) == 1 and out == Path(runs[0]["run_dir"]).resolve():
         out = out.parent
     out.mkdir(parents=True, exist_ok=True)
-    order = {m: i for i, m in enumerate(PAPER_MODELS)}
-    runs.sort(key=lambda r: (order.get(r["model"], len(order)), r["model"], r["lang"], r["length"]))
+    order = {model: i for i, model in enumerate(PAPER_MODELS)}
+    runs.sort(key=lambda run: (order.get(run["model"], len(order)), run["model"], run["lang"], run["length"]))
     plot_curves(runs, out / "curves.png")
     plot_by_length(runs, out / "accuracy_by_length.png")
     text = "\n".join([
@@ -253,6 +255,6 @@ def report(run_dirs: list[str], out=None) -> str:
         cost_table(runs), "",
         "![accuracy per epoch](curves.png)", "",
         "![accuracy by poem length](accuracy_by_length.png)", "",
-        "Runs: " + ", ".join(r["run_dir"] for r in runs)]) + "\n"
+        "Runs: " + ", ".join(run["run_dir"] for run in runs)]) + "\n"
     (out / "report.md").write_text(text, encoding="utf-8")
     return text

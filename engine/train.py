@@ -111,22 +111,16 @@ def add_flags(parser: argparse.ArgumentParser, names=None, defaults=None) -> Non
         spec, meta = FIELDS[name], FIELDS[name].metadata
         default = (defaults or {}).get(name, None if spec.default is MISSING else spec.default)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        text = meta["help"] + (f" (default {meta['full']}; {meta['tiny']} for tiny presets)"
-                               if meta.get("full") is not None and default is None
-                               else "" if default is None or isinstance(default, bool) else f" (default {shown})")
+        text = meta["help"] + (f" (default {meta['full']}; {meta['tiny']} for tiny presets)" if meta.get("full")
+                               and default is None else "" if default is None or default is False else f" (default {shown})")
         if isinstance(default, bool):
             parser.add_argument(flag(name), action="store_true", help=text)
         elif isinstance(default, tuple):
-            parser.add_argument(flag(name), type=type(default[0]), nargs=len(default), default=default,
-                                metavar=name.upper()[:-1], help=text)
+            parser.add_argument(flag(name), type=float, nargs=len(default), default=default, metavar="B", help=text)
         else:
-            parser.add_argument(flag(name), type=_scalar_type(spec), default=default, choices=meta.get("choices"),
-                                required=spec.default is MISSING, help=text)
-
-
-def _scalar_type(spec):
-    hint = str(spec.type)
-    return int if hint.startswith("int") else float if hint.startswith("float") else str
+            parser.add_argument(flag(name), type={"int": int, "float": float}.get(spec.type.split()[0], str),
+                                default=default, choices=meta.get("choices"), required=spec.default is MISSING,
+                                help=text)
 
 
 def from_flags(args: argparse.Namespace) -> TrainConfig:
@@ -139,14 +133,8 @@ def config_flags(config: TrainConfig) -> list[str]:
     args = []
     for name, spec in FIELDS.items():
         value = getattr(config, name)
-        if spec.default is not MISSING and value == spec.default:
-            continue
-        if isinstance(value, bool):
-            args.append(flag(name))
-        elif isinstance(value, tuple):
-            args += [flag(name), *map(repr, value)]
-        else:
-            args += [flag(name), repr(value) if isinstance(value, float) else str(value)]
+        if value != spec.default:
+            args += [flag(name)] + ([] if value is True else list(map(str, value if isinstance(value, tuple) else [value])))
     return args
 
 

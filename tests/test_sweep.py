@@ -1,4 +1,5 @@
-"""engine/sweep.py and engine/report.py: a sweep and the paper's tables end to end on the tiny presets."""
+"""engine/sweep.py and engine/report.py: a sweep and the paper's tables end to end on the tiny presets
+(the sweep's subprocess flags: tests/test_config.py)."""
 import pytest
 
 from engine.costs import profile
@@ -38,14 +39,3 @@ def test_sweep_and_report_end_to_end(tmp_path, one_thread):
     assert "tiny-qwen2-cn-256" in markdown and (tmp_path / "one" / "report.md").is_file()
     profiled = profile(["tiny-qwen2"], n_poems=4, bench_dir=tmp_path, runs=[root / "tiny-qwen2-cn-256"], out=None)
     assert profiled[0][0]["accuracy"] == pytest.approx(accuracy["tiny-qwen2"])
-
-
-def test_cli_arguments_round_trip_through_cli_parser():
-    from cli import parser
-    from engine.sweep import cli_arguments
-    from engine.train import TrainConfig
-    config = TrainConfig(model="tiny-qwen2", lang="cn", length=512, epochs=3, batch_tokens=2048, lr=1e-3,
-                         out="runs/x", resume=True)
-    args = parser().parse_args(cli_arguments(config))
-    assert (args.model, args.lang, args.length, args.epochs, args.batch_tokens, args.lr, args.out, args.resume) == \
-        ("tiny-qwen2", "cn", 512, 3, 2048, 1e-3, "runs/x", True)
