@@ -19,11 +19,10 @@ No padding anywhere, and no host sync per token (gpt-fast / nano-vllm style):
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 
-from kernels import use_triton
+from kernels.attention import cu_seqlens as cu_seqlens_from_lengths
+from kernels.dispatch import use_triton
 from models.base import KVCache
 
 CPU_KV_BUDGET = 4 << 30           # bytes of KV cache per batch on the CPU
@@ -103,9 +102,9 @@ def prefill(model, prompts: list[list[int]], cache: KVCache, prefill_tokens: int
     for part in chunks(prompts, prefill_tokens):
         lengths = [len(p) for p in part]
         ids = torch.tensor([t for p in part for t in p], dtype=torch.int64, device=device)
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        cu = cu_seqlens_from_lengths(lengths, device)
         slots = torch.arange(lo, lo + len(part), device=device)
-        hidden = model(ids, cu_seqlens=cu, max_seqlen=max(lengths), cache=cache, slot_ids=slots, return_hidden=True)
+        hidden = model.prefill(ids, cu, cache, slots, max_seqlen=max(lengths), return_hidden=True)
         firsts.append(model.logits(hidden[cu[1:].long() - 1]).argmax(-1))
         lo += len(part)
     return torch.cat(firsts)
@@ -203,7 +202,7 @@ class DecodeStep:
         self.use_graphs = graphs
 
     def eager(self, tokens, positions, slots):
-        hidden = self.model(tokens, position_ids=positions, cache=self.cache, slot_ids=slots, return_hidden=True)
+        hidden = self.model.decode_step(tokens, positions, self.cache, slots, return_hidden=True)
         return self.model.logits(hidden).argmax(-1)
 
     def __call__(self, tokens, positions, slots):
