@@ -42,7 +42,7 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
     caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(caps) != len(prompts):
         raise ValueError(f"max_new_tokens has {len(caps)} entries for {len(prompts)} prompts")
-    if any(len(p) == 0 for p in prompts) or any(c < 0 for c in caps):
+    if any(len(p) == 0 for p in prompts) or any(cap < 0 for cap in caps):
         raise ValueError("every prompt needs at least one token and every max_new_tokens must be >= 0")
     device = model.device
     bytes_per_token = KVCache.bytes_per_token(model.config, model.dtype)
@@ -61,11 +61,11 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
             for batch in plan_batches(todo, spans, bytes_per_token, budget):
                 cache = KVCache(model.config, len(batch) + 1, spans[batch[0]], device, model.dtype)
                 step = DecodeStep(model, cache, scratch_slot=len(batch), graphs=graphs)
-                first = prefill(model, [prompts[i] for i in batch], cache, prefill_tokens)
-                out, steps = decode(step, first, [len(prompts[i]) for i in batch], [caps[i] for i in batch],
+                first = prefill_batch(model, [prompts[i] for i in batch], cache, prefill_tokens)
+                out, steps = decode_batch(step, first, [len(prompts[i]) for i in batch], [caps[i] for i in batch],
                                     eos_token_ids, check_every)
                 for i, row in zip(batch, out.tolist()):
-                    results[i], stopped = cut(row[:caps[i]], eos_token_ids)
+                    results[i], stopped = cut_at_eos(row[:caps[i]], eos_token_ids)
                     stats["generated_tokens"] += len(results[i]) + stopped
                 stats["batches"] += 1
                 stats["steps"] += steps
@@ -96,10 +96,10 @@ def plan_batches(todo: list[int], spans: dict[int, int], bytes_per_token: int, b
     return batches
 
 
-def prefill(model, prompts: list[list[int]], cache: KVCache, prefill_tokens: int) -> torch.Tensor:
+def prefill_batch(model, prompts: list[list[int]], cache: KVCache, prefill_tokens: int) -> torch.Tensor:
     """Packed varlen forward of the prompts into cache slots 0..n-1 -> each one's first new token [n]."""
     device, firsts, lo = model.device, [], 0
-    for part in chunks(prompts, prefill_tokens):
+    for part in prefill_groups(prompts, prefill_tokens):
         lengths = [len(p) for p in part]
         ids = torch.tensor([t for p in part for t in p], dtype=torch.int64, device=device)
         cu = cu_seqlens_from_lengths(lengths, device)
@@ -110,7 +110,7 @@ def prefill(model, prompts: list[list[int]], cache: KVCache, prefill_tokens: int
     return torch.cat(firsts)
 
 
-def chunks(prompts: list[list[int]], max_tokens: int):
+def prefill_groups(prompts: list[list[int]], max_tokens: int):
     """Consecutive groups of at most max_tokens tokens (a longer prompt goes alone)."""
     group, size = [], 0
     for p in prompts:
@@ -123,7 +123,7 @@ def chunks(prompts: list[list[int]], max_tokens: int):
         yield group
 
 
-def decode(step, first: torch.Tensor, lengths: list[int], caps: list[int], eos_token_ids: list[int],
+def decode_batch(step, first: torch.Tensor, lengths: list[int], caps: list[int], eos_token_ids: list[int],
            check_every: int) -> tuple[torch.Tensor, int]:
     """Decode steps until every sequence hit EOS or its cap -> (tokens [n, max cap], steps run).
 
@@ -138,7 +138,7 @@ def decode(step, first: torch.Tensor, lengths: list[int], caps: list[int], eos_t
     positions = torch.tensor(lengths, dtype=torch.int64, device=device)   # where each latest token goes
     cap = torch.tensor(caps, dtype=torch.int64, device=device)
     tokens, live = first, list(range(len(caps)))
-    done = finished(tokens, eos, cap, 1)
+    done = reached_stop(tokens, eos, cap, 1)
     generated, limit = 1, max(caps)
     while True:
         if (generated - 1) % check_every == 0:
@@ -154,17 +154,17 @@ def decode(step, first: torch.Tensor, lengths: list[int], caps: list[int], eos_t
             break
         tokens = step(tokens, positions, rows)
         out[rows, generated] = tokens
-        done |= finished(tokens, eos, cap, generated + 1)
+        done |= reached_stop(tokens, eos, cap, generated + 1)
         positions += ~done                                         # finished ones rewrite their last slot
         generated += 1
     return out, generated - 1
 
 
-def finished(tokens, eos, cap, generated: int) -> torch.Tensor:
+def reached_stop(tokens, eos, cap, generated: int) -> torch.Tensor:
     return torch.isin(tokens, eos) | (cap <= generated)
 
 
-def cut(row: list[int], eos_token_ids: list[int]) -> tuple[list[int], bool]:
+def cut_at_eos(row: list[int], eos_token_ids: list[int]) -> tuple[list[int], bool]:
     """(tokens before the first EOS, whether an EOS was found)."""
     for j, token in enumerate(row):
         if token in eos_token_ids:
@@ -172,7 +172,7 @@ def cut(row: list[int], eos_token_ids: list[int]) -> tuple[list[int], bool]:
     return row, False
 
 
-def bucket(n: int) -> int:
+def graph_batch_size(n: int) -> int:
     """Graph batch sizes: powers of two up to 8, then 4 per octave (at most 25% padding)."""
     if n <= 8:
         return 1 << (n - 1).bit_length()
@@ -193,7 +193,7 @@ class DecodeStep:
         self.model, self.cache, self.scratch = model, cache, scratch_slot
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if graphs:
-            size, device = bucket(scratch_slot), model.device
+            size, device = graph_batch_size(scratch_slot), model.device
             self.tokens = torch.zeros(size, dtype=torch.int64, device=device)
             self.positions = torch.zeros(size, dtype=torch.int64, device=device)
             self.slots = torch.full((size,), scratch_slot, dtype=torch.int64, device=device)
@@ -208,7 +208,7 @@ class DecodeStep:
     def __call__(self, tokens, positions, slots):
         if not self.use_graphs:
             return self.eager(tokens, positions, slots)
-        n, size = tokens.numel(), bucket(tokens.numel())
+        n, size = tokens.numel(), graph_batch_size(tokens.numel())
         self.tokens[:n] = tokens
         self.positions[:n] = positions
         self.slots[:n] = slots

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine.generate import bucket, greedy_generate, plan_batches
+from engine.generate import graph_batch_size, greedy_generate, plan_batches
 from models import KVCache, load_model
 from tests.helpers import hf_config, hf_model
 
@@ -147,5 +147,5 @@ def test_plan_batches_and_buckets():
     assert plan_batches([0, 1, 2, 3], spans, 1, 10**6) == [[1, 3, 2, 0]]
     with pytest.raises(ValueError, match="raise the budget"):
         plan_batches([1], spans, 1, 59)
-    assert [bucket(n) for n in (1, 3, 8, 9, 17, 33, 100, 2000)] == [1, 4, 8, 10, 20, 40, 112, 2048]
-    assert all(n <= bucket(n) <= 1.25 * n for n in range(9, 5000))
+    assert [graph_batch_size(n) for n in (1, 3, 8, 9, 17, 33, 100, 2000)] == [1, 4, 8, 10, 20, 40, 112, 2048]
+    assert all(n <= graph_batch_size(n) <= 1.25 * n for n in range(9, 5000))
