@@ -8,7 +8,8 @@ No padding anywhere, and no host sync per token (gpt-fast / nano-vllm style):
   2. prefill: the batch's prompts as one packed varlen stream (cu_seqlens) write their keys and
      values into cache slots 0..n-1; only each prompt's last hidden state reaches the output
      layer, so [T, V] logits never exist;
-  3. decode: one token per live sequence per step, argmax on the device. A device-side `done`
+  3. decode: one token per live sequence per step, its argmax over fp32 logits on the device
+     (models.base.greedy_tokens: bf16 logits would tie near-ties). A device-side `done`
      mask (EOS or the sequence's own cap) is read by the host only every `check_every` steps;
      finished sequences then leave the batch: the live tensors are compacted, the cache does
      not move because every live sequence carries its slot id. A sequence that finished between
@@ -105,7 +106,7 @@ def prefill_batch(model, prompts: list[list[int]], cache: KVCache, prefill_token
         cu = cu_seqlens_from_lengths(lengths, device)
         slots = torch.arange(lo, lo + len(part), device=device)
         hidden = model.prefill(ids, cu, cache, slots, max_seqlen=max(lengths), return_hidden=True)
-        firsts.append(model.logits(hidden[cu[1:].long() - 1]).argmax(-1))
+        firsts.append(model.greedy_tokens(hidden[cu[1:].long() - 1]))
         lo += len(part)
     return torch.cat(firsts)
 
@@ -203,7 +204,7 @@ class DecodeStep:
 
     def eager(self, tokens, positions, slots):
         hidden = self.model.decode_step(tokens, positions, self.cache, slots, return_hidden=True)
-        return self.model.logits(hidden).argmax(-1)
+        return self.model.greedy_tokens(hidden)
 
     def __call__(self, tokens, positions, slots):
         if not self.use_graphs:

@@ -26,6 +26,9 @@ from kernels.linear_cross_entropy import linear_cross_entropy
 from kernels.rms_norm import rms_norm
 from models.config import ModelConfig
 
+ARGMAX_TILE_BYTES = 64 << 20      # fp32 logits tile of the greedy pick: 2,048 rows x 8,192 columns
+ARGMAX_MIN_COLUMNS = 1024         # vocabulary columns per tile at least (more rows: fewer rows per tile)
+
 
 class KVCache:
     """Preallocated keys and values, per layer [slots, Hkv, max_len, D] (see kernels/decode_attention.py).
@@ -145,6 +148,10 @@ class CausalLM(nn.Module):
     def logits(self, hidden):
         return hidden @ self.output_weight().t()
 
+    def greedy_tokens(self, hidden) -> torch.Tensor:
+        """hidden [N, H] -> [N] int64: the argmax of the fp32 logits, never materialized whole."""
+        return greedy_tokens(hidden, self.output_weight())
+
     def loss(self, input_ids, labels, cu_seqlens, position_ids=None, max_seqlen=None, reduction="mean"):
         """Cross-entropy of next-token predictions: labels[t] is the token to predict at position t
         (-100: none), already shifted within each sequence. The logits are never materialized."""
@@ -165,6 +172,52 @@ class CausalLM(nn.Module):
     def save_pretrained(self, out_dir, tokenizer=None) -> None:
         from models.weights import save_pretrained
         save_pretrained(self, out_dir, tokenizer)
+
+
+def greedy_tokens(hidden, weight, tile_bytes: int = ARGMAX_TILE_BYTES) -> torch.Tensor:
+    """argmax over v of the fp32 logits hidden @ weight[v] -> [N] int64, the index torch.argmax
+    of the whole [N, V] fp32 logits would give (first on ties, NaN counts as largest).
+
+    Why fp32: a memorized token's logit is ~30, where bf16 spacing is 0.125, so bf16 logits
+    turn near-ties into exact ties (or flip them) and a recitation that fp32 gets right fails.
+    The logits exist one tile of at most tile_bytes at a time (rows x vocabulary columns, a
+    running max over the column tiles): static shapes and no host sync, so a CUDA graph can
+    hold it. bf16 products are exact in fp32, so only the accumulation order differs from fp64.
+    """
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    if rows == 0:
+        return torch.zeros(0, dtype=torch.int64, device=hidden.device)
+    columns = min(vocab, max(ARGMAX_MIN_COLUMNS, tile_bytes // (4 * rows) // 128 * 128))
+    row_step = max(1, tile_bytes // (4 * columns))
+    if not hidden.is_cuda:
+        hidden = hidden.float()        # CPU BLAS has no bf16 x bf16 -> fp32 GEMM: upcast per tile
+    picks = [argmax_over_column_tiles(hidden[r:r + row_step], weight, columns) for r in range(0, rows, row_step)]
+    return picks[0] if len(picks) == 1 else torch.cat(picks)
+
+
+def argmax_over_column_tiles(hidden, weight, columns: int) -> torch.Tensor:
+    best_value = best_index = None
+    for lo in range(0, weight.shape[0], columns):
+        logits = fp32_matmul(hidden, weight[lo:lo + columns].t())
+        index = logits.argmax(-1, keepdim=True)
+        value = logits.gather(-1, index)
+        index += lo
+        if best_value is None:
+            best_value, best_index = value, index
+            continue
+        # strictly greater: an earlier tile keeps a tie, as torch.argmax keeps the first index
+        wins = (value > best_value) | (value.isnan() & ~best_value.isnan())
+        best_value, best_index = torch.where(wins, value, best_value), torch.where(wins, index, best_index)
+    return best_index.squeeze(-1)
+
+
+def fp32_matmul(a, b) -> torch.Tensor:
+    """a @ b with fp32 output: cuBLAS writes fp32 from bf16 inputs (torch >= 2.8); elsewhere upcast."""
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 class RMSNorm(nn.Module):
