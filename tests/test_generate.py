@@ -148,8 +148,54 @@ def test_plan_batches_and_buckets():
     assert plan_batches([0, 1, 2, 3], spans, 1, 10**6) == [[1, 3, 2, 0]]
     with pytest.raises(ValueError, match="raise the budget"):
         plan_batches([1], spans, 1, 59)
+    spans = {0: 10, 1: 30, 2: 10, 3: 10, 4: 10}
+    assert plan_batches(list(spans), spans, 1, 90) == [[1, 0], [2, 3, 4]]
+    assert plan_batches(list(spans), spans, 1, 90, one_cache=True) == [[1, 0], [2, 3], [4]]   # x 30 each
     assert [graph_batch_size(n) for n in (1, 3, 8, 9, 17, 33, 100, 2000)] == [1, 4, 8, 10, 20, 40, 112, 2048]
     assert all(n <= graph_batch_size(n) <= 1.25 * n for n in range(9, 5000))
+
+
+def test_graphs_recorded_once_per_size_over_an_evaluation(setup, monkeypatch):
+    """Three decode batches through the CUDA-graph path, with a stand-in recorder whose replay
+    reruns the recorded step on the static buffers: each graph batch size is recorded once for
+    the whole evaluation, not once per batch, and the tokens equal the eager ones."""
+    import engine.generate as generate
+    model, _, prompts, reference = setup
+    recorded, sizes_per_batch = [], []
+
+    def stand_in_capture(run):
+        recorded.append(run)
+        run()                                   # the warm-up the CUDA recorder does
+        return run
+
+    def prefill_batch(*args):
+        sizes_per_batch.append(set())
+        return real_prefill(*args)
+
+    def decode_step(self, tokens, positions, slots):
+        sizes_per_batch[-1].add(graph_batch_size(tokens.numel()))
+        assert self.capture is stand_in_capture and self.scratch == self.cache.slots - 1
+        assert not set(slots.tolist()) & {self.scratch}
+        return real_step(self, tokens, positions, slots)
+
+    real_prefill, real_step = generate.prefill_batch, generate.DecodeStep.__call__
+    monkeypatch.setattr(generate, "graph_recorder", lambda model: stand_in_capture)
+    monkeypatch.setattr(generate, "prefill_batch", prefill_batch)
+    monkeypatch.setattr(generate.DecodeStep, "__call__", decode_step)
+    spans = [n + cap - 1 for n, cap in zip(LENGTHS, CAPS)]
+    budget = 4 * max(spans) * KVCache.bytes_per_token(model.config, model.dtype)   # 3 sequences a batch
+    stats = {}
+    assert greedy_generate(model, prompts, CAPS, eos_token_ids=[], kv_budget_bytes=budget, check_every=1,
+                           stats=stats) == reference
+    used = set().union(*sizes_per_batch)
+    assert stats["batches"] == len(sizes_per_batch) == 3
+    assert stats["graph_captures"] == len(recorded) == len(used) == 3
+    assert sum(map(len, sizes_per_batch)) == 6           # recording per batch would have taken 6
+    monkeypatch.undo()
+    eager = {}
+    assert greedy_generate(model, prompts, CAPS, eos_token_ids=[], kv_budget_bytes=budget, cuda_graphs=False,
+                           stats=eager) == reference
+    assert eager["graph_captures"] == 0 and eager["batches"] == 2
 
 
 @pytest.mark.parametrize("case", ["ties", "nan"])
