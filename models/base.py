@@ -28,6 +28,7 @@ from models.config import ModelConfig
 
 ARGMAX_TILE_BYTES = 64 << 20      # fp32 logits tile of the greedy pick: 2,048 rows x 8,192 columns
 ARGMAX_MIN_COLUMNS = 1024         # vocabulary columns per tile at least (more rows: fewer rows per tile)
+UPCAST_TILE_BYTES = 32 << 20      # fp32 copy of a bf16 weight tile on the CPU (a larger one costs page faults)
 
 
 class KVCache:
@@ -188,9 +189,11 @@ def greedy_tokens(hidden, weight, tile_bytes: int = ARGMAX_TILE_BYTES) -> torch.
     if rows == 0:
         return torch.zeros(0, dtype=torch.int64, device=hidden.device)
     columns = min(vocab, max(ARGMAX_MIN_COLUMNS, tile_bytes // (4 * rows) // 128 * 128))
+    if not hidden.is_cuda and weight.dtype != torch.float32:
+        # CPU BLAS has no bf16 x bf16 -> fp32 GEMM: each weight tile is upcast, a bounded copy
+        columns = min(columns, max(ARGMAX_MIN_COLUMNS, UPCAST_TILE_BYTES // (4 * weight.shape[1]) // 128 * 128))
+        hidden = hidden.float()
     row_step = max(1, tile_bytes // (4 * columns))
-    if not hidden.is_cuda:
-        hidden = hidden.float()        # CPU BLAS has no bf16 x bf16 -> fp32 GEMM: upcast per tile
     picks = [argmax_over_column_tiles(hidden[r:r + row_step], weight, columns) for r in range(0, rows, row_step)]
     return picks[0] if len(picks) == 1 else torch.cat(picks)
 
