@@ -4,7 +4,8 @@
 
 No padding anywhere, and no host sync per token (gpt-fast / nano-vllm style):
   1. plan: sequences, longest first (prompt + cap), are grouped into batches whose KV cache
-     ([n + 1 slots, longest prompt + cap] per layer) fits `kv_budget_bytes`;
+     ([n + 1 slots, longest prompt + cap] per layer) fits `kv_budget_bytes` (with CUDA graphs
+     one cache serves every batch, so each is sized by the longest span of all);
   2. prefill: the batch's prompts as one packed varlen stream (cu_seqlens) write their keys and
      values into cache slots 0..n-1; only each prompt's last hidden state reaches the output
      layer, so [T, V] logits never exist;
