@@ -429,7 +429,7 @@ def _slopes_log2(alibi_slopes, ref):
     return (alibi_slopes.float() * LOG2E).contiguous()
 
 
-def _flash_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
+def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
     """-> out [T, Hq, D] in q's dtype, lse2 [Hq, T] fp32 (log2 domain)."""
     n_tokens, n_heads, head_dim = q.shape
     cfg = attention_launch_config(head_dim, "fwd", dtype=q.dtype)
@@ -447,7 +447,7 @@ def _flash_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
     return out, lse2
 
 
-def _flash_backward(do, q, k, v, out, lse2, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
+def flash_attention_backward(do, q, k, v, out, lse2, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
     """-> dq, dk, dv like q, k, v."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
@@ -484,7 +484,7 @@ def _flash_backward(do, q, k, v, out, lse2, cu_seqlens, max_seqlen, alibi_slopes
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
-        out, lse2 = _flash_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
+        out, lse2 = flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse2, cu_seqlens, alibi_slopes)
         ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
         return out
@@ -492,7 +492,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse2, cu_seqlens, alibi_slopes = ctx.saved_tensors
-        dq, dk, dv = _flash_backward(do, q, k, v, out, lse2, cu_seqlens, ctx.max_seqlen, alibi_slopes,
+        dq, dk, dv = flash_attention_backward(do, q, k, v, out, lse2, cu_seqlens, ctx.max_seqlen, alibi_slopes,
                                      ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None, None, None
 
@@ -514,7 +514,7 @@ def triton_attention(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None, ca
 def triton_attention_with_lse(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None, causal=True, scale=None):
     """Forward only: (out [T, Hq, D], lse [T, Hq] fp32 natural log-sum-exp of the biased, scaled scores)."""
     q, k, v, cu_seqlens, max_seqlen, scale = _prepare(q, k, v, cu_seqlens, max_seqlen, scale)
-    out, lse2 = _flash_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
+    out, lse2 = flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
     return out, lse2.t() / LOG2E
 
 

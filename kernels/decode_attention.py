@@ -159,7 +159,7 @@ def _decode_combine_kernel(PART_O, PART_LSE, O, SEQLENS, n_heads, stride_ob, str
     tl.store(O + b * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
-def _decode_triton(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale, num_splits):
+def triton_decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale, num_splits):
     batch, n_heads, head_dim = q.shape
     n_slots, n_kv, s_max, _ = k_cache.shape
     if n_heads % n_kv or k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
@@ -204,5 +204,5 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids=None, alibi_sl
     """num_splits: chunks per sequence for the Triton kernel (None: `decode_num_splits`)."""
     if use_triton(q):
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        return _decode_triton(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale, num_splits)
+        return triton_decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale, num_splits)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale)

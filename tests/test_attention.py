@@ -119,7 +119,7 @@ def test_cpu_dispatch_uses_reference_unless_forced(monkeypatch):
     def kernel_called(*args):
         raise RuntimeError("Triton kernel called")
 
-    monkeypatch.setattr(importlib.import_module("kernels.attention"), "_flash_forward", kernel_called)
+    monkeypatch.setattr(importlib.import_module("kernels.attention"), "flash_attention_forward", kernel_called)
     q = torch.randn(5, 2, 64)
     kernels.attention(q, q, q, cu_from_lengths([5]), 5)
     with kernels.backend("triton"), pytest.raises(RuntimeError, match="Triton kernel called"):

@@ -99,7 +99,7 @@ def test_cpu_dispatch_uses_reference_unless_forced(monkeypatch):
     def kernel_called(*args):
         raise RuntimeError("Triton kernel called")
 
-    monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "_decode_triton", kernel_called)
+    monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "triton_decode_attention", kernel_called)
     q, k_cache, v_cache, lengths, slot_ids = random_cache(2, 2, 4, 2, 64, 8, torch.float32)
     decode_attention(q, k_cache.nan_to_num(), v_cache.nan_to_num(), lengths, slot_ids)
     with kernels.backend("triton"), pytest.raises(RuntimeError, match="Triton kernel called"):
