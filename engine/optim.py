@@ -40,7 +40,10 @@ import torch
 
 from kernels import adamw_step, use_triton
 
-CPU_STEP_ELEMENTS = 1 << 21     # 8 MB per fp32 temporary of the CPU (torch reference) step
+# The CPU (torch reference) step runs in slices of this many elements: its sqrt(v) temporary is 8 MB
+# instead of 4 bytes per parameter. Measured (one thread): a step over 494M fp32 elements peaks 19.5 MiB
+# of RSS above its buffers (whole-buffer: 4.04 bytes/element, 1.9 GiB), and is no slower (100M: 3.2 s vs 3.4 s).
+CPU_STEP_ELEMENTS = 1 << 21
 
 
 class GradientError(RuntimeError):
