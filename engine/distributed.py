@@ -159,6 +159,15 @@ class GradSync:
 
 # ---------------------------------------------------------------- sharded evaluation
 
+def all_gather(value, world: int) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def gather_in_order(mine: list, world: int, rank: int) -> list | None:
     """The inverse of items[rank::world] over all ranks, on rank 0 (None elsewhere)."""
     parts = [None] * world if rank == 0 else None
