@@ -120,8 +120,8 @@ def test_model_decode_step_matches_full_forward(name):
     cache = KVCache(config, slots=5, max_len=24)
     with torch.no_grad():
         with kernels.backend("triton"):
-            model(prompts, cu_seqlens=cu_from_lengths(lengths.tolist()), cache=cache, slot_ids=slot_ids)
-            step = model(new_tokens, cache=cache, position_ids=lengths, slot_ids=slot_ids)
+            model.prefill(prompts, cu_from_lengths(lengths.tolist()), cache, slot_ids)
+            step = model.decode_step(new_tokens, lengths, cache, slot_ids)
         full = torch.cat([torch.cat([p, t[None]]) for p, t in zip(prompts.split(lengths.tolist()), new_tokens)])
         with kernels.backend("torch"):
             want = model(full, cu_seqlens=cu_from_lengths((lengths + 1).tolist()))[(lengths + 1).cumsum(0) - 1]
