@@ -24,7 +24,7 @@ def test_train_step_ours(benchmark, data):
     model = build_ours(raw, CPU, torch.float32)
     opt = AdamW(parameter_groups(model, 0.01), lr=1e-5)
     it = iter(range(10**6))
-    benchmark.pedantic(lambda: train_step(model, opt, [batches[next(it) % 4]], BUDGET, CPU, 1, 0, 1.0),
+    benchmark.pedantic(lambda: train_step(model, opt, [batches[next(it) % 4]], BUDGET, CPU, None, 1.0),
                        rounds=3, warmup_rounds=1)
     benchmark.extra_info["tokens"] = batches[0].num_tokens
 

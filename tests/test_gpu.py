@@ -123,7 +123,7 @@ def train(name: str, dtype: torch.dtype, kernel_backend: str, monkeypatch=None) 
             if step == STEPS:
                 break
             loss.backward()
-            grads = grads or {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+            grads = grads or {n: p.main_grad.clone() for n, p in model.named_parameters()}   # fp32 accumulator
             opt.step()
             opt.zero_grad()
     if monkeypatch is not None:
