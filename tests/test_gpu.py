@@ -8,9 +8,10 @@ torch path at the real per-layer shapes (the registry's configs, two layers), bo
   shared by all keys) flip with correct kernels.
 - The loss over a few AdamW steps (engine.optim, fp32 masters) on the same batch.
 - bf16 bounds: max(a floor, 3x the torch path's own bf16 error on that tensor or step), so a
-  quantity that bf16 rounding cannot resolve does not fail the test. A CPU emulation at the
-  Qwen2-0.5B layer shapes measured torch bf16 vs fp32: 0.7-1.4e-2 per gradient tensor, loss
-  within 1e-3 relative over 3 steps at lr 1e-3.
+  quantity that bf16 rounding cannot resolve does not fail the test; the loss floor triples per
+  step, as rounding differences compound. CPU emulations (torch bf16 vs fp32, two layers, vocab
+  16,384): gradients 0.7-1.4e-2 per tensor (Qwen2-0.5B), 0.2-0.7e-2 (BLOOM-560m); loss after
+  0-3 steps at lr 1e-3 within 1e-3 relative (Qwen2), 3e-5 / 2e-3 / 2e-2 / 3e-2 (BLOOM).
 - Under the "triton" backend our attention kernel is what runs, also where flash-attn is
   installed (counted launches; flash-attn replaced by a function that fails).
 - Greedy generation with and without CUDA graphs equals the torch path.
@@ -49,8 +50,10 @@ else:
     GENERATION, LENGTHS, STEPS = ["qwen2-0.5b", "bloom-1b7"], [1, 63, 64, 65, 300, 129], 3  # around 64-token tiles
 LR = 1e-3
 FLOOR = {torch.float32: 1e-3, torch.bfloat16: 4e-2}       # gradient relative norm (fp32 dots are IEEE)
-LOSS_FLOOR = {torch.float32: 1e-3, torch.bfloat16: 5e-3}  # loss, relative
-YARDSTICK = 3.0                                           # x the torch path's own bf16 error
+LOSS_FLOOR = {torch.float32: 1e-3, torch.bfloat16: 5e-3}  # loss before any step, relative
+COMPOUNDING = 3.0      # per AdamW step: at lr 1e-3 the trajectories are chaotic (BLOOM-560m layers, torch
+                       # bf16 vs fp32: 3e-5, 2e-3, 2e-2, 3e-2 relative after 0-3 steps)
+YARDSTICK = 3.0        # x the torch path's own bf16 error (for the loss: its largest up to that step)
 
 
 def config(name: str, **override) -> ModelConfig:
@@ -157,8 +160,9 @@ def test_training_triton_matches_torch(name, dtype, monkeypatch):
         if rel(ours.grads[n], ref) > bound(FLOOR[dtype], own):
             failures.append(f"grad {n}: {rel(ours.grads[n], ref):.2e} (torch {dtype}: {own})")
     for step, (loss, ref) in enumerate(zip(ours.losses, reference.losses)):
-        own = abs(same_dtype.losses[step] - ref) / ref if same_dtype else None
-        if abs(loss - ref) / ref > bound(LOSS_FLOOR[dtype], own):
+        own = (max(abs(a - b) / b for a, b in zip(same_dtype.losses[:step + 1], reference.losses))
+               if same_dtype else None)
+        if abs(loss - ref) / ref > bound(LOSS_FLOOR[dtype] * COMPOUNDING ** step, own):
             failures.append(f"loss after {step} steps: {loss:.5f} vs {ref:.5f} (torch {dtype}: {own})")
     assert not failures, "\n".join(failures)
 
