@@ -51,17 +51,22 @@ def save_checkpoint(out: Path, model, tokenizer, opt, epoch: int, step: int, tot
     """checkpoint-{epoch}/ (HF model + trainer.pt), then the `latest` pointer swapped atomically."""
     final = out / f"checkpoint-{epoch}"
     tmp = out / f".checkpoint-{epoch}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model", tokenizer)
-    torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "totals": totals, "config": asdict(config),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               tmp / "trainer.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = out / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, out / "latest")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp / "model", tokenizer)
+        torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "totals": totals,
+                    "config": asdict(config), "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                                      "numpy": np.random.get_state(), "cuda": torch.cuda.get_rng_state_all()
+                                                      if torch.cuda.is_available() else None}},
+                   tmp / "trainer.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = out / ".latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, out / "latest")
+    except OSError as e:
+        raise TrainingError(f"cannot write the checkpoint {final} ({e.strerror or e}): free disk space or fix the "
+                            f"permissions of {out}, then continue with --resume (earlier checkpoints are intact)") from None
     for old in out.glob("checkpoint-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

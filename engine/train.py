@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from engine.data import encode_examples, load_poems, model_format
-from engine.evaluate import evaluate
+from engine.evaluate import evaluate, resolve_device
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
@@ -41,9 +41,22 @@ from engine.runs import Metrics, TrainingError, latest_checkpoint, prepare_outpu
 from models import load_model, load_tokenizer
 
 
-def setting(help: str, default=None, *, full=None, tiny=None, choices=None):
-    """A TrainConfig field. full/tiny: the value a default of None stands for (tiny: for tiny presets)."""
-    return field(default=default, metadata={"help": help, "full": full, "tiny": tiny, "choices": choices})
+class ConfigError(ValueError):
+    pass
+
+
+# Allowed ranges: (test, what the message says).
+AT_LEAST_1 = (lambda value: value >= 1, "at least 1")
+POSITIVE = (lambda value: value > 0, "above 0")
+NOT_NEGATIVE = (lambda value: value >= 0, "0 or more")
+BETA = (lambda value: 0 <= value < 1, "in [0, 1)")
+
+
+def setting(help: str, default=None, *, full=None, tiny=None, choices=None, valid=None):
+    """A TrainConfig field. full/tiny: the value a default of None stands for (tiny: for tiny presets);
+    valid: its allowed range."""
+    return field(default=default, metadata={"help": help, "full": full, "tiny": tiny, "choices": choices,
+                                            "valid": valid})
 
 
 @dataclass
@@ -52,28 +65,29 @@ class TrainConfig:
     lang: str = setting("poem language", "cn", choices=("cn", "en"))
     length: int = setting("prompt + poem characters: 256 (<= 256) or 512 (257..512, the paper's Table 2)", 256,
                           choices=(256, 512))
-    poems: int | None = setting("poems to sample", full=2000, tiny=32)
-    epochs: int = setting("passes over the poems", 100)
-    lr: float | None = setting("peak learning rate", full=2e-5, tiny=3e-3)
+    poems: int | None = setting("poems to sample", full=2000, tiny=32, valid=AT_LEAST_1)
+    epochs: int = setting("passes over the poems", 100, valid=AT_LEAST_1)
+    lr: float | None = setting("peak learning rate", full=2e-5, tiny=3e-3, valid=POSITIVE)
     batch_tokens: int | None = setting("tokens per optimizer step (8192: ~64 poems, ~30 steps per epoch of 2,000)",
-                                       full=8192, tiny=256)
-    micro_batch_tokens: int | None = setting("tokens per forward/backward (default: --batch-tokens)")
-    eval_every: int = setting("epochs between recitation evaluations (the memorization curve)", 10)
-    checkpoint_every: int = setting("epochs between checkpoints (and the last): a 1.5B model's is ~25 GB", 10)
+                                       full=8192, tiny=256, valid=AT_LEAST_1)
+    micro_batch_tokens: int | None = setting("tokens per forward/backward (default: --batch-tokens)", valid=AT_LEAST_1)
+    eval_every: int = setting("epochs between recitation evaluations (the memorization curve)", 10, valid=AT_LEAST_1)
+    checkpoint_every: int = setting("epochs between checkpoints (and the last): a 1.5B model's is ~25 GB", 10,
+                                    valid=AT_LEAST_1)
     seed: int = setting("seeds the poem sample, the weights of a preset and the data order", 0)
     out: str | None = setting("output folder (default runs/MODEL-LANG-LENGTH)")
     resume: bool = setting("continue the run in --out from its last checkpoint", False)
-    warmup_steps: int | None = setting("linear warmup steps (default: 3%% of the steps)")
+    warmup_steps: int | None = setting("linear warmup steps (default: 3%% of the steps)", valid=NOT_NEGATIVE)
     schedule: str = setting("learning-rate schedule after the warmup", "cosine", choices=("cosine", "constant"))
-    weight_decay: float = setting("on matrices only (not norms, biases, embeddings)", 0.01)
+    weight_decay: float = setting("on matrices only (not norms, biases, embeddings)", 0.01, valid=NOT_NEGATIVE)
     # beta2 0.95 as in LLM training: the second moment follows the shrinking gradients of memorization
-    betas: tuple[float, float] = setting("AdamW's moment decay rates beta1 beta2", (0.9, 0.95))
-    max_grad_norm: float = setting("global gradient-norm clipping", 1.0)
+    betas: tuple[float, float] = setting("AdamW's moment decay rates beta1 beta2", (0.9, 0.95), valid=BETA)
+    max_grad_norm: float = setting("global gradient-norm clipping", 1.0, valid=POSITIVE)
     format: str | None = setting("prompt format (default: chat for chat/instruct models)", choices=("chat", "plain"))
     source: str | None = setting("a local .parquet/.jsonl/.json/.csv file or a hub dataset "
                                  "(default: the frozen CN set)")
     device: str | None = setting("cpu, cuda, cuda:1 (default: cuda when available)")
-    log_every: int = setting("steps between metric lines (each one syncs the host)", 10)
+    log_every: int = setting("steps between metric lines (each one syncs the host)", 10, valid=AT_LEAST_1)
 
     @staticmethod
     def default(name: str, tiny: bool = False):
@@ -83,20 +97,32 @@ class TrainConfig:
         return (meta["tiny"] if tiny else meta["full"]) if meta.get("full") is not None else spec.default
 
     def resolved(self) -> "TrainConfig":
-        """Defaults filled in: tiny presets get a demo-sized run."""
+        """Defaults filled in (tiny presets get a demo-sized run), every value checked: raises ConfigError."""
+        for name in FIELDS:
+            check_value(name, getattr(self, name))
         tiny = self.model.startswith("tiny-")
         filled = replace(self, **{name: self.default(name, tiny) for name, spec in FIELDS.items()
                                   if spec.metadata.get("full") is not None and getattr(self, name) is None})
-        filled.micro_batch_tokens = self.micro_batch_tokens or filled.batch_tokens
+        if filled.micro_batch_tokens is None:
+            filled.micro_batch_tokens = filled.batch_tokens
         filled.out = self.out or str(run_dir("runs", self.model, self.lang, self.length))
-        filled.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        filled.device = resolve_device(self.device)
         if filled.micro_batch_tokens > filled.batch_tokens:
-            raise ValueError(f"--micro-batch-tokens {filled.micro_batch_tokens} exceeds --batch-tokens "
-                             f"{filled.batch_tokens}")
+            raise ConfigError(f"--micro-batch-tokens {filled.micro_batch_tokens} exceeds --batch-tokens "
+                              f"{filled.batch_tokens}: it must be at most --batch-tokens")
         return filled
 
 
 FIELDS = {spec.name: spec for spec in fields(TrainConfig)}
+
+
+def check_value(name: str, value) -> None:
+    """ConfigError naming the flag and its allowed range when `value` is outside it (other names pass)."""
+    spec = FIELDS.get(name)
+    test, allowed = (spec.metadata.get("valid") if spec else None) or (None, None)
+    values = list(value) if isinstance(value, (tuple, list)) else [value]
+    if test is not None and value is not None and not all(map(test, values)):
+        raise ConfigError(f"{flag(name)} must be {allowed} (got {' '.join(map(str, values))})")
 
 
 # ---------------------------------------------------------------- the config as command-line flags
@@ -221,18 +247,17 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
     run = setup(config.resolved())
     checkpoint = resume(run)
     metrics = Metrics(run.out / "metrics.jsonl", run.rank == 0, run.step if checkpoint is not None else None)
-    bar = _progress(run.total_steps, run.step, progress and run.rank == 0,
-                    f"{Path(run.config.model).name} {run.config.lang}")
-    while run.epoch < run.config.epochs:
-        record = train_epoch(run, metrics, bar)
-        if run.rank == 0 and run.due(run.config.eval_every):
-            record["accuracy"] = recite(run)["accuracy"]
-        metrics.log(**record)
-        if run.rank == 0 and run.due(run.config.checkpoint_every):
-            save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, run.config)
-        if run.world > 1:
-            dist.barrier()
-    bar.close()
+    with _progress(run.total_steps, run.step, progress and run.rank == 0,
+                   f"{Path(run.config.model).name} {run.config.lang}") as bar:
+        while run.epoch < run.config.epochs:
+            record = train_epoch(run, metrics, bar)
+            if run.rank == 0 and run.due(run.config.eval_every):
+                record["accuracy"] = recite(run)["accuracy"]
+            metrics.log(**record)
+            if run.rank == 0 and run.due(run.config.checkpoint_every):
+                save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, run.config)
+            if run.world > 1:
+                dist.barrier()
     return finish(run) if run.rank == 0 else {}
 
 
