@@ -34,6 +34,7 @@ import torch
 
 from engine.data import Poem, default_format, encode_examples, load_poems, model_format, prompt_text, stop_token_ids
 from engine.generate import greedy_generate
+from engine.runs import is_run_folder
 from models import load_model, load_tokenizer
 
 CATEGORIES = ("correct", "minor", "severe", "memory_loss")
@@ -197,6 +198,12 @@ def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: i
              kv_budget_bytes: int | None = None, cuda_graphs: bool = True) -> dict:
     """`cli.py eval`: load the model and tokenizer, select the poems, recite, score, write
     `generations.jsonl` and `results.json` under out_dir (if given) -> the results dict."""
+    if is_run_folder(model_name_or_path):
+        raise ValueError(f"{model_name_or_path} is a memorize run's folder, not a model: pass "
+                         f"{Path(model_name_or_path) / 'model'} (its final weights) or one of its checkpoint-N/model")
+    if out_dir is not None and is_run_folder(out_dir):
+        raise ValueError(f"{out_dir} holds a memorize run, and eval does not write over a run's files: pass a new "
+                         f"folder, such as {Path(out_dir) / 'eval'}")
     device = resolve_device(device)
     model = load_model(model_name_or_path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(model_name_or_path)

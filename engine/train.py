@@ -19,6 +19,7 @@ config_flags turns a config back into those flags (the sweep's subprocesses).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,8 @@ from engine.evaluate import evaluate, resolve_device
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
-from engine.runs import Metrics, TrainingError, latest_checkpoint, prepare_output, restore, run_dir, save_checkpoint
+from engine.runs import (Metrics, TrainingError, claimed, keep_last_finite, restore_newest, resume_differences, run_dir,
+                         save_checkpoint, save_model, saved_config)
 from models import load_model, load_tokenizer
 
 
@@ -88,6 +90,8 @@ class TrainConfig:
                                  "(default: the frozen CN set)")
     device: str | None = setting("cpu, cuda, cuda:1 (default: cuda when available)")
     log_every: int = setting("steps between metric lines (each one syncs the host)", 10, valid=AT_LEAST_1)
+    keep_checkpoints: int = setting("newest checkpoints kept: an unreadable latest one falls back to the one before",
+                                    2, valid=AT_LEAST_1)
 
     @staticmethod
     def default(name: str, tiny: bool = False):
@@ -114,6 +118,9 @@ class TrainConfig:
 
 
 FIELDS = {spec.name: spec for spec in fields(TrainConfig)}
+# What a resumed run may change: how often it reports and saves, where it runs. Everything else
+# gives the run its meaning and must match the saved configuration (epochs may grow).
+FREE_ON_RESUME = {"eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "device", "out", "resume"}
 
 
 def check_value(name: str, value) -> None:
@@ -244,29 +251,45 @@ class Run:
 
 def memorize(config: TrainConfig, progress: bool = True) -> dict:
     """Train, evaluate and write the run's folder; returns results.json's content (rank 0)."""
-    run = setup(config.resolved())
-    checkpoint = resume(run)
-    metrics = Metrics(run.out / "metrics.jsonl", run.rank == 0, run.step if checkpoint is not None else None)
-    with _progress(run.total_steps, run.step, progress and run.rank == 0,
-                   f"{Path(run.config.model).name} {run.config.lang}") as bar:
-        while run.epoch < run.config.epochs:
-            record = train_epoch(run, metrics, bar)
-            if run.rank == 0 and run.due(run.config.eval_every):
-                record["accuracy"] = recite(run)["accuracy"]
-            metrics.log(**record)
-            if run.rank == 0 and run.due(run.config.checkpoint_every):
-                save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, run.config)
-            if run.world > 1:
-                dist.barrier()
-    return finish(run) if run.rank == 0 else {}
-
-
-def setup(config: TrainConfig) -> Run:
-    """Claim the output folder, seed every generator, load the model, the poems and the optimizer."""
+    config = config.resolved()
     rank, world, device = init_distributed(config.device)
-    out = Path(config.out)
-    if rank == 0:
-        prepare_output(out, config.resume)
+    with claimed(Path(config.out), config.resume) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and config.resume:
+            check_resume(config)
+        run = setup(config, rank, world, device)
+        checkpoint = resume(run)
+        metrics = Metrics(run.out / "metrics.jsonl", run.rank == 0, run.step if checkpoint is not None else None)
+        with _progress(run.total_steps, run.step, progress and run.rank == 0,
+                       f"{Path(config.model).name} {config.lang}") as bar:
+            while run.epoch < config.epochs:
+                record = train_epoch(run, metrics, bar)
+                if run.rank == 0 and run.due(config.eval_every):
+                    record["accuracy"] = recite(run)["accuracy"]
+                metrics.log(**record)
+                if run.rank == 0 and run.due(config.checkpoint_every):
+                    save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals,
+                                    config, config.keep_checkpoints)
+                if run.world > 1:
+                    dist.barrier()
+        return finish(run) if run.rank == 0 else {}
+
+
+def check_resume(config: TrainConfig) -> None:
+    """Refuse a resume that would change the run's meaning; say so when it extends the run."""
+    saved = saved_config(config.out)
+    if saved is None:
+        return
+    differences = resume_differences(saved, asdict(config), FREE_ON_RESUME)
+    if differences:
+        raise TrainingError(f"--resume: {config.out} was trained with other settings: {'; '.join(differences)}. "
+                            "Resume with the run's own settings, or start a new run with another --out")
+    if config.epochs > saved["epochs"]:
+        print(f"extending the run in {config.out} from {saved['epochs']} to {config.epochs} epochs (the learning-rate "
+              "schedule stretches to the new length)", file=sys.stderr)
+
+
+def setup(config: TrainConfig, rank: int, world: int, device: str) -> Run:
+    """Seed every generator, load the model, the poems and the optimizer."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -280,19 +303,24 @@ def setup(config: TrainConfig) -> Run:
     steps_per_epoch = len(plan_steps(pack(examples, config.micro_batch_tokens, config.seed, 0), config.batch_tokens))
     total_steps = steps_per_epoch * config.epochs
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, round(0.03 * total_steps))
-    return Run(config, out, rank, world, device, model, tokenizer, fmt, poems, examples, opt, total_steps, warmup)
+    return Run(config, Path(config.out), rank, world, device, model, tokenizer, fmt, poems, examples, opt, total_steps,
+               warmup)
 
 
 def resume(run: Run) -> Path | None:
-    """With --resume and a checkpoint: its weights, optimizer, RNG and progress; writes config.json.
-    Returns the checkpoint resumed from, if any."""
-    checkpoint = latest_checkpoint(run.out) if run.config.resume else None
-    if checkpoint is not None:
-        run.epoch, run.step, run.totals = restore(checkpoint, run.model, run.opt)
+    """With --resume: the newest readable checkpoint's weights, optimizer, RNG and progress; writes
+    config.json. Returns the checkpoint resumed from, if any."""
+    checkpoint = None
+    if run.config.resume:
+        checkpoint, state = restore_newest(run.out, run.model, run.opt)
+        if checkpoint is not None:
+            run.epoch, run.step, run.totals = state
     if run.rank == 0:
-        (run.out / "config.json").write_text(json.dumps(saved_config(run), indent=2))
+        (run.out / "config.json").write_text(json.dumps(saved_run_config(run), indent=2))
         if checkpoint is not None:
             print(f"resuming {run.out} after epoch {run.epoch} (step {run.step})", file=sys.stderr)
+        elif run.config.resume:
+            print(f"{run.out} holds no checkpoint yet: the run starts from the beginning", file=sys.stderr)
     return checkpoint
 
 
@@ -354,20 +382,20 @@ def finish(run: Run) -> dict:
         recite(run)
     summary, records = run.last_eval
     config, totals = run.config, run.totals
-    run.model.save_pretrained(run.out / "model", run.tokenizer)
+    save_model(run.model, run.tokenizer, run.out / "model")
     results = {
         "model": config.model, "lang": config.lang, "length": config.length, "n_poems": len(run.poems),
         "epochs": config.epochs, **summary, **totals,
         "tokens_per_second": totals["train_tokens"] / totals["train_seconds"] if totals["train_seconds"] else None,
         "peak_memory_bytes": peak_memory_bytes(run.device), "parameters": run.model.num_parameters(),
         "device": torch.cuda.get_device_name(run.device) if run.device.startswith("cuda") else "cpu",
-        "world_size": run.world, "config": saved_config(run),
+        "world_size": run.world, "config": saved_run_config(run),
     }
     write_run_report(run.out, results, records)
     return results
 
 
-def saved_config(run: Run) -> dict:
+def saved_run_config(run: Run) -> dict:
     return {**asdict(run.config), "format": run.fmt}
 
 
@@ -380,10 +408,16 @@ def peak_memory_bytes(device) -> int:
 
 def _finite(loss: torch.Tensor, run: Run) -> float:
     value = float(loss)
-    if not math.isfinite(value):
-        raise TrainingError(f"the loss became {value} at step {run.step}: the last good checkpoint is kept in "
-                            f"{run.out} (resume from it with --resume, perhaps with a lower --lr)")
-    return value
+    if math.isfinite(value):
+        return value
+    kept = keep_last_finite(run.out) if run.rank == 0 else None
+    advice = "start a new run with a lower --lr"
+    if kept is None:
+        raise TrainingError(f"the loss became {value} at step {run.step} and no checkpoint in {run.out} holds finite "
+                            f"weights: {advice}")
+    raise TrainingError(f"the loss became {value} at step {run.step}: {kept} is the last checkpoint with finite "
+                        f"weights, kept as {run.out / 'latest'}; {advice} (its weights can seed one: --model "
+                        f"{kept / 'model'})")
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):
