@@ -308,6 +308,9 @@ class Metrics:
                 f.write(json.dumps(record) + "\n")
 
 
+RESULTS_KEYS = ("model", "lang", "length", "n_poems", "epochs", "accuracy", "train_seconds", "eval_seconds")
+
+
 def find_runs(run_dirs=None, root="runs") -> list[dict]:
     """results.json of finished memorize runs (the given folders, or every one under `root`), with run_dir."""
     paths = ([Path(d) / "results.json" for d in run_dirs] if run_dirs is not None
@@ -316,7 +319,16 @@ def find_runs(run_dirs=None, root="runs") -> list[dict]:
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path.parent} holds no results.json: it is not a finished memorize run")
-        runs.append({**json.loads(path.read_text(encoding="utf-8")), "run_dir": str(path.parent)})
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): run the memorize run again with --resume, or leave "
+                             "its folder out") from None
+        missing = [key for key in RESULTS_KEYS if not isinstance(results, dict) or key not in results]
+        if missing:
+            raise ValueError(f"{path} is not a finished memorize run's results (it has no {', '.join(missing)}): "
+                             "pass the folders of finished memorize runs")
+        runs.append({**results, "run_dir": str(path.parent)})
     return runs
 
 

@@ -71,7 +71,7 @@ class TrainConfig:
     epochs: int = setting("passes over the poems", 100, valid=AT_LEAST_1)
     lr: float | None = setting("peak learning rate", full=2e-5, tiny=3e-3, valid=POSITIVE)
     batch_tokens: int | None = setting("tokens per optimizer step (8192: ~64 poems, ~30 steps per epoch of 2,000)",
-                                       full=8192, tiny=256, valid=AT_LEAST_1)
+                                       full=8192, tiny={256: 256, 512: 1024}, valid=AT_LEAST_1)
     micro_batch_tokens: int | None = setting("tokens per forward/backward (default: --batch-tokens)", valid=AT_LEAST_1)
     eval_every: int = setting("epochs between recitation evaluations (the memorization curve)", 10, valid=AT_LEAST_1)
     checkpoint_every: int = setting("epochs between checkpoints (and the last): a 1.5B model's is ~25 GB", 10,
@@ -88,24 +88,30 @@ class TrainConfig:
     format: str | None = setting("prompt format (default: chat for chat/instruct models)", choices=("chat", "plain"))
     source: str | None = setting("a local .parquet/.jsonl/.json/.csv file or a hub dataset "
                                  "(default: the frozen CN set)")
-    device: str | None = setting("cpu, cuda, cuda:1 (default: cuda when available)")
+    device: str | None = setting("cpu, cuda, cuda:1 (default: cuda when available). On a CPU the thread count "
+                                 "follows the model's size (1 for the tiny presets, whose matmuls are too small to "
+                                 "share): set OMP_NUM_THREADS to choose it")
     log_every: int = setting("steps between metric lines (each one syncs the host)", 10, valid=AT_LEAST_1)
     keep_checkpoints: int = setting("newest checkpoints kept: an unreadable latest one falls back to the one before",
                                     2, valid=AT_LEAST_1)
 
     @staticmethod
-    def default(name: str, tiny: bool = False):
-        """The value a field takes when not given: `resolved()`'s choice for a pretrained model or a tiny preset."""
+    def default(name: str, tiny: bool = False, length: int = 256):
+        """The value a field takes when not given: `resolved()`'s choice for a pretrained model or a tiny
+        preset (a preset's budget grows with the length bin, so that its longest poem fits)."""
         spec = FIELDS[name]
         meta = spec.metadata
-        return (meta["tiny"] if tiny else meta["full"]) if meta.get("full") is not None else spec.default
+        if meta.get("full") is None:
+            return spec.default
+        value = meta["tiny"] if tiny else meta["full"]
+        return value[length] if isinstance(value, dict) else value
 
     def resolved(self) -> "TrainConfig":
         """Defaults filled in (tiny presets get a demo-sized run), every value checked: raises ConfigError."""
         for name in FIELDS:
             check_value(name, getattr(self, name))
         tiny = self.model.startswith("tiny-")
-        filled = replace(self, **{name: self.default(name, tiny) for name, spec in FIELDS.items()
+        filled = replace(self, **{name: self.default(name, tiny, self.length) for name, spec in FIELDS.items()
                                   if spec.metadata.get("full") is not None and getattr(self, name) is None})
         if filled.micro_batch_tokens is None:
             filled.micro_batch_tokens = filled.batch_tokens
@@ -144,7 +150,9 @@ def add_flags(parser: argparse.ArgumentParser, names=None, defaults=None) -> Non
         spec, meta = FIELDS[name], FIELDS[name].metadata
         default = (defaults or {}).get(name, None if spec.default is MISSING else spec.default)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        text = meta["help"] + (f" (default {meta['full']}; {meta['tiny']} for tiny presets)" if meta.get("full")
+        tiny = meta.get("tiny")
+        tiny = ", ".join(f"{v} at --length {k}" for k, v in tiny.items()) if isinstance(tiny, dict) else tiny
+        text = meta["help"] + (f" (default {meta['full']}; for tiny presets {tiny})" if meta.get("full")
                                and default is None else "" if default is None or default is False else f" (default {shown})")
         if isinstance(default, bool):
             parser.add_argument(flag(name), action="store_true", help=text)
@@ -257,21 +265,27 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
         if rank == 0 and config.resume:
             check_resume(config)
         run = setup(config, rank, world, device)
-        checkpoint = resume(run)
-        metrics = Metrics(run.out / "metrics.jsonl", run.rank == 0, run.step if checkpoint is not None else None)
-        with _progress(run.total_steps, run.step, progress and run.rank == 0,
-                       f"{Path(config.model).name} {config.lang}") as bar:
-            while run.epoch < config.epochs:
-                record = train_epoch(run, metrics, bar)
-                if run.rank == 0 and run.due(config.eval_every):
-                    record["accuracy"] = recite(run)["accuracy"]
-                metrics.log(**record)
-                if run.rank == 0 and run.due(config.checkpoint_every):
-                    save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals,
-                                    config, config.keep_checkpoints)
-                if run.world > 1:
-                    dist.barrier()
-        return finish(run) if run.rank == 0 else {}
+        with cpu_threads(run.device, run.model.num_parameters()):
+            checkpoint = resume(run)
+            metrics = Metrics(run.out / "metrics.jsonl", rank == 0, run.step if checkpoint is not None else None)
+            train(run, metrics, progress and rank == 0)
+            return finish(run) if rank == 0 else {}
+
+
+def train(run: Run, metrics: Metrics, progress: bool) -> None:
+    """The epochs left: each trained, evaluated every eval_every and checkpointed every checkpoint_every."""
+    config = run.config
+    with _progress(run.total_steps, run.step, progress, f"{Path(config.model).name} {config.lang}") as bar:
+        while run.epoch < config.epochs:
+            record = train_epoch(run, metrics, bar)
+            if run.rank == 0 and run.due(config.eval_every):
+                record["accuracy"] = recite(run)["accuracy"]
+            metrics.log(**record)
+            if run.rank == 0 and run.due(config.checkpoint_every):
+                save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, config,
+                                config.keep_checkpoints)
+            if run.world > 1:
+                dist.barrier()
 
 
 def check_resume(config: TrainConfig) -> None:
@@ -397,6 +411,23 @@ def finish(run: Run) -> dict:
 
 def saved_run_config(run: Run) -> dict:
     return {**asdict(run.config), "format": run.fmt}
+
+
+PARAMETERS_PER_THREAD = 20_000_000
+
+
+@contextlib.contextmanager
+def cpu_threads(device: str, parameters: int):
+    """On a CPU (unless OMP_NUM_THREADS says otherwise), one thread per PARAMETERS_PER_THREAD
+    parameters: a tiny model's matmuls gain nothing from more threads, and OpenMP threads that
+    spin-wait on each other slow down tenfold on a busy machine."""
+    before = torch.get_num_threads()
+    if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, min(before, parameters // PARAMETERS_PER_THREAD)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def peak_memory_bytes(device) -> int:

@@ -180,3 +180,16 @@ def test_divergence_keeps_the_last_checkpoint_with_finite_weights(model_dir, tmp
     assert (tmp_path / "latest").read_text() == "checkpoint-2" and not (tmp_path / "checkpoint-3").exists()
     weights = load_file(tmp_path / "checkpoint-2" / "model" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+@pytest.mark.parametrize("omp", [None, "2"])
+def test_cpu_threads_follow_the_models_size(model_dir, tmp_path, monkeypatch, omp):
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    torch.set_num_threads(2)
+    seen, real_step = set(), engine.train.train_step
+    monkeypatch.setattr(engine.train, "train_step", lambda *a, **k: seen.add(torch.get_num_threads()) or real_step(*a, **k))
+    memorize(config(model_dir, tmp_path), progress=False)
+    assert seen == ({1} if omp is None else {2}) and torch.get_num_threads() == 2
