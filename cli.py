@@ -121,6 +121,9 @@ def main(argv=None) -> int:
         for name, value in vars(args).items():      # every command's run settings, before anything is loaded
             check_value(name, value)
         args.run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted: a run keeps its last checkpoint (continue it with --resume)", file=sys.stderr)
+        return 2
     except Exception as e:
         if debug:
             raise

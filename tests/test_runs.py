@@ -144,13 +144,14 @@ def test_the_newest_checkpoints_are_kept(model_dir, tmp_path, keep):
     assert (tmp_path / "latest").read_text() == "checkpoint-3"
 
 
-def test_a_dangling_latest_falls_back_to_a_complete_checkpoint(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("pointer", ["checkpoint-9", ""])
+def test_a_dangling_or_empty_latest_falls_back_to_a_complete_checkpoint(model_dir, tmp_path, capsys, pointer):
     memorize(config(model_dir, tmp_path, epochs=2), progress=False)
     (tmp_path / "results.json").unlink()
-    (tmp_path / "latest").write_text("checkpoint-9")
+    (tmp_path / "latest").write_text(pointer)
     memorize(config(model_dir, tmp_path, epochs=2, resume=True), progress=False)
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'latest'} names no checkpoint folder ('checkpoint-9')" in err
+    assert f"{tmp_path / 'latest'} names no checkpoint folder ({pointer!r})" in err
     assert f"resuming {tmp_path} after epoch 2" in err
 
 
