@@ -1,4 +1,7 @@
-"""One entry point: python cli.py {memorize, eval, data, ...} --help"""
+"""One entry point: python cli.py {memorize, eval, data, ...} --help
+
+Every failure ends with one `error: ...` line and exit status 2; add --debug anywhere for the
+traceback instead."""
 from __future__ import annotations
 
 import argparse
@@ -106,17 +109,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     if argv and argv[0] in PASSTHROUGH:
         import importlib
         return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:]) or 0
     args = parser().parse_args(argv)
     try:
+        from engine.train import check_value
+        for name, value in vars(args).items():      # every command's run settings, before anything is loaded
+            check_value(name, value)
         args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if isinstance(e, NotImplementedError) or "--debug" in sys.argv:
+    except KeyboardInterrupt:
+        print("error: interrupted: a run keeps its last checkpoint (continue it with --resume)", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        known = isinstance(e, (ValueError, OSError, RuntimeError)) and not isinstance(e, NotImplementedError)
+        print(f"error: {e}" if known else f"error: {type(e).__name__}: {e} (run again with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
         return 2
     return 0
 

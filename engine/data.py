@@ -102,13 +102,13 @@ def load_poems(lang: str = "cn", length: int = 256, n: int | None = 2000, seed: 
 def read_records(path: Path) -> list[dict]:
     """Rows of a local .parquet, .jsonl, .json (a list of objects) or .csv file."""
     suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_records(path)
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
             return pq.read_table(path).to_pylist()
         text = path.read_text(encoding="utf-8")
-        if suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
         if suffix == ".json":
             data = json.loads(text)
             return data if isinstance(data, list) else data.get("data", data.get("train"))
@@ -118,6 +118,21 @@ def read_records(path: Path) -> list[dict]:
         raise ValueError(f"could not read {path} ({type(e).__name__}: {e}); check that the file is a valid "
                          f"{suffix[1:]} file") from None
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use .parquet, .jsonl, .json or .csv")
+
+
+def _jsonl_records(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"could not read {path} ({type(e).__name__}: {e}); check that it is a UTF-8 text file") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f"{path}, line {number}: not a JSON object ({e}); fix or remove that line") from None
+    return rows
 
 
 def _hub_records(name: str) -> list[dict]:

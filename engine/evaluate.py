@@ -34,6 +34,7 @@ import torch
 
 from engine.data import Poem, default_format, encode_examples, load_poems, model_format, prompt_text, stop_token_ids
 from engine.generate import greedy_generate
+from engine.runs import is_run_folder
 from models import load_model, load_tokenizer
 
 CATEGORIES = ("correct", "minor", "severe", "memory_loss")
@@ -174,12 +175,36 @@ def evaluate(model, tokenizer, poems: list[Poem], lang: str, fmt: str | None = N
     return summary, records
 
 
+def resolve_device(device: str | None) -> str:
+    """The device to run on (None: cuda when available), checked before any model is loaded."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if kind.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: the engine runs on cpu or cuda")
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA GPU on this machine: use --device cpu (or install "
+                         "a CUDA build of torch)")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return device
+
+
 def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: int | None = 2000, out_dir=None,
              device=None, source=None, seed: int = 0, dtype=None, fmt: str | None = None, margin: int = 16,
              kv_budget_bytes: int | None = None, cuda_graphs: bool = True) -> dict:
     """`cli.py eval`: load the model and tokenizer, select the poems, recite, score, write
     `generations.jsonl` and `results.json` under out_dir (if given) -> the results dict."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if is_run_folder(model_name_or_path):
+        raise ValueError(f"{model_name_or_path} is a memorize run's folder, not a model: pass "
+                         f"{Path(model_name_or_path) / 'model'} (its final weights) or one of its checkpoint-N/model")
+    if out_dir is not None and is_run_folder(out_dir):
+        raise ValueError(f"{out_dir} holds a memorize run, and eval does not write over a run's files: pass a new "
+                         f"folder, such as {Path(out_dir) / 'eval'}")
+    device = resolve_device(device)
     model = load_model(model_name_or_path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(model_name_or_path)
     fmt = fmt or model_format(model_name_or_path, tokenizer)

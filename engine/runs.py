@@ -1,19 +1,25 @@
-"""A run's folder on disk: its name, its checkpoints, its metrics.jsonl, and the finished runs.
+"""A run's folder on disk: its name, its lock, its checkpoints, its metrics.jsonl, the finished runs.
 
     runs/MODEL-LANG-LENGTH/
-        config.json  metrics.jsonl  latest  checkpoint-EPOCH/{model/, trainer.pt}
+        .lock  config.json  metrics.jsonl  latest  checkpoint-EPOCH/{model/, trainer.pt}  (the last two)
         results.json  generations.jsonl  report.md  curve.png  model/      (once finished)
 
+A run holds an OS lock (flock) on .lock for its whole life, so a second run on the folder is
+refused; the kernel drops the lock when the process dies, so a killed run leaves no stale lock.
 A checkpoint is written into a hidden temporary folder, renamed into place, and only then named
 by the `latest` pointer (itself replaced atomically), so a kill at any moment leaves either the
-previous checkpoint or the new one, never half of one.
+previous checkpoint or the new one, never half of one; the one before stays as a fallback for a
+checkpoint that a failing disk corrupted later.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +27,11 @@ import numpy as np
 import torch
 
 from models.weights import checkpoint_files, iter_tensors
+
+LOCK = ".lock"
+OURS = {LOCK, "memorize.log"}          # what a sweep or a lock puts into a folder before its run starts
+MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json"}
 
 
 class TrainingError(RuntimeError):
@@ -32,39 +43,162 @@ def run_dir(root, model: str, lang: str, length: int) -> Path:
     return Path(root) / f"{Path(model).name}-{lang}-{length}"
 
 
-def prepare_output(out: Path, resume: bool) -> None:
+# ---------------------------------------------------------------- what a folder holds
+
+def saved_config(folder) -> dict | None:
+    """The run configuration memorize wrote into `folder` (its config.json), None if it holds none."""
+    try:
+        saved = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and "epochs" in saved and "model_type" not in saved else None
+
+
+def is_run_folder(folder) -> bool:
+    folder = Path(folder)
+    return (folder / "latest").is_file() or (folder / "metrics.jsonl").is_file() or saved_config(folder) is not None
+
+
+def folder_kind(folder: Path) -> str:
+    """new, empty, run, model, eval, file or other."""
+    if not folder.exists():
+        return "new"
+    if not folder.is_dir():
+        return "file"
+    names = {path.name for path in folder.iterdir()} - OURS
+    if not names:
+        return "empty"
+    if is_run_folder(folder):
+        return "run"
+    return "model" if names & MODEL_FILES else "eval" if "results.json" in names else "other"
+
+
+REFUSED = {"file": "is a file", "model": "is a model folder", "eval": "holds an evaluation (results.json)",
+           "other": "is not empty and holds no run"}
+
+
+def refuse_foreign(out: Path) -> None:
+    """memorize writes only into a new or empty folder, or into its own run's folder."""
+    kind = folder_kind(out)
+    if kind in REFUSED:
+        raise TrainingError(f"{out} {REFUSED[kind]}: memorize writes only into a new or empty folder (or continues "
+                            "its own run there with --resume): pass another --out")
+
+
+def check_output(out: Path, resume: bool) -> None:
+    refuse_foreign(out)
+    kind = folder_kind(out)
+    if resume and kind != "run":
+        raise TrainingError(f"--resume: {out} holds no run to continue: leave out --resume to start one there")
+    if not resume and kind == "run":
+        raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+
+
+@contextlib.contextmanager
+def claimed(out: Path, resume: bool):
+    """Check the folder, create it, and hold its lock while the block runs; a failed run that had
+    not written a checkpoint into a folder it created leaves nothing behind."""
+    refuse_foreign(out)                # before the lock file is written into the folder
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        lock = open(out / LOCK, "a+")
     except OSError as e:
         raise TrainingError(f"cannot write to the output directory {out} ({e.strerror}): pass --out with a "
                             "writable folder") from None
-    if not resume and latest_checkpoint(out) is not None:
-        raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise TrainingError(f"{out} is in use by another run (PID {holder}): wait for it to end, or pass "
+                            "another --out") from None
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        check_output(out, resume)      # under the lock: no other run changes the folder meanwhile
+        yield
+    except BaseException:
+        if created and not checkpoints(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        lock.close()                   # closing the file releases the lock
+
+
+def resume_differences(saved: dict, new: dict, free: set[str]) -> list[str]:
+    """What a resume would change in the run's meaning: every field outside `free` that differs
+    (epochs may grow: the run is extended)."""
+    differences = []
+    for name, value in json.loads(json.dumps(new)).items():
+        old = saved.get(name)
+        if name in free or value == old or (name == "format" and value is None) or (name == "epochs" and value > old):
+            continue
+        flag = "--" + name.replace("_", "-")
+        differences.append(f"{flag} {_shown(value)} (the run: {_shown(old)})")
+    return differences
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(out: Path, model, tokenizer, opt, epoch: int, step: int, totals: dict, config) -> None:
-    """checkpoint-{epoch}/ (HF model + trainer.pt), then the `latest` pointer swapped atomically."""
+def save_checkpoint(out: Path, model, tokenizer, opt, epoch: int, step: int, totals: dict, config,
+                    keep: int = 2) -> None:
+    """checkpoint-{epoch}/ (HF model + trainer.pt), then the `latest` pointer swapped atomically;
+    the `keep` newest checkpoints up to this one stay, older (and stale newer) ones go."""
     final = out / f"checkpoint-{epoch}"
     tmp = out / f".checkpoint-{epoch}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model", tokenizer)
-    torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "totals": totals, "config": asdict(config),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               tmp / "trainer.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = out / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, out / "latest")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tokenizer, tmp / "model")
+        torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "totals": totals,
+                    "config": asdict(config), "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                                      "numpy": np.random.get_state(), "cuda": torch.cuda.get_rng_state_all()
+                                                      if torch.cuda.is_available() else None}},
+                   tmp / "trainer.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        point_latest(out, final)
+    except OSError as e:
+        raise TrainingError(f"cannot write the checkpoint {final} ({e.strerror or e}): free disk space or fix the "
+                            f"permissions of {out}, then continue with --resume (earlier checkpoints are intact)") from None
+    kept = [path for path in checkpoints(out, newest_first=True) if _epoch(path) <= epoch][:keep]
     for old in out.glob("checkpoint-*"):
-        if old != final:
+        if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """save_pretrained, with the files readable by everyone like any other file the user writes
+    (the atomic writes below it create them 0600)."""
+    model.save_pretrained(folder, tokenizer)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def point_latest(out: Path, checkpoint: Path) -> None:
+    pointer = out / ".latest.tmp"
+    pointer.write_text(checkpoint.name)
+    os.replace(pointer, out / "latest")
+
+
+def _epoch(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
+def checkpoints(out, newest_first: bool = True) -> list[Path]:
+    """The complete checkpoint folders (a temporary one is not), by epoch."""
+    found = [path for path in Path(out).glob("checkpoint-*") if path.is_dir() and path.name.split("-")[1].isdigit()]
+    return sorted(found, key=_epoch, reverse=newest_first)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -72,15 +206,56 @@ def latest_checkpoint(out: Path) -> Path | None:
     return Path(out) / pointer.read_text().strip() if pointer.is_file() else None
 
 
+def resume_candidates(out: Path) -> list[Path]:
+    """The checkpoint `latest` names, then the older complete ones, newest first."""
+    latest, found = latest_checkpoint(out), checkpoints(out)
+    if latest is not None and latest in found:
+        return [latest] + [path for path in found if _epoch(path) < _epoch(latest)]
+    if latest is not None:
+        named = (out / "latest").read_text().strip()
+        print(f"warning: {out / 'latest'} names no checkpoint folder ({named!r}): trying the newest complete "
+              "checkpoint instead", file=sys.stderr)
+    return found
+
+
+def restore_newest(out: Path, model, opt) -> tuple[Path | None, tuple]:
+    """Restore the newest readable checkpoint, naming any that failed and the one used instead.
+    (None, ()) when the folder has no checkpoint; TrainingError when none can be read."""
+    failures = []
+    for checkpoint in resume_candidates(out):
+        try:
+            state = restore(checkpoint, model, opt)
+        except TrainingError as e:
+            failures.append(str(e))
+            print(f"warning: {e}", file=sys.stderr)
+            continue
+        if failures:
+            print(f"resuming from {checkpoint} instead", file=sys.stderr)
+        return checkpoint, state
+    if failures:
+        raise TrainingError(f"no checkpoint in {out} can be read ({'; '.join(failures)}): start the run again in "
+                            "a new --out")
+    return None, ()
+
+
 def restore(checkpoint: Path, model, opt) -> tuple[int, int, dict]:
-    """Load model weights, optimizer and RNG state; returns (epochs done, steps done, running totals)."""
+    """Load model weights, optimizer and RNG state; returns (epochs done, steps done, running totals).
+    TrainingError names the file that cannot be read."""
+    if not checkpoint.is_dir():
+        raise TrainingError(f"{checkpoint.parent / 'latest'} names {checkpoint.name}, which does not exist")
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for path in checkpoint_files(checkpoint / "model"):
-            for name, tensor in iter_tensors(path):
-                params[name].copy_(tensor)
-    state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
-    opt.load_state_dict(state["optimizer"])
+    try:
+        with torch.no_grad():
+            for path in checkpoint_files(checkpoint / "model"):
+                for name, tensor in iter_tensors(path):
+                    params[name].copy_(tensor)
+    except Exception as e:
+        raise TrainingError(f"cannot read the weights in {checkpoint / 'model'} ({type(e).__name__}: {e})") from None
+    try:
+        state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+    except Exception as e:
+        raise TrainingError(f"cannot read {checkpoint / 'trainer.pt'} ({type(e).__name__}: {e})") from None
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
@@ -88,6 +263,26 @@ def restore(checkpoint: Path, model, opt) -> tuple[int, int, dict]:
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state["epoch"], state["step"], state["totals"]
+
+
+def finite_weights(checkpoint: Path) -> bool:
+    try:
+        return all(bool(torch.isfinite(tensor).all()) for path in checkpoint_files(checkpoint / "model")
+                   for _, tensor in iter_tensors(path))
+    except Exception:
+        return False
+
+
+def keep_last_finite(out: Path) -> Path | None:
+    """After a divergence: the newest checkpoint whose weights are all finite becomes `latest`; newer
+    ones (their weights already diverged) are removed. None when there is no such checkpoint."""
+    for checkpoint in checkpoints(out):
+        if finite_weights(checkpoint):
+            point_latest(out, checkpoint)
+            return checkpoint
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    (out / "latest").unlink(missing_ok=True)
+    return None
 
 
 # ---------------------------------------------------------------- metrics and results
@@ -113,6 +308,9 @@ class Metrics:
                 f.write(json.dumps(record) + "\n")
 
 
+RESULTS_KEYS = ("model", "lang", "length", "n_poems", "epochs", "accuracy", "train_seconds", "eval_seconds")
+
+
 def find_runs(run_dirs=None, root="runs") -> list[dict]:
     """results.json of finished memorize runs (the given folders, or every one under `root`), with run_dir."""
     paths = ([Path(d) / "results.json" for d in run_dirs] if run_dirs is not None
@@ -121,7 +319,16 @@ def find_runs(run_dirs=None, root="runs") -> list[dict]:
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path.parent} holds no results.json: it is not a finished memorize run")
-        runs.append({**json.loads(path.read_text(encoding="utf-8")), "run_dir": str(path.parent)})
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): run the memorize run again with --resume, or leave "
+                             "its folder out") from None
+        missing = [key for key in RESULTS_KEYS if not isinstance(results, dict) or key not in results]
+        if missing:
+            raise ValueError(f"{path} is not a finished memorize run's results (it has no {', '.join(missing)}): "
+                             "pass the folders of finished memorize runs")
+        runs.append({**results, "run_dir": str(path.parent)})
     return runs
 
 

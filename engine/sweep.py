@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from engine.report import report
-from engine.runs import find_runs, latest_checkpoint, run_dir
+from engine.runs import find_runs, is_run_folder, run_dir
 from engine.train import TrainConfig, config_flags, memorize
+from models import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,10 @@ def sweep(models: list[str], langs: list[str], lengths: list[int], out_root="run
     train_overrides: TrainConfig fields (epochs=, poems=, lr=, ...); a dict value is looked up by
     language (source={"en": "poems-en.jsonl"}). Returns the finished runs' results.json.
     """
+    unknown = [model for model in models if not Path(model).is_dir() and model not in REGISTRY]
+    if unknown:
+        raise ValueError(f"sweep: unknown model {', '.join(unknown)}: not a folder and not one of {', '.join(REGISTRY)} "
+                         "(nothing was trained)")
     pending = []
     for model in models:
         for lang in langs:
@@ -40,7 +45,9 @@ def sweep(models: list[str], langs: list[str], lengths: list[int], out_root="run
                 overrides = {name: value.get(lang) if isinstance(value, dict) else value
                              for name, value in train_overrides.items()}
                 pending.append(TrainConfig(model=model, lang=lang, length=length, out=str(out),
-                                           resume=latest_checkpoint(out) is not None, **overrides))
+                                           resume=is_run_folder(out), **overrides))
+    for config in pending:              # every setting checked before the first run trains
+        config.resolved()
     gpus = torch.cuda.device_count()
     failures = _run_subprocesses(pending, gpus) if gpus > 1 else _run_in_process(pending)
     finished = [run_dir(out_root, model, lang, length) for model in models for lang in langs for length in lengths]

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -35,16 +36,31 @@ import torch.distributed as dist
 
 from engine.data import encode_examples, load_poems, model_format
 from engine.distributed import GradSync, all_gather, evaluate_sharded, init_distributed, shard_step
+from engine.evaluate import resolve_device
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
-from engine.runs import Metrics, TrainingError, latest_checkpoint, prepare_output, restore, run_dir, save_checkpoint
+from engine.runs import (Metrics, TrainingError, claimed, keep_last_finite, restore_newest, resume_differences, run_dir,
+                         save_checkpoint, save_model, saved_config)
 from models import load_model, load_tokenizer
 
 
-def setting(help: str, default=None, *, full=None, tiny=None, choices=None):
-    """A TrainConfig field. full/tiny: the value a default of None stands for (tiny: for tiny presets)."""
-    return field(default=default, metadata={"help": help, "full": full, "tiny": tiny, "choices": choices})
+class ConfigError(ValueError):
+    pass
+
+
+# Allowed ranges: (test, what the message says).
+AT_LEAST_1 = (lambda value: value >= 1, "at least 1")
+POSITIVE = (lambda value: value > 0, "above 0")
+NOT_NEGATIVE = (lambda value: value >= 0, "0 or more")
+BETA = (lambda value: 0 <= value < 1, "in [0, 1)")
+
+
+def setting(help: str, default=None, *, full=None, tiny=None, choices=None, valid=None):
+    """A TrainConfig field. full/tiny: the value a default of None stands for (tiny: for tiny presets);
+    valid: its allowed range."""
+    return field(default=default, metadata={"help": help, "full": full, "tiny": tiny, "choices": choices,
+                                            "valid": valid})
 
 
 @dataclass
@@ -53,51 +69,75 @@ class TrainConfig:
     lang: str = setting("poem language", "cn", choices=("cn", "en"))
     length: int = setting("prompt + poem characters: 256 (<= 256) or 512 (257..512, the paper's Table 2)", 256,
                           choices=(256, 512))
-    poems: int | None = setting("poems to sample", full=2000, tiny=32)
-    epochs: int = setting("passes over the poems", 100)
-    lr: float | None = setting("peak learning rate", full=2e-5, tiny=3e-3)
+    poems: int | None = setting("poems to sample", full=2000, tiny=32, valid=AT_LEAST_1)
+    epochs: int = setting("passes over the poems", 100, valid=AT_LEAST_1)
+    lr: float | None = setting("peak learning rate", full=2e-5, tiny=3e-3, valid=POSITIVE)
     batch_tokens: int | None = setting("tokens per optimizer step (8192: ~64 poems, ~30 steps per epoch of 2,000)",
-                                       full=8192, tiny=256)
-    micro_batch_tokens: int | None = setting("tokens per forward/backward (default: --batch-tokens)")
-    eval_every: int = setting("epochs between recitation evaluations (the memorization curve)", 10)
-    checkpoint_every: int = setting("epochs between checkpoints (and the last): a 1.5B model's is ~25 GB", 10)
+                                       full=8192, tiny={256: 256, 512: 1024}, valid=AT_LEAST_1)
+    micro_batch_tokens: int | None = setting("tokens per forward/backward (default: --batch-tokens)", valid=AT_LEAST_1)
+    eval_every: int = setting("epochs between recitation evaluations (the memorization curve)", 10, valid=AT_LEAST_1)
+    checkpoint_every: int = setting("epochs between checkpoints (and the last): a 1.5B model's is ~25 GB", 10,
+                                    valid=AT_LEAST_1)
     seed: int = setting("seeds the poem sample, the weights of a preset and the data order", 0)
     out: str | None = setting("output folder (default runs/MODEL-LANG-LENGTH)")
     resume: bool = setting("continue the run in --out from its last checkpoint", False)
-    warmup_steps: int | None = setting("linear warmup steps (default: 3%% of the steps)")
+    warmup_steps: int | None = setting("linear warmup steps (default: 3%% of the steps)", valid=NOT_NEGATIVE)
     schedule: str = setting("learning-rate schedule after the warmup", "cosine", choices=("cosine", "constant"))
-    weight_decay: float = setting("on matrices only (not norms, biases, embeddings)", 0.01)
+    weight_decay: float = setting("on matrices only (not norms, biases, embeddings)", 0.01, valid=NOT_NEGATIVE)
     # beta2 0.95 as in LLM training: the second moment follows the shrinking gradients of memorization
-    betas: tuple[float, float] = setting("AdamW's moment decay rates beta1 beta2", (0.9, 0.95))
-    max_grad_norm: float = setting("global gradient-norm clipping", 1.0)
+    betas: tuple[float, float] = setting("AdamW's moment decay rates beta1 beta2", (0.9, 0.95), valid=BETA)
+    max_grad_norm: float = setting("global gradient-norm clipping", 1.0, valid=POSITIVE)
     format: str | None = setting("prompt format (default: chat for chat/instruct models)", choices=("chat", "plain"))
     source: str | None = setting("a local .parquet/.jsonl/.json/.csv file or a hub dataset "
                                  "(default: the frozen CN set)")
-    device: str | None = setting("cpu, cuda, cuda:1 (default: cuda when available)")
-    log_every: int = setting("steps between metric lines (each one syncs the host)", 10)
+    device: str | None = setting("cpu, cuda, cuda:1 (default: cuda when available). On a CPU the thread count "
+                                 "follows the model's size (1 for the tiny presets, whose matmuls are too small to "
+                                 "share): set OMP_NUM_THREADS to choose it")
+    log_every: int = setting("steps between metric lines (each one syncs the host)", 10, valid=AT_LEAST_1)
+    keep_checkpoints: int = setting("newest checkpoints kept: an unreadable latest one falls back to the one before",
+                                    2, valid=AT_LEAST_1)
 
     @staticmethod
-    def default(name: str, tiny: bool = False):
-        """The value a field takes when not given: `resolved()`'s choice for a pretrained model or a tiny preset."""
+    def default(name: str, tiny: bool = False, length: int = 256):
+        """The value a field takes when not given: `resolved()`'s choice for a pretrained model or a tiny
+        preset (a preset's budget grows with the length bin, so that its longest poem fits)."""
         spec = FIELDS[name]
         meta = spec.metadata
-        return (meta["tiny"] if tiny else meta["full"]) if meta.get("full") is not None else spec.default
+        if meta.get("full") is None:
+            return spec.default
+        value = meta["tiny"] if tiny else meta["full"]
+        return value[length] if isinstance(value, dict) else value
 
     def resolved(self) -> "TrainConfig":
-        """Defaults filled in: tiny presets get a demo-sized run."""
+        """Defaults filled in (tiny presets get a demo-sized run), every value checked: raises ConfigError."""
+        for name in FIELDS:
+            check_value(name, getattr(self, name))
         tiny = self.model.startswith("tiny-")
-        filled = replace(self, **{name: self.default(name, tiny) for name, spec in FIELDS.items()
+        filled = replace(self, **{name: self.default(name, tiny, self.length) for name, spec in FIELDS.items()
                                   if spec.metadata.get("full") is not None and getattr(self, name) is None})
-        filled.micro_batch_tokens = self.micro_batch_tokens or filled.batch_tokens
+        if filled.micro_batch_tokens is None:
+            filled.micro_batch_tokens = filled.batch_tokens
         filled.out = self.out or str(run_dir("runs", self.model, self.lang, self.length))
-        filled.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        filled.device = resolve_device(self.device)
         if filled.micro_batch_tokens > filled.batch_tokens:
-            raise ValueError(f"--micro-batch-tokens {filled.micro_batch_tokens} exceeds --batch-tokens "
-                             f"{filled.batch_tokens}")
+            raise ConfigError(f"--micro-batch-tokens {filled.micro_batch_tokens} exceeds --batch-tokens "
+                              f"{filled.batch_tokens}: it must be at most --batch-tokens")
         return filled
 
 
 FIELDS = {spec.name: spec for spec in fields(TrainConfig)}
+# What a resumed run may change: how often it reports and saves, where it runs. Everything else
+# gives the run its meaning and must match the saved configuration (epochs may grow).
+FREE_ON_RESUME = {"eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "device", "out", "resume"}
+
+
+def check_value(name: str, value) -> None:
+    """ConfigError naming the flag and its allowed range when `value` is outside it (other names pass)."""
+    spec = FIELDS.get(name)
+    test, allowed = (spec.metadata.get("valid") if spec else None) or (None, None)
+    values = list(value) if isinstance(value, (tuple, list)) else [value]
+    if test is not None and value is not None and not all(map(test, values)):
+        raise ConfigError(f"{flag(name)} must be {allowed} (got {' '.join(map(str, values))})")
 
 
 # ---------------------------------------------------------------- the config as command-line flags
@@ -112,7 +152,9 @@ def add_flags(parser: argparse.ArgumentParser, names=None, defaults=None) -> Non
         spec, meta = FIELDS[name], FIELDS[name].metadata
         default = (defaults or {}).get(name, None if spec.default is MISSING else spec.default)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        text = meta["help"] + (f" (default {meta['full']}; {meta['tiny']} for tiny presets)" if meta.get("full")
+        tiny = meta.get("tiny")
+        tiny = ", ".join(f"{v} at --length {k}" for k, v in tiny.items()) if isinstance(tiny, dict) else tiny
+        text = meta["help"] + (f" (default {meta['full']}; for tiny presets {tiny})" if meta.get("full")
                                and default is None else "" if default is None or default is False else f" (default {shown})")
         if isinstance(default, bool):
             parser.add_argument(flag(name), action="store_true", help=text)
@@ -205,35 +247,56 @@ class Run:
 
 def memorize(config: TrainConfig, progress: bool = True) -> dict:
     """Train, evaluate and write the run's folder; returns results.json's content (rank 0)."""
-    run = setup(config.resolved())
-    checkpoint = resume(run)
-    metrics = Metrics(run.out / "metrics.jsonl", run.rank == 0, run.step if checkpoint is not None else None)
-    bar = _progress(run.total_steps, run.step, progress and run.rank == 0,
-                    f"{Path(run.config.model).name} {run.config.lang}")
-    while run.epoch < run.config.epochs:
-        record = train_epoch(run, metrics, bar)
-        if run.due(run.config.eval_every):
-            summary = recite(run)
-            if run.rank == 0:
-                record["accuracy"] = summary["accuracy"]
-        metrics.log(**record)
-        if run.rank == 0 and run.due(run.config.checkpoint_every):
-            save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, run.config)
-        if run.world > 1:
-            dist.barrier()
-    bar.close()
-    if run.last_eval is None:              # resumed after the last epoch's checkpoint
-        recite(run)
-    tokens_per_rank = all_gather(run.rank_tokens, run.world)
-    return finish(run, tokens_per_rank) if run.rank == 0 else {}
-
-
-def setup(config: TrainConfig) -> Run:
-    """Claim the output folder, seed every generator, load the model, the poems and the optimizer."""
+    config = config.resolved()
     rank, world, device = init_distributed(config.device)
-    out = Path(config.out)
-    if rank == 0:
-        prepare_output(out, config.resume)
+    with claimed(Path(config.out), config.resume) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and config.resume:
+            check_resume(config)
+        run = setup(config, rank, world, device)
+        with cpu_threads(run.device, run.model.num_parameters()):
+            checkpoint = resume(run)
+            metrics = Metrics(run.out / "metrics.jsonl", rank == 0, run.step if checkpoint is not None else None)
+            train(run, metrics, progress and rank == 0)
+            if run.last_eval is None:          # resumed after the last epoch's checkpoint
+                recite(run)
+            tokens_per_rank = all_gather(run.rank_tokens, world)
+            return finish(run, tokens_per_rank) if rank == 0 else {}
+
+
+def train(run: Run, metrics: Metrics, progress: bool) -> None:
+    """The epochs left: each trained, evaluated every eval_every and checkpointed every checkpoint_every."""
+    config = run.config
+    with _progress(run.total_steps, run.step, progress, f"{Path(config.model).name} {config.lang}") as bar:
+        while run.epoch < config.epochs:
+            record = train_epoch(run, metrics, bar)
+            if run.due(config.eval_every):
+                summary = recite(run)          # every rank evaluates its share
+                if run.rank == 0:
+                    record["accuracy"] = summary["accuracy"]
+            metrics.log(**record)
+            if run.rank == 0 and run.due(config.checkpoint_every):
+                save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, config,
+                                config.keep_checkpoints)
+            if run.world > 1:
+                dist.barrier()
+
+
+def check_resume(config: TrainConfig) -> None:
+    """Refuse a resume that would change the run's meaning; say so when it extends the run."""
+    saved = saved_config(config.out)
+    if saved is None:
+        return
+    differences = resume_differences(saved, asdict(config), FREE_ON_RESUME)
+    if differences:
+        raise TrainingError(f"--resume: {config.out} was trained with other settings: {'; '.join(differences)}. "
+                            "Resume with the run's own settings, or start a new run with another --out")
+    if config.epochs > saved["epochs"]:
+        print(f"extending the run in {config.out} from {saved['epochs']} to {config.epochs} epochs (the learning-rate "
+              "schedule stretches to the new length)", file=sys.stderr)
+
+
+def setup(config: TrainConfig, rank: int, world: int, device: str) -> Run:
+    """Seed every generator, load the model, the poems and the optimizer."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -247,20 +310,24 @@ def setup(config: TrainConfig) -> Run:
     steps_per_epoch = len(plan_steps(pack(examples, config.micro_batch_tokens, config.seed, 0), config.batch_tokens))
     total_steps = steps_per_epoch * config.epochs
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, round(0.03 * total_steps))
-    return Run(config, out, rank, world, device, model, tokenizer, fmt, poems, examples, opt, total_steps, warmup,
-               sync=GradSync(opt) if world > 1 else None)
+    return Run(config, Path(config.out), rank, world, device, model, tokenizer, fmt, poems, examples, opt, total_steps,
+               warmup, sync=GradSync(opt) if world > 1 else None)
 
 
 def resume(run: Run) -> Path | None:
-    """With --resume and a checkpoint: its weights, optimizer, RNG and progress; writes config.json.
-    Returns the checkpoint resumed from, if any."""
-    checkpoint = latest_checkpoint(run.out) if run.config.resume else None
-    if checkpoint is not None:
-        run.epoch, run.step, run.totals = restore(checkpoint, run.model, run.opt)
+    """With --resume: the newest readable checkpoint's weights, optimizer, RNG and progress; writes
+    config.json. Returns the checkpoint resumed from, if any."""
+    checkpoint = None
+    if run.config.resume:
+        checkpoint, state = restore_newest(run.out, run.model, run.opt)
+        if checkpoint is not None:
+            run.epoch, run.step, run.totals = state
     if run.rank == 0:
-        (run.out / "config.json").write_text(json.dumps(saved_config(run), indent=2))
+        (run.out / "config.json").write_text(json.dumps(saved_run_config(run), indent=2))
         if checkpoint is not None:
             print(f"resuming {run.out} after epoch {run.epoch} (step {run.step})", file=sys.stderr)
+        elif run.config.resume:
+            print(f"{run.out} holds no checkpoint yet: the run starts from the beginning", file=sys.stderr)
     return checkpoint
 
 
@@ -324,21 +391,38 @@ def finish(run: Run, tokens_per_rank: list[int]) -> dict:
     """The final model, results.json and the run's report; returns results.json's content."""
     summary, records = run.last_eval
     config, totals = run.config, run.totals
-    run.model.save_pretrained(run.out / "model", run.tokenizer)
+    save_model(run.model, run.tokenizer, run.out / "model")
     results = {
         "model": config.model, "lang": config.lang, "length": config.length, "n_poems": len(run.poems),
         "epochs": config.epochs, **summary, **totals,
         "tokens_per_second": totals["train_tokens"] / totals["train_seconds"] if totals["train_seconds"] else None,
         "peak_memory_bytes": peak_memory_bytes(run.device), "parameters": run.model.num_parameters(),
         "device": torch.cuda.get_device_name(run.device) if run.device.startswith("cuda") else "cpu",
-        "world_size": run.world, "train_tokens_per_rank": tokens_per_rank, "config": saved_config(run),
+        "world_size": run.world, "train_tokens_per_rank": tokens_per_rank, "config": saved_run_config(run),
     }
     write_run_report(run.out, results, records)
     return results
 
 
-def saved_config(run: Run) -> dict:
+def saved_run_config(run: Run) -> dict:
     return {**asdict(run.config), "format": run.fmt}
+
+
+PARAMETERS_PER_THREAD = 20_000_000
+
+
+@contextlib.contextmanager
+def cpu_threads(device: str, parameters: int):
+    """On a CPU (unless OMP_NUM_THREADS says otherwise), one thread per PARAMETERS_PER_THREAD
+    parameters: a tiny model's matmuls gain nothing from more threads, and OpenMP threads that
+    spin-wait on each other slow down tenfold on a busy machine."""
+    before = torch.get_num_threads()
+    if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, min(before, parameters // PARAMETERS_PER_THREAD)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def peak_memory_bytes(device) -> int:
@@ -350,10 +434,16 @@ def peak_memory_bytes(device) -> int:
 
 def _finite(loss: torch.Tensor, run: Run) -> float:
     value = float(loss)
-    if not math.isfinite(value):
-        raise TrainingError(f"the loss became {value} at step {run.step}: the last good checkpoint is kept in "
-                            f"{run.out} (resume from it with --resume, perhaps with a lower --lr)")
-    return value
+    if math.isfinite(value):
+        return value
+    kept = keep_last_finite(run.out) if run.rank == 0 else None
+    advice = "start a new run with a lower --lr"
+    if kept is None:
+        raise TrainingError(f"the loss became {value} at step {run.step} and no checkpoint in {run.out} holds finite "
+                            f"weights: {advice}")
+    raise TrainingError(f"the loss became {value} at step {run.step}: {kept} is the last checkpoint with finite "
+                        f"weights, kept as {run.out / 'latest'}; {advice} (its weights can seed one: --model "
+                        f"{kept / 'model'})")
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):

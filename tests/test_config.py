@@ -12,7 +12,7 @@ from engine.train import FIELDS, TrainConfig, config_flags, from_flags
 CHANGED = dict(model="runs/some model/model", lang="en", length=512, poems=7, epochs=3, lr=1.25e-4, batch_tokens=2048,
                micro_batch_tokens=1000, eval_every=2, checkpoint_every=5, seed=11, out="runs/x y", resume=True,
                warmup_steps=0, schedule="constant", weight_decay=0.0, betas=(0.8, 0.999), max_grad_norm=0.3,
-               format="plain", source="poems.jsonl", device="cuda:1", log_every=1)
+               format="plain", source="poems.jsonl", device="cuda:1", log_every=1, keep_checkpoints=3)
 
 
 def parsed(config: TrainConfig) -> TrainConfig:
@@ -40,3 +40,13 @@ def test_presets_and_pretrained_models_read_the_same_defaults():
     assert (full.poems, full.lr, full.batch_tokens, full.micro_batch_tokens) == (2000, 2e-5, 8192, 8192)
     assert TrainConfig.default("batch_tokens") == 8192 and TrainConfig.default("poems", tiny=True) == 32
     assert full.out == "runs/qwen2-0.5b-cn-256" and config_flags(TrainConfig("qwen2-0.5b")) == ["--model", "qwen2-0.5b"]
+
+
+@pytest.mark.parametrize("length", [256, 512])
+def test_a_presets_defaults_fit_both_length_bins(length):
+    from engine.data import encode_examples, load_poems, model_format
+    from models import load_tokenizer
+    budget = TrainConfig(model="tiny-qwen2", length=length).resolved().micro_batch_tokens
+    tokenizer = load_tokenizer("tiny-qwen2")
+    examples = encode_examples(load_poems("cn", length, n=None), tokenizer, "cn", model_format("tiny-qwen2", tokenizer))
+    assert max(map(len, examples)) <= budget

@@ -212,3 +212,10 @@ def test_target_longer_than_budget(tok):
 def test_rows_to_poems_needs_records():
     with pytest.raises(ValueError, match="holds no records"):
         rows_to_poems([], "x.json")
+
+
+def test_a_bad_jsonl_line_is_named(tmp_path):
+    rows = [json.dumps(r) for r in fixture_rows()[:3]]
+    (tmp_path / "poems.jsonl").write_text("\n".join(rows[:2] + ['{"author": "x", "title": '] + rows[2:]) + "\n")
+    with pytest.raises(ValueError, match=r"poems.jsonl, line 3: not a JSON object .*fix or remove that line"):
+        load_poems("en", source=tmp_path / "poems.jsonl", n=None)

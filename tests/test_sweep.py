@@ -39,3 +39,12 @@ def test_sweep_and_report_end_to_end(tmp_path, one_thread):
     assert "tiny-qwen2-cn-256" in markdown and (tmp_path / "one" / "report.md").is_file()
     profiled = profile(["tiny-qwen2"], n_poems=4, bench_dir=tmp_path, runs=[root / "tiny-qwen2-cn-256"], out=None)
     assert profiled[0][0]["accuracy"] == pytest.approx(accuracy["tiny-qwen2"])
+
+
+def test_sweep_checks_every_model_name_before_training(tmp_path):
+    with pytest.raises(ValueError, match="sweep: unknown model nosuch: not a folder and not one of .*nothing was trained"):
+        sweep(["tiny-qwen2", "nosuch"], ["cn"], [256], out_root=tmp_path / "sweep", epochs=1, poems=2)
+    assert not (tmp_path / "sweep").exists()
+    with pytest.raises(ValueError, match="--epochs must be at least 1"):
+        sweep(["tiny-qwen2"], ["cn"], [256], out_root=tmp_path / "sweep", epochs=0)
+    assert not (tmp_path / "sweep").exists()
