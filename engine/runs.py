@@ -156,7 +156,7 @@ def save_checkpoint(out: Path, model, tokenizer, opt, epoch: int, step: int, tot
     tmp = out / f".checkpoint-{epoch}.tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tokenizer, tmp / "model")
+        model.save_pretrained(tmp / "model", tokenizer)
         torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "totals": totals,
                     "config": asdict(config), "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                                       "numpy": np.random.get_state(), "cuda": torch.cuda.get_rng_state_all()
@@ -172,17 +172,6 @@ def save_checkpoint(out: Path, model, tokenizer, opt, epoch: int, step: int, tot
     for old in out.glob("checkpoint-*"):
         if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def save_model(model, tokenizer, folder: Path) -> None:
-    """save_pretrained, with the files readable by everyone like any other file the user writes
-    (the atomic writes below it create them 0600)."""
-    model.save_pretrained(folder, tokenizer)
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
 
 
 def point_latest(out: Path, checkpoint: Path) -> None:

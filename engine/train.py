@@ -41,7 +41,7 @@ from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
 from engine.runs import (Metrics, TrainingError, claimed, keep_last_finite, restore_newest, resume_differences, run_dir,
-                         save_checkpoint, save_model, saved_config)
+                         save_checkpoint, saved_config)
 from models import load_model, load_tokenizer
 
 
@@ -391,7 +391,7 @@ def finish(run: Run, tokens_per_rank: list[int]) -> dict:
     """The final model, results.json and the run's report; returns results.json's content."""
     summary, records = run.last_eval
     config, totals = run.config, run.totals
-    save_model(run.model, run.tokenizer, run.out / "model")
+    run.model.save_pretrained(run.out / "model", run.tokenizer)
     results = {
         "model": config.model, "lang": config.lang, "length": config.length, "n_poems": len(run.poems),
         "epochs": config.epochs, **summary, **totals,

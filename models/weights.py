@@ -104,10 +104,15 @@ def save_pretrained(model, out_dir, tokenizer=None) -> None:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename over path, so a reader never sees half a file. The file gets the
+    mode any file the user writes would have (0666 less the umask), not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
