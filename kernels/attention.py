@@ -81,7 +81,7 @@ def attention_reference(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None,
 # ---------------------------------------------------------------------------------------------
 
 # Preferred on Hopper (sm_90); `attention_launch_config` shrinks them where a GPU's shared
-# memory per block is smaller. Sequences here are short (~100-250 tokens), so tiles stay at
+# memory per block is smaller (and takes _PRE_HOPPER_CONFIGS first before sm_90). Sequences here are short (~100-250 tokens), so tiles stay at
 # 32-128 rows. The forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0.
 # Checked by compiling for sm_80, sm_89 and sm_90 on the CPU (python cli.py kernels): bf16 tiles
 # use wgmma (HGMMA) on sm_90, and no configuration spills registers, GQA groups of 7 and 6
@@ -105,6 +105,15 @@ _GPU_FP32_CONFIGS = {
     ("bwd_dkdv", 128): LaunchConfig(16, 32, 8, 1),
     ("bwd_dq", 64): LaunchConfig(32, 16, 4, 1),
     ("bwd_dq", 128): LaunchConfig(32, 16, 8, 1),
+}
+# Before Hopper (sm_80, sm_89: mma.sync keeps the dot operands in registers), where the tiles
+# above spill registers with the GQA groups of 7 (8-24 B per thread at 255 registers): more
+# warps per tile, or a smaller query tile. Keyed (pass, head dims up to, fp32 inputs).
+_PRE_HOPPER_CONFIGS = {
+    ("fwd", 64, False): LaunchConfig(128, 64, 8, 3),
+    ("bwd_dkdv", 64, False): LaunchConfig(16, 64, 8, 2),
+    ("bwd_dkdv", 64, True): LaunchConfig(16, 32, 8, 1),
+    ("bwd_dq", 64, True): LaunchConfig(32, 16, 8, 1),
 }
 
 
@@ -139,7 +148,10 @@ def attention_launch_config(head_dim: int, pass_name: str, interpreting: bool = 
     key = (pass_name, 64 if head_dim <= 64 else 128)
     if pass_name == "bwd_preprocess":    # a row reduction: no tiles in shared memory
         return _GPU_CONFIGS[key]
-    cfg = _GPU_FP32_CONFIGS[key] if dtype == torch.float32 else _GPU_CONFIGS[key]
+    fp32 = dtype == torch.float32
+    cfg = _GPU_FP32_CONFIGS[key] if fp32 else _GPU_CONFIGS[key]
+    if hw.arch < 90:
+        cfg = _PRE_HOPPER_CONFIGS.get((*key, fp32), cfg)
     element_size = torch.empty((), dtype=dtype).element_size()
     return fit_shared_memory(cfg, hw, _tile_bytes(pass_name, head_dim, element_size))
 
