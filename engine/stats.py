@@ -7,7 +7,9 @@ An accuracy here is k poems recited exactly out of n, a binomial proportion:
   two_proportion_test  the pooled two-sided z-test of k1/n1 against k2/n2 (equivalent to a 2x2
                        chi-square test without continuity correction): is the gap significant?
   spread               mean, sample standard deviation (n - 1), min and max of a metric across
-                       seeds.
+                       seeds;
+  rank_by_accuracy     models ordered by accuracy, each gap to the next one down tested (the
+                       paper's memorization-ability assessment, with the statistics it lacked).
 Only the standard library: the normal quantiles come from statistics.NormalDist.
 """
 from __future__ import annotations
@@ -59,6 +61,21 @@ def spread(values: list[float]) -> dict:
     return {"n": len(values), "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else None,
             "min": min(values), "max": max(values)}
+
+
+def rank_by_accuracy(entries: list[dict], alpha: float = ALPHA) -> list[dict]:
+    """entries (dicts with "correct" and "n", anything else kept) best first, each given its
+    "accuracy", 95% "interval" and "vs_next": two_proportion_test against the next one (None last)."""
+    ranked = sorted(entries, key=lambda e: -e["correct"] / e["n"])
+    return [{**e, "accuracy": e["correct"] / e["n"], "interval": wilson_interval(e["correct"], e["n"]),
+             "vs_next": two_proportion_test(e["correct"], e["n"], lower["correct"], lower["n"], alpha) if lower else None}
+            for e, lower in zip(ranked, [*ranked[1:], None])]
+
+
+def inside(k: int, n: int, percent: float) -> bool:
+    """Whether a published accuracy (in %) lies in the 95% Wilson interval of k of n."""
+    low, high = wilson_interval(k, n)
+    return low <= percent / 100 <= high
 
 
 def format_accuracy(k: int, n: int) -> str:

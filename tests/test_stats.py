@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from engine.stats import format_accuracy, spread, two_proportion_test, wilson_interval
+from engine.stats import format_accuracy, inside, rank_by_accuracy, spread, two_proportion_test, wilson_interval
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -61,3 +61,20 @@ def test_spread_is_the_sample_statistics():
     assert spread([0.5]) == {"n": 1, "mean": 0.5, "std": None, "min": 0.5, "max": 0.5}
     with pytest.raises(ValueError, match="at least one seed"):
         spread([])
+
+
+def test_ranking_tests_each_gap_to_the_next_model_down():
+    entries = [{"model": "a", "correct": 1480, "n": 2000}, {"model": "b", "correct": 1938, "n": 2000},
+               {"model": "c", "correct": 1550, "n": 2000}, {"model": "d", "correct": 1530, "n": 2000}]
+    ranked = rank_by_accuracy(entries)
+    assert [r["model"] for r in ranked] == ["b", "c", "d", "a"]
+    assert ranked[0]["accuracy"] == 0.969 and ranked[0]["interval"] == wilson_interval(1938, 2000)
+    assert ranked[0]["vs_next"] == two_proportion_test(1938, 2000, 1550, 2000) and ranked[0]["vs_next"]["significant"]
+    assert not ranked[1]["vs_next"]["significant"]          # 77.5% vs 76.5%: within noise at n = 2,000
+    assert ranked[2]["vs_next"] == two_proportion_test(1530, 2000, 1480, 2000)
+    assert ranked[-1]["vs_next"] is None
+
+
+def test_paper_figure_inside_the_interval():
+    assert inside(1550, 2000, 77.5) and inside(1550, 2000, 75.62) and not inside(1550, 2000, 75.61)
+    assert inside(1550, 2000, 79.27) and not inside(1550, 2000, 79.28)
