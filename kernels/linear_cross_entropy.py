@@ -219,22 +219,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean", *,
                          budget_bytes: int = LOGITS_BUDGET_BYTES):
-    """fp32 loss (a scalar; [T] per token for reduction "none"); see the module docstring. budget_bytes bounds the fp32 logits chunk.
-    The torch path runs the same chunks with torch row ops for fp32 inputs (so a real vocabulary
+    """fp32 loss (a scalar; [T] per token for reduction "none"); see the module docstring.
+    budget_bytes bounds the fp32 logits chunk. The torch path runs the same chunks with torch row ops for fp32 inputs (so a real vocabulary
     does not need [T, V] logits on a CPU either); other dtypes take the reference."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"linear_cross_entropy: reduction {reduction!r} is not supported: use 'mean', 'sum' or 'none'")
-    if reduction == "none" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        raise ValueError("linear_cross_entropy: reduction 'none' has no backward: call it under torch.no_grad()")
+    if reduction == "none":      # forward only: detached inputs, so the op computes no gradients
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            raise ValueError("linear_cross_entropy: reduction 'none' has no backward: call it under torch.no_grad()")
+        hidden, weight = hidden.detach(), weight.detach()
     triton_path = use_triton(hidden)
     if triton_path or (hidden.dtype == weight.dtype == torch.float32 and hidden.dim() == 2):
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.dtype != weight.dtype:
             raise ValueError(f"linear_cross_entropy: hidden [T, H] and weight [V, H] of one dtype expected, got "
                              f"{tuple(hidden.shape)} {hidden.dtype} and {tuple(weight.shape)} {weight.dtype}")
-        ce_rows = _ce_rows if triton_path else _ce_rows_torch
-        if reduction == "none":
-            return _fused_forward(hidden, weight, labels.contiguous(), ignore_index, reduction, budget_bytes,
-                                  False, False, ce_rows)[0]
         return LinearCrossEntropyFunction.apply(hidden, weight, labels.contiguous(), ignore_index, reduction,
-                                                budget_bytes, ce_rows)
+                                                budget_bytes, _ce_rows if triton_path else _ce_rows_torch)
     return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
