@@ -220,8 +220,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean", *,
                          budget_bytes: int = LOGITS_BUDGET_BYTES):
     """fp32 loss (a scalar; [T] per token for reduction "none"); see the module docstring.
-    budget_bytes bounds the fp32 logits chunk. The torch path runs the same chunks with torch row ops for fp32 inputs (so a real vocabulary
-    does not need [T, V] logits on a CPU either); other dtypes take the reference."""
+    budget_bytes bounds the fp32 logits chunk. The torch path runs the same chunks with torch row
+    ops for fp32 inputs (so a real vocabulary does not need [T, V] logits on a CPU either); other
+    dtypes take the reference."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"linear_cross_entropy: reduction {reduction!r} is not supported: use 'mean', 'sum' or 'none'")
     if reduction == "none":      # forward only: detached inputs, so the op computes no gradients
