@@ -1,9 +1,11 @@
 """How each poem is learned and forgotten, from the per-poem results of every evaluation.
 
 The record (evals.jsonl in a run folder): one line per (evaluation epoch, training poem),
-    {"epoch": 10, "poem": 3, "chars": 57, "correct": true, "category": "correct", "edit_distance": 0.0}
+    {"epoch": 10, "poem": 3, "chars": 57, "correct": true, "category": "correct", "edit_distance": 0.0,
+     "bits": 12.7}
 `poem` is the poem's index in the run's poem list (the same at every evaluation), `chars` its
-length in characters (engine/evaluate.py buckets accuracy by it). From these lines:
+length in characters (engine/evaluate.py buckets accuracy by it), `bits` (when scored) its
+target's NLL under the model at that epoch (engine/scoring.py). From these lines:
   accuracy_curve        accuracy per evaluation epoch (what metrics.jsonl's accuracy says);
   accuracy_by_length    the same per length bucket: the paper's length effect over training;
   poem_dynamics         per poem: the epoch it was first recited exactly, whether it stayed
@@ -23,10 +25,17 @@ from engine.evaluate import length_bucket
 EVALS_FILE = "evals.jsonl"
 
 
-def eval_lines(epoch: int, records: list[dict]) -> list[dict]:
-    """evals.jsonl lines of one evaluation from engine.evaluate.evaluate's records (in poem order)."""
-    return [{"epoch": epoch, "poem": i, "chars": len(r["target"]), "correct": bool(r["correct"]),
-             "category": r["category"], "edit_distance": r["edit_distance"]} for i, r in enumerate(records)]
+def eval_lines(epoch: int, records: list[dict], bits: list[float] | None = None) -> list[dict]:
+    """evals.jsonl lines of one evaluation from engine.evaluate.evaluate's records (in poem order)
+    and, if scored, each poem's bits (engine.scoring.poem_bits, same order)."""
+    lines = [{"epoch": epoch, "poem": i, "chars": len(r["target"]), "correct": bool(r["correct"]),
+              "category": r["category"], "edit_distance": r["edit_distance"]} for i, r in enumerate(records)]
+    if bits is not None:
+        if len(bits) != len(lines):
+            raise ValueError(f"{len(bits)} scores for {len(lines)} evaluated poems: score the evaluated poems")
+        for line, b in zip(lines, bits):
+            line["bits"] = round(b, 4)
+    return lines
 
 
 def append_evals(path: Path, lines: list[dict]) -> None:

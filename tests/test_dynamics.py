@@ -84,6 +84,16 @@ def test_first_recited_epochs_by_length():
     }
 
 
+def test_eval_lines_carry_each_poems_bits():
+    lines = eval_lines(7, records([True, False], [12, 300]), bits=[10.123456, 99.5])
+    assert lines == [{"epoch": 7, "poem": 0, "chars": 12, "correct": True, "category": "correct",
+                      "edit_distance": 0.0, "bits": 10.1235},
+                     {"epoch": 7, "poem": 1, "chars": 300, "correct": False, "category": "severe",
+                      "edit_distance": 0.5, "bits": 99.5}]
+    with pytest.raises(ValueError, match="score the evaluated poems"):
+        eval_lines(7, records([True, False], [12, 300]), bits=[1.0])
+
+
 def test_evals_file_round_trip_and_resume(tmp_path):
     path = tmp_path / "evals.jsonl"
     lines = history_lines()
