@@ -6,7 +6,7 @@ import pytest
 from engine.dynamics import (accuracy_by_length, accuracy_curve, append_evals, dynamics_summary, eval_lines,
                              first_recited_by_length, keep_evals_until, poem_dynamics, transitions)
 from engine.evaluate import summarize
-from engine.memorization_plots import plot_accuracy_by_length, plot_bits_and_accuracy, plot_first_recited
+from engine.memorization_report import plot_accuracy_by_length, plot_bits_and_accuracy, plot_first_recited
 from engine.report import read_jsonl
 
 EPOCHS = [10, 20, 30, 40, 50]
