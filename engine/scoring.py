@@ -5,12 +5,11 @@ poem and the token that ends it) given its prompt, in bits:
     bits(poem) = sum_t -log2 p(target_t | prompt, target_<t)
 scored with one forward pass over packed batches (no generation), the logits never whole: the
 fused loss (kernels/linear_cross_entropy.py, reduction "none") gives each token's fp32 loss.
-Under the base model, the sum over the training poems is the data's information; training can
-take away at most all of it (a trained model's NLL is >= 0), so
+Under the base model, the sum over the training poems is the data's information, and
     bits gained = sum over poems of (bits under the base model - bits under the trained one)
-lies in [.., base information]. It counts all the model learned about these token sequences,
-their shared format included, which is why it is quoted beside exact recitation: per parameter
-(to set beside the ~2-3.6 bits/parameter capacity measured for GPT-style models) and per
+is at most that (a trained model's NLL is >= 0). It counts all the model learned about these
+token sequences, their shared format included, so it is quoted beside exact recitation: per
+parameter (beside the ~2-3.6 bits/parameter capacity measured for GPT-style models) and per
 memorized poem.
 """
 from __future__ import annotations
