@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.registry import REGISTRY
+
 FROZEN = Path(__file__).resolve().parent.parent / "data"
 HUB_DATASETS = {"cn": "larryvrh/Chinese-Poems", "en": "jnb666/poems"}
 # Accepted column names, first match wins (case-insensitive); `lines` may hold a list of lines.
@@ -192,7 +194,6 @@ def default_format(tokenizer, chat: bool | None = None) -> str:
 
 def model_format(model_name_or_path, tokenizer) -> str:
     """default_format with the registry's chat flag for a registry name (a folder: guessed)."""
-    from models.registry import REGISTRY
     spec = REGISTRY.get(str(model_name_or_path))
     return default_format(tokenizer, spec.chat if spec else None)
 
@@ -265,42 +266,3 @@ def encode_examples(poems: list[Poem], tokenizer, lang: str, fmt: str, max_token
                              f"{max_tokens}-token budget: raise the token budget or select shorter poems")
         examples.append(example)
     return examples
-
-
-# ---------------------------------------------------------------- `cli.py data`
-
-def histogram(values: list[int], bins: int = 8, width: int = 40) -> str:
-    lo, hi = min(values), max(values)
-    step = max(1, -(-(hi - lo + 1) // bins))
-    counts = Counter((v - lo) // step for v in values)
-    top = max(counts.values())
-    return "\n".join(f"  {lo + b * step:>6}-{lo + (b + 1) * step - 1:<6} {counts[b]:>5} {'#' * round(width * counts[b] / top)}"
-                     for b in range(-(-(hi - lo + 1) // step)))
-
-
-def describe(lang: str, length: int, tokenizer, budget_tokens: int, source=None, n: int | None = 2000,
-             seed: int = 0, fmt: str | None = None) -> str:
-    """The report of `cli.py data`: counts, character and token histograms, packing efficiency."""
-    from engine.packing import pack, packing_efficiency
-
-    fmt = fmt or default_format(tokenizer)
-    poems = load_poems(lang, length, n, seed, source)
-    examples = encode_examples(poems, tokenizer, lang, fmt, budget_tokens)
-    chars = [poem_chars(p, lang) for p in poems]
-    tokens = [len(e) for e in examples]
-    batches = pack(examples, budget_tokens, seed=seed, epoch=0)
-    where = source or FROZEN / f"poems-{lang}-{length}.jsonl"
-    total, fullest = sum(tokens), sorted(b.num_tokens for b in batches)[1:]
-    return "\n".join([
-        f"{len(poems)} {lang} poems from {where} (length bin {length}, seed {seed}, format {fmt})",
-        f"characters (prompt + poem): min {min(chars)} mean {sum(chars) / len(chars):.1f} max {max(chars)}",
-        histogram(chars),
-        f"tokens (prompt + target + EOS): min {min(tokens)} mean {total / len(tokens):.1f} max {max(tokens)}, "
-        f"total {total} ({sum(len(e.target_ids) for e in examples)} target)",
-        histogram(tokens),
-        f"packing at {budget_tokens} tokens per batch: {len(batches)} batches, "
-        f"efficiency {100 * packing_efficiency(batches, budget_tokens):.2f}% "
-        f"(at most {100 * total / (-(-total // budget_tokens) * budget_tokens):.2f}% for {total} tokens"
-        + (f"; the {len(fullest)} fullest batches are {100 * sum(fullest) / (len(fullest) * budget_tokens):.2f}% full)"
-           if fullest else ")"),
-    ])

@@ -34,6 +34,7 @@ import torch
 
 from engine.data import Poem, default_format, encode_examples, load_poems, model_format, prompt_text, stop_token_ids
 from engine.generate import greedy_generate
+from models import load_model, load_tokenizer
 
 CATEGORIES = ("correct", "minor", "severe", "memory_loss")
 MINOR_MAX = 0.1
@@ -178,8 +179,6 @@ def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: i
              kv_budget_bytes: int | None = None, cuda_graphs: bool = True) -> dict:
     """`cli.py eval`: load the model and tokenizer, select the poems, recite, score, write
     `generations.jsonl` and `results.json` under out_dir (if given) -> the results dict."""
-    from models import load_model, load_tokenizer
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_name_or_path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(model_name_or_path)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.data import IGNORE, Example
+from kernels.attention import cu_seqlens
 
 
 @dataclass
@@ -54,15 +55,13 @@ class PackedBatch:
 
 
 def collate(examples: list[Example]) -> PackedBatch:
-    lengths = [len(e) for e in examples]
-    cu = torch.zeros(len(examples) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
+    lengths = [len(example) for example in examples]
     return PackedBatch(
-        input_ids=torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.int64),
+        input_ids=torch.tensor([t for example in examples for t in example.input_ids], dtype=torch.int64),
         position_ids=torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]),
-        cu_seqlens=cu,
+        cu_seqlens=cu_seqlens(lengths),
         max_seqlen=max(lengths),
-        labels=torch.tensor([t for e in examples for t in e.labels], dtype=torch.int64))
+        labels=torch.tensor([t for example in examples for t in example.labels], dtype=torch.int64))
 
 
 def bins_best_fit(lengths: list[int], order: list[int], budget_tokens: int) -> list[list[int]]:
@@ -86,7 +85,7 @@ def bins_best_fit(lengths: list[int], order: list[int], budget_tokens: int) -> l
 
 def pack(examples: list[Example], budget_tokens: int, seed: int = 0, epoch: int = 0) -> list[PackedBatch]:
     """Batches of at most budget_tokens tokens, no padding; a pure function of (seed, epoch)."""
-    lengths = [len(e) for e in examples]
+    lengths = [len(example) for example in examples]
     too_long = [i for i, n in enumerate(lengths) if n > budget_tokens]
     if too_long:
         raise ValueError(f"{len(too_long)} examples are longer than the {budget_tokens}-token budget (the longest: "
@@ -95,12 +94,12 @@ def pack(examples: list[Example], budget_tokens: int, seed: int = 0, epoch: int 
     order = list(range(len(examples)))
     rng.shuffle(order)
     bins = bins_best_fit(lengths, order, budget_tokens)
-    for b in bins:
-        rng.shuffle(b)
+    for members in bins:
+        rng.shuffle(members)
     rng.shuffle(bins)
-    return [collate([examples[i] for i in b]) for b in bins]
+    return [collate([examples[i] for i in members]) for members in bins]
 
 
 def packing_efficiency(batches: list[PackedBatch], budget_tokens: int) -> float:
     """Tokens / (batches * budget): the share of the budgeted compute that holds real tokens."""
-    return sum(b.num_tokens for b in batches) / (len(batches) * budget_tokens) if batches else 0.0
+    return sum(batch.num_tokens for batch in batches) / (len(batches) * budget_tokens) if batches else 0.0

@@ -10,17 +10,22 @@ flat gradient buffer is all-reduced once per step: the same update as one proces
 The data order is a pure function of (seed, epoch) and checkpoints are taken at epoch ends (every
 `checkpoint_every` epochs), so a killed run resumed with --resume ends with the same weights as
 an uninterrupted one.
+
+TrainConfig is the one description of a run's settings: each field carries its default, its
+help, and where the default depends on the model (tiny presets train a demo-sized run) both
+defaults. `cli.py memorize`'s flags are generated from it (add_flags / from_flags) and
+config_flags turns a config back into those flags (the sweep's subprocesses).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,56 +33,109 @@ import torch
 import torch.distributed as dist
 
 from engine.data import encode_examples, load_poems, model_format
+from engine.evaluate import evaluate
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
+from engine.report import write_run_report
+from engine.runs import Metrics, TrainingError, latest_checkpoint, prepare_output, restore, run_dir, save_checkpoint
 from models import load_model, load_tokenizer
 
-TINY_DEFAULTS = {"poems": 32, "lr": 3e-3, "batch_tokens": 256}
+
+def setting(help: str, default=None, *, full=None, tiny=None, choices=None):
+    """A TrainConfig field. full/tiny: the value a default of None stands for (tiny: for tiny presets)."""
+    return field(default=default, metadata={"help": help, "full": full, "tiny": tiny, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    model: str
-    lang: str = "cn"
-    length: int = 256
-    poems: int | None = None            # None: 2000 (the paper), 32 for tiny presets
-    epochs: int = 100
-    lr: float | None = None             # None: 2e-5 for pretrained models, 3e-3 for tiny presets
-    batch_tokens: int | None = None     # tokens per optimizer step; None: 8192 (~64 poems; 256 for tiny presets)
-    micro_batch_tokens: int | None = None   # tokens per forward/backward; None: batch_tokens
-    eval_every: int = 10                # epochs between recitation evals (the memorization curve)
-    checkpoint_every: int = 10          # epochs between checkpoints (and the last): a 1.5B model's is ~25 GB
-    seed: int = 0
-    out: str | None = None              # None: runs/{model}-{lang}-{length}
-    resume: bool = False
-    warmup_steps: int | None = None     # None: 3% of the steps
-    schedule: str = "cosine"
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)   # beta2 0.95 as in LLM training: the second moment
-    max_grad_norm: float = 1.0                 # follows the shrinking gradients of memorization
-    format: str | None = None           # chat | plain; None: chat for chat/instruct models
-    source: str | None = None           # poems: None = the frozen CN set; a file or a hub dataset
-    device: str | None = None
-    log_every: int = 10                 # steps between metric lines (the only host syncs)
+    model: str = field(metadata={"help": "a registry name (qwen2-0.5b, bloom-560m, tiny-qwen2, ...) or a folder"})
+    lang: str = setting("poem language", "cn", choices=("cn", "en"))
+    length: int = setting("prompt + poem characters: 256 (<= 256) or 512 (257..512, the paper's Table 2)", 256,
+                          choices=(256, 512))
+    poems: int | None = setting("poems to sample", full=2000, tiny=32)
+    epochs: int = setting("passes over the poems", 100)
+    lr: float | None = setting("peak learning rate", full=2e-5, tiny=3e-3)
+    batch_tokens: int | None = setting("tokens per optimizer step (8192: ~64 poems, ~30 steps per epoch of 2,000)",
+                                       full=8192, tiny=256)
+    micro_batch_tokens: int | None = setting("tokens per forward/backward (default: --batch-tokens)")
+    eval_every: int = setting("epochs between recitation evaluations (the memorization curve)", 10)
+    checkpoint_every: int = setting("epochs between checkpoints (and the last): a 1.5B model's is ~25 GB", 10)
+    seed: int = setting("seeds the poem sample, the weights of a preset and the data order", 0)
+    out: str | None = setting("output folder (default runs/MODEL-LANG-LENGTH)")
+    resume: bool = setting("continue the run in --out from its last checkpoint", False)
+    warmup_steps: int | None = setting("linear warmup steps (default: 3%% of the steps)")
+    schedule: str = setting("learning-rate schedule after the warmup", "cosine", choices=("cosine", "constant"))
+    weight_decay: float = setting("on matrices only (not norms, biases, embeddings)", 0.01)
+    # beta2 0.95 as in LLM training: the second moment follows the shrinking gradients of memorization
+    betas: tuple[float, float] = setting("AdamW's moment decay rates beta1 beta2", (0.9, 0.95))
+    max_grad_norm: float = setting("global gradient-norm clipping", 1.0)
+    format: str | None = setting("prompt format (default: chat for chat/instruct models)", choices=("chat", "plain"))
+    source: str | None = setting("a local .parquet/.jsonl/.json/.csv file or a hub dataset "
+                                 "(default: the frozen CN set)")
+    device: str | None = setting("cpu, cuda, cuda:1 (default: cuda when available)")
+    log_every: int = setting("steps between metric lines (each one syncs the host)", 10)
+
+    @staticmethod
+    def default(name: str, tiny: bool = False):
+        """The value a field takes when not given: `resolved()`'s choice for a pretrained model or a tiny preset."""
+        spec = FIELDS[name]
+        meta = spec.metadata
+        return (meta["tiny"] if tiny else meta["full"]) if meta.get("full") is not None else spec.default
 
     def resolved(self) -> "TrainConfig":
         """Defaults filled in: tiny presets get a demo-sized run."""
         tiny = self.model.startswith("tiny-")
-        pick = lambda value, key, default: value if value is not None else (TINY_DEFAULTS[key] if tiny else default)  # noqa: E731
-        c = replace(self)
-        c.poems = pick(self.poems, "poems", 2000)
-        c.lr = pick(self.lr, "lr", 2e-5)
-        c.batch_tokens = pick(self.batch_tokens, "batch_tokens", 8192)
-        c.micro_batch_tokens = self.micro_batch_tokens or c.batch_tokens
-        c.out = self.out or str(Path("runs") / f"{Path(self.model).name}-{self.lang}-{self.length}")
-        c.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if c.micro_batch_tokens > c.batch_tokens:
-            raise ValueError(f"--micro-batch-tokens {c.micro_batch_tokens} exceeds --batch-tokens {c.batch_tokens}")
-        return c
+        filled = replace(self, **{name: self.default(name, tiny) for name, spec in FIELDS.items()
+                                  if spec.metadata.get("full") is not None and getattr(self, name) is None})
+        filled.micro_batch_tokens = self.micro_batch_tokens or filled.batch_tokens
+        filled.out = self.out or str(run_dir("runs", self.model, self.lang, self.length))
+        filled.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if filled.micro_batch_tokens > filled.batch_tokens:
+            raise ValueError(f"--micro-batch-tokens {filled.micro_batch_tokens} exceeds --batch-tokens "
+                             f"{filled.batch_tokens}")
+        return filled
 
 
-class TrainingError(RuntimeError):
-    pass
+FIELDS = {spec.name: spec for spec in fields(TrainConfig)}
+
+
+# ---------------------------------------------------------------- the config as command-line flags
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, names=None, defaults=None) -> None:
+    """One flag per TrainConfig field (or the named ones); `defaults` overrides a field's default."""
+    for name in names or FIELDS:
+        spec, meta = FIELDS[name], FIELDS[name].metadata
+        default = (defaults or {}).get(name, None if spec.default is MISSING else spec.default)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        text = meta["help"] + (f" (default {meta['full']}; {meta['tiny']} for tiny presets)" if meta.get("full")
+                               and default is None else "" if default is None or default is False else f" (default {shown})")
+        if isinstance(default, bool):
+            parser.add_argument(flag(name), action="store_true", help=text)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag(name), type=float, nargs=len(default), default=default, metavar="B", help=text)
+        else:
+            parser.add_argument(flag(name), type={"int": int, "float": float}.get(spec.type.split()[0], str),
+                                default=default, choices=meta.get("choices"), required=spec.default is MISSING,
+                                help=text)
+
+
+def from_flags(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{name: tuple(value) if isinstance(value, list) else value
+                          for name, value in vars(args).items() if name in FIELDS})
+
+
+def config_flags(config: TrainConfig) -> list[str]:
+    """The flags add_flags' parser turns back into `config`: every field that differs from its default."""
+    args = []
+    for name, spec in FIELDS.items():
+        value = getattr(config, name)
+        if value != spec.default:
+            args += [flag(name)] + ([] if value is True else list(map(str, value if isinstance(value, tuple) else [value])))
+    return args
 
 
 # ---------------------------------------------------------------- distributed
@@ -95,17 +153,17 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-# ---------------------------------------------------------------- steps
+# ---------------------------------------------------------------- one step
 
 def plan_steps(batches: list[PackedBatch], batch_tokens: int) -> list[list[PackedBatch]]:
     """Consecutive micro-batches grouped into optimizer steps of at most batch_tokens tokens."""
     steps, current, size = [], [], 0
-    for b in batches:
-        if current and size + b.num_tokens > batch_tokens:
+    for batch in batches:
+        if current and size + batch.num_tokens > batch_tokens:
             steps.append(current)
             current, size = [], 0
-        current.append(b)
-        size += b.num_tokens
+        current.append(batch)
+        size += batch.num_tokens
     return steps + [current] if current else steps
 
 
@@ -130,83 +188,162 @@ def train_step(model, opt: AdamW, micro_batches: list[PackedBatch], n_targets: i
     return loss_sum, norm
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def save_checkpoint(out: Path, model, tokenizer, opt: AdamW, epoch: int, step: int, totals: dict,
-                    config: TrainConfig) -> None:
-    """checkpoint-{epoch}/ (HF model + trainer.pt), then the `latest` pointer swapped atomically."""
-    final = out / f"checkpoint-{epoch}"
-    tmp = out / f".checkpoint-{epoch}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model", tokenizer)
-    torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "totals": totals, "config": asdict(config),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               tmp / "trainer.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = out / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, out / "latest")
-    for old in out.glob("checkpoint-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "latest"
-    return out / pointer.read_text().strip() if pointer.is_file() else None
-
-
-def restore(checkpoint: Path, model, opt: AdamW) -> tuple[int, int, dict]:
-    """Load model weights, optimizer and RNG state; returns (epochs done, steps done, running totals)."""
-    from models.weights import checkpoint_files, iter_tensors
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for path in checkpoint_files(checkpoint / "model"):
-            for name, tensor in iter_tensors(path):
-                params[name].copy_(tensor)
-    state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
-    opt.load_state_dict(state["optimizer"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["epoch"], state["step"], state["totals"]
-
-
 # ---------------------------------------------------------------- the run
 
-class Metrics:
-    """metrics.jsonl, appended line by line (rank 0 only)."""
+@dataclass
+class Run:
+    """What memorize's phases share: the resolved config, the model and its data, the progress."""
+    config: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: str
+    model: object
+    tokenizer: object
+    fmt: str
+    poems: list
+    examples: list
+    opt: AdamW
+    total_steps: int
+    warmup_steps: int
+    epoch: int = 0                    # epochs done
+    step: int = 0                     # optimizer steps done
+    totals: dict = field(default_factory=lambda: {"train_seconds": 0.0, "train_tokens": 0, "eval_seconds": 0.0})
+    last_eval: tuple | None = None    # (summary, records) of the latest recitation evaluation
 
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
-        self.path, self.enabled = path, enabled
-        if enabled and keep_until_step is not None and path.is_file():        # resume: drop lines after the checkpoint
-            lines = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= keep_until_step]
-            path.write_text("".join(line + "\n" for line in lines))
-        elif enabled:
-            path.write_text("")
-
-    def log(self, **record) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+    def due(self, every: int) -> bool:
+        """Is the epoch just finished one of every `every`-th, or the last?"""
+        return self.epoch % every == 0 or self.epoch == self.config.epochs
 
 
-def prepare_output(out: Path, resume: bool) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise TrainingError(f"cannot write to the output directory {out} ({e.strerror}): pass --out with a "
-                            "writable folder") from None
-    if not resume and latest_checkpoint(out) is not None:
-        raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+def memorize(config: TrainConfig, progress: bool = True) -> dict:
+    """Train, evaluate and write the run's folder; returns results.json's content (rank 0)."""
+    run = setup(config.resolved())
+    checkpoint = resume(run)
+    metrics = Metrics(run.out / "metrics.jsonl", run.rank == 0, run.step if checkpoint is not None else None)
+    bar = _progress(run.total_steps, run.step, progress and run.rank == 0,
+                    f"{Path(run.config.model).name} {run.config.lang}")
+    while run.epoch < run.config.epochs:
+        record = train_epoch(run, metrics, bar)
+        if run.rank == 0 and run.due(run.config.eval_every):
+            record["accuracy"] = recite(run)["accuracy"]
+        metrics.log(**record)
+        if run.rank == 0 and run.due(run.config.checkpoint_every):
+            save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, run.config)
+        if run.world > 1:
+            dist.barrier()
+    bar.close()
+    return finish(run) if run.rank == 0 else {}
+
+
+def setup(config: TrainConfig) -> Run:
+    """Claim the output folder, seed every generator, load the model, the poems and the optimizer."""
+    rank, world, device = init_distributed(config.device)
+    out = Path(config.out)
+    if rank == 0:
+        prepare_output(out, config.resume)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, device=device, seed=config.seed)
+    fmt = config.format or model_format(config.model, tokenizer)
+    poems = load_poems(config.lang, config.length, config.poems, config.seed, config.source)
+    examples = encode_examples(poems, tokenizer, config.lang, fmt, max_tokens=config.micro_batch_tokens)
+    opt = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+                weight_decay=config.weight_decay)
+    steps_per_epoch = len(plan_steps(pack(examples, config.micro_batch_tokens, config.seed, 0), config.batch_tokens))
+    total_steps = steps_per_epoch * config.epochs
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, round(0.03 * total_steps))
+    return Run(config, out, rank, world, device, model, tokenizer, fmt, poems, examples, opt, total_steps, warmup)
+
+
+def resume(run: Run) -> Path | None:
+    """With --resume and a checkpoint: its weights, optimizer, RNG and progress; writes config.json.
+    Returns the checkpoint resumed from, if any."""
+    checkpoint = latest_checkpoint(run.out) if run.config.resume else None
+    if checkpoint is not None:
+        run.epoch, run.step, run.totals = restore(checkpoint, run.model, run.opt)
+    if run.rank == 0:
+        (run.out / "config.json").write_text(json.dumps(saved_config(run), indent=2))
+        if checkpoint is not None:
+            print(f"resuming {run.out} after epoch {run.epoch} (step {run.step})", file=sys.stderr)
+    return checkpoint
+
+
+def train_epoch(run: Run, metrics: Metrics, bar) -> dict:
+    """One pass over the poems in the epoch's packed order; returns the epoch's metrics record."""
+    config = run.config
+    start = window_start = time.perf_counter()
+    window_tokens, losses = 0, []
+    batches = pack(run.examples, config.micro_batch_tokens, config.seed, run.epoch)
+    if run.device.startswith("cuda"):       # pinned: the copies to the GPU then do not block the host
+        batches = [batch.pin_memory() for batch in batches]
+    for micro_batches in plan_steps(batches, config.batch_tokens):
+        run.opt.set_lr(lr_at(run.step, run.total_steps, config.lr, run.warmup_steps, config.schedule))
+        n_targets = sum(batch.num_target_tokens for batch in micro_batches)
+        try:
+            loss, norm = train_step(run.model, run.opt, micro_batches, n_targets, run.device, run.world, run.rank,
+                                    config.max_grad_norm)
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                f"out of memory on a micro-batch of up to {config.micro_batch_tokens} tokens: lower "
+                f"--micro-batch-tokens (gradient accumulation keeps --batch-tokens {config.batch_tokens})") from None
+        losses.append(loss)
+        run.step += 1
+        window_tokens += sum(batch.num_tokens for batch in micro_batches)
+        bar.update(1)
+        if run.step % config.log_every == 0:
+            loss_value = _finite(loss, run)
+            now = time.perf_counter()
+            metrics.log(epoch=run.epoch + 1, step=run.step, loss=loss_value, lr=run.opt.groups[0].lr,
+                        grad_norm=float(norm), tokens_per_second=window_tokens / (now - window_start),
+                        peak_memory_bytes=peak_memory_bytes(run.device))
+            bar.set_postfix(loss=f"{loss_value:.4f}", epoch=run.epoch + 1)
+            window_tokens, window_start = 0, now
+    epoch_loss = _finite(torch.stack(losses).mean(), run)
+    elapsed = time.perf_counter() - start
+    epoch_tokens = sum(len(example) for example in run.examples)
+    run.totals["train_seconds"] += elapsed
+    run.totals["train_tokens"] += epoch_tokens
+    run.epoch += 1
+    return {"epoch": run.epoch, "step": run.step, "epoch_loss": epoch_loss, "epoch_seconds": elapsed,
+            "epoch_tokens_per_second": epoch_tokens / elapsed}
+
+
+def recite(run: Run) -> dict:
+    """The recitation evaluation, its speed fields renamed so they don't read as training speed."""
+    start = time.perf_counter()
+    summary, records = evaluate(run.model, run.tokenizer, run.poems, run.config.lang, run.fmt)
+    run.totals["eval_seconds"] += time.perf_counter() - start
+    summary["eval_tokens_per_second"] = summary.pop("tokens_per_second")
+    summary["last_eval_seconds"] = summary.pop("eval_seconds")
+    run.model.train()
+    run.last_eval = summary, records
+    return summary
+
+
+def finish(run: Run) -> dict:
+    """The final model, results.json and the run's report; returns results.json's content."""
+    if run.last_eval is None:              # resumed after the last epoch's checkpoint
+        recite(run)
+    summary, records = run.last_eval
+    config, totals = run.config, run.totals
+    run.model.save_pretrained(run.out / "model", run.tokenizer)
+    results = {
+        "model": config.model, "lang": config.lang, "length": config.length, "n_poems": len(run.poems),
+        "epochs": config.epochs, **summary, **totals,
+        "tokens_per_second": totals["train_tokens"] / totals["train_seconds"] if totals["train_seconds"] else None,
+        "peak_memory_bytes": peak_memory_bytes(run.device), "parameters": run.model.num_parameters(),
+        "device": torch.cuda.get_device_name(run.device) if run.device.startswith("cuda") else "cpu",
+        "world_size": run.world, "config": saved_config(run),
+    }
+    write_run_report(run.out, results, records)
+    return results
+
+
+def saved_config(run: Run) -> dict:
+    return {**asdict(run.config), "format": run.fmt}
 
 
 def peak_memory_bytes(device) -> int:
@@ -216,123 +353,11 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def memorize(config: TrainConfig, progress: bool = True) -> dict:
-    """Train, evaluate and write the run's folder; returns results.json's content (rank 0)."""
-    from engine.report import write_run_report
-
-    c = config.resolved()
-    rank, world, device = init_distributed(c.device)
-    out = Path(c.out)
-    if rank == 0:
-        prepare_output(out, c.resume)
-    torch.manual_seed(c.seed)
-    random.seed(c.seed)
-    np.random.seed(c.seed)
-
-    tokenizer = load_tokenizer(c.model)
-    model = load_model(c.model, device=device, seed=c.seed)
-    fmt = c.format or model_format(c.model, tokenizer)
-    poems = load_poems(c.lang, c.length, c.poems, c.seed, c.source)
-    examples = encode_examples(poems, tokenizer, c.lang, fmt, max_tokens=c.micro_batch_tokens)
-    opt = AdamW(parameter_groups(model, c.weight_decay), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
-    steps_per_epoch = len(plan_steps(pack(examples, c.micro_batch_tokens, c.seed, 0), c.batch_tokens))
-    total_steps = steps_per_epoch * c.epochs
-    warmup = c.warmup_steps if c.warmup_steps is not None else max(1, round(0.03 * total_steps))
-
-    start_epoch, step = 0, 0
-    totals = {"train_seconds": 0.0, "train_tokens": 0, "eval_seconds": 0.0}
-    checkpoint = latest_checkpoint(out) if c.resume else None
-    if checkpoint is not None:
-        start_epoch, step, totals = restore(checkpoint, model, opt)
-    metrics = Metrics(out / "metrics.jsonl", rank == 0, step if checkpoint is not None else None)
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps({**asdict(c), "format": fmt}, indent=2))
-        if checkpoint is not None:
-            print(f"resuming {out} after epoch {start_epoch} (step {step})", file=sys.stderr)
-
-    n_tokens_epoch = sum(len(e) for e in examples)
-    last_eval = None
-    model.train()
-    bar = _progress(total_steps, step, progress and rank == 0, f"{Path(c.model).name} {c.lang}")
-    for epoch in range(start_epoch, c.epochs):
-        t0, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
-        losses = []
-        batches = pack(examples, c.micro_batch_tokens, c.seed, epoch)
-        if device.startswith("cuda"):       # pinned: the copies to the GPU then do not block the host
-            batches = [b.pin_memory() for b in batches]
-        for micro_batches in plan_steps(batches, c.batch_tokens):
-            opt.set_lr(lr_at(step, total_steps, c.lr, warmup, c.schedule))
-            n_targets = sum(b.num_target_tokens for b in micro_batches)
-            try:
-                loss, norm = train_step(model, opt, micro_batches, n_targets, device, world, rank, c.max_grad_norm)
-            except torch.OutOfMemoryError:
-                raise TrainingError(
-                    f"out of memory on a micro-batch of up to {c.micro_batch_tokens} tokens: lower "
-                    f"--micro-batch-tokens (gradient accumulation keeps --batch-tokens {c.batch_tokens})") from None
-            losses.append(loss)
-            step += 1
-            window_tokens += sum(b.num_tokens for b in micro_batches)
-            bar.update(1)
-            if step % c.log_every == 0:
-                loss_value = _finite(loss, step, out)
-                now = time.perf_counter()
-                metrics.log(epoch=epoch + 1, step=step, loss=loss_value, lr=opt.groups[0].lr,
-                            grad_norm=float(norm), tokens_per_second=window_tokens / (now - window_start),
-                            peak_memory_bytes=peak_memory_bytes(device))
-                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch + 1)
-                window_tokens, window_start = 0, now
-        epoch_loss = _finite(torch.stack(losses).mean(), step, out)
-        elapsed = time.perf_counter() - t0
-        totals["train_seconds"] += elapsed
-        totals["train_tokens"] += n_tokens_epoch
-        record = {"epoch": epoch + 1, "step": step, "epoch_loss": epoch_loss, "epoch_seconds": elapsed,
-                  "epoch_tokens_per_second": n_tokens_epoch / elapsed}
-        if rank == 0 and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
-            t1 = time.perf_counter()
-            last_eval = recite(model, tokenizer, poems, c.lang, fmt)
-            totals["eval_seconds"] += time.perf_counter() - t1
-            record["accuracy"] = last_eval[0]["accuracy"]
-        metrics.log(**record)
-        if rank == 0 and ((epoch + 1) % c.checkpoint_every == 0 or epoch + 1 == c.epochs):
-            save_checkpoint(out, model, tokenizer, opt, epoch + 1, step, totals, c)
-        if world > 1:
-            dist.barrier()
-    bar.close()
-    if rank != 0:
-        return {}
-    if last_eval is None:                  # resumed after the last epoch's checkpoint
-        t1 = time.perf_counter()
-        last_eval = recite(model, tokenizer, poems, c.lang, fmt)
-        totals["eval_seconds"] += time.perf_counter() - t1
-    summary, records = last_eval
-    model.save_pretrained(out / "model", tokenizer)
-    results = {
-        "model": c.model, "lang": c.lang, "length": c.length, "n_poems": len(poems), "epochs": c.epochs,
-        **summary, **totals,
-        "tokens_per_second": totals["train_tokens"] / totals["train_seconds"] if totals["train_seconds"] else None,
-        "peak_memory_bytes": peak_memory_bytes(device), "parameters": model.num_parameters(),
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-        "world_size": world, "config": {**asdict(c), "format": fmt},
-    }
-    write_run_report(out, results, records)
-    return results
-
-
-def recite(model, tokenizer, poems, lang: str, fmt: str) -> tuple[dict, list[dict]]:
-    """The recitation eval, its speed fields renamed so they don't read as training speed."""
-    from engine.evaluate import evaluate
-    summary, records = evaluate(model, tokenizer, poems, lang, fmt)
-    summary["eval_tokens_per_second"] = summary.pop("tokens_per_second")
-    summary["last_eval_seconds"] = summary.pop("eval_seconds")
-    model.train()
-    return summary, records
-
-
-def _finite(loss: torch.Tensor, step: int, out: Path) -> float:
+def _finite(loss: torch.Tensor, run: Run) -> float:
     value = float(loss)
     if not math.isfinite(value):
-        raise TrainingError(f"the loss became {value} at step {step}: the last good checkpoint is kept in {out} "
-                            "(resume from it with --resume, perhaps with a lower --lr)")
+        raise TrainingError(f"the loss became {value} at step {run.step}: the last good checkpoint is kept in "
+                            f"{run.out} (resume from it with --resume, perhaps with a lower --lr)")
     return value
 
 

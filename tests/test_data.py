@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import (IGNORE, Poem, default_format, describe, encode_example, encode_examples, format_prompt,
+from engine.data import (IGNORE, Poem, default_format, encode_example, encode_examples, format_prompt,
                          load_poems, poem_chars, prompt_text, rows_to_poems, stop_token_ids, target_eos_id)
 from models import load_tokenizer
 
@@ -212,9 +212,3 @@ def test_target_longer_than_budget(tok):
 def test_rows_to_poems_needs_records():
     with pytest.raises(ValueError, match="holds no records"):
         rows_to_poems([], "x.json")
-
-
-def test_describe(tok):
-    text = describe("cn", 256, tok, 16384)
-    assert text.startswith("2000 cn poems") and "characters" in text and "tokens" in text
-    assert "efficiency" in text and "#" in text

@@ -19,10 +19,8 @@ DTYPES = (torch.float32, torch.bfloat16)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 REAL_HIDDEN = (896, 1024, 1536, 2048)
 # triton 3.6's interpreter turns a range() bound built from a program id into an int this way
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-
-
-pytestmark = pytest.mark.usefixtures("poisoned_empty")
+pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+              pytest.mark.usefixtures("poisoned_empty")]
 
 
 def _run(op, inputs, backend, dtype):

@@ -76,11 +76,25 @@ def test_example_longer_than_budget():
         pack(synthetic(), 50)
 
 
-def test_to_device_keeps_everything():
+def test_to_device_moves_every_tensor():
+    """To the GPU when there is one (values compared back on the host), else to the meta device
+    (no values, so devices, shapes and dtypes)."""
     batch = pack(synthetic(10), 1000)[0]
-    moved = batch.to("cpu")
-    assert torch.equal(moved.input_ids, batch.input_ids) and torch.equal(moved.cu_seqlens, batch.cu_seqlens)
-    assert moved.max_seqlen == batch.max_seqlen and torch.equal(moved.labels, batch.labels)
+    device = torch.device("cuda" if torch.cuda.is_available() else "meta")
+    moved = batch.to(device)
+    assert moved.max_seqlen == batch.max_seqlen
+    for name in ("input_ids", "position_ids", "cu_seqlens", "labels"):
+        here, there = getattr(batch, name), getattr(moved, name)
+        assert there.device.type == device.type and there.shape == here.shape and there.dtype == here.dtype, name
+        if device.type == "cuda":
+            assert torch.equal(there.cpu(), here), name
+
+
+def test_packing_efficiency_of_a_hand_packed_case():
+    examples = [Example((1,) * 10, (2,) * n) for n in (50, 30, 40)]       # 60 + 40 tokens, then 50
+    batches = pack(examples, 100)
+    assert sorted(batch.num_tokens for batch in batches) == [50, 100]
+    assert packing_efficiency(batches, 100) == 0.75                      # 150 tokens in 2 x 100
 
 
 @pytest.mark.parametrize("length,fmt", [(256, "plain"), (256, "chat"), (512, "plain")])
@@ -91,6 +105,5 @@ def test_best_fit_reaches_the_minimum_batch_count(length, fmt):
     batches = pack(examples, budget, seed=0, epoch=0)
     total = sum(len(e) for e in examples)
     assert len(batches) == math.ceil(total / budget)
-    assert packing_efficiency(batches, budget) == total / (len(batches) * budget)
     if fmt == "chat":
         assert packing_efficiency(batches, budget) > 0.98

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.report import read_jsonl
+from engine.runs import read_jsonl
 from engine.train import TrainConfig, TrainingError, memorize
 from tests.helpers import tiny_checkpoint
 

@@ -1,0 +1,82 @@
+"""engine/costs.py: parameter counts, FLOPs and profile numbers against hand computation."""
+import json
+import time
+
+import pytest
+import torch
+
+from engine.costs import count_parameters, model_config, profile, this_device, train_flops
+from engine.data import default_format, encode_examples, load_poems
+from models import PAPER_MODELS, REGISTRY, ModelConfig, load_tokenizer, model_class
+
+
+def hand_count(config: ModelConfig) -> int:
+    """The tensors of the config, added up by hand."""
+    h, layers, vocab_matrix = config.hidden_size, config.num_layers, config.vocab_size * config.hidden_size
+    if config.model_type == "qwen2":
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        block = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * config.intermediate_size + 2 * h
+        return vocab_matrix * (1 if config.tie_word_embeddings else 2) + layers * block + h
+    inner = config.intermediate_size
+    block = 2 * h + (3 * h * h + 3 * h) + (h * h + h) + 2 * h + (h * inner + inner) + (inner * h + h)
+    return vocab_matrix + 2 * h + layers * block + 2 * h
+
+
+@pytest.mark.parametrize("name", ["qwen2-0.5b", "qwen2-1.5b", "qwen1.5-0.5b", "bloom-560m", "bloom-389m-zh",
+                                  "tiny-qwen2", "tiny-bloom"])
+def test_parameter_count_is_the_sum_of_the_config_tensors(name):
+    config = model_config(name)
+    assert count_parameters(config) == hand_count(config)
+
+
+def test_parameter_counts_match_the_published_ones():
+    assert count_parameters(model_config("qwen2-0.5b")) == 494_032_768
+    assert count_parameters(model_config("bloom-560m")) == 559_214_592
+
+
+def test_train_flops_counts_every_matmul_of_every_token():
+    """Token by token: a forward is 2 FLOPs per weight (6N counts norms and biases as weights too)
+    and, per layer and head, q·k and p·v over the keys up to the token; backward twice the forward."""
+    config = ModelConfig.from_dict({"model_type": "qwen2", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
+                                    "num_attention_heads": 4, "intermediate_size": 64, "tie_word_embeddings": False})
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    weights = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)   # a lookup
+    forward = [2 * weights + config.num_layers * config.num_heads * 2 * (2 * config.head_dim) * (position + 1)
+               for length in (10, 3) for position in range(length)]
+    assert train_flops(config, count_parameters(config), [10, 3]) == 3 * sum(forward)
+
+
+def test_profile_projected_then_measured(tmp_path):
+    rows, table = profile(["tiny-qwen2"], n_poems=16, bench_dir=tmp_path, runs=[], out=None)
+    row = rows[0]
+    tokenizer = load_tokenizer("tiny-qwen2")
+    examples = encode_examples(load_poems("cn", 256, 16), tokenizer, "cn", default_format(tokenizer, REGISTRY["tiny-qwen2"].chat))
+    assert row["tokens_per_epoch"] == sum(len(e) for e in examples)
+    assert row["tokenizer"] == "own" and row["projected"] and "projected" in row["basis"]
+    assert row["flops_total"] == 100 * row["flops_per_epoch"]
+    assert row["epoch_seconds"] == pytest.approx(row["flops_per_epoch"] / (989e12 * 0.40))    # H100 bf16 at 40%
+    memory = row["memory"]
+    assert memory["weights"] + memory["gradients"] + memory["optimizer"] == 16 * row["parameters"]
+    assert "tiny-qwen2" in table
+
+    bench = {"device": this_device(), "peak_tflops": None, "matmul_tflops": None,
+             "models": {"tiny-qwen2": {"params": row["parameters"], "train_tokens_per_second": 1000.0, "mfu": None,
+                                       "step_seconds": {}, "peak_memory_bytes": 1, "eval_tokens_per_second": 500.0}}}
+    (tmp_path / "throughput-here.json").write_text(json.dumps(bench))
+    (tmp_path / "throughput-here-detail.json").write_text(json.dumps({"device": this_device(), "models": {}}))
+    measured = profile(["tiny-qwen2"], n_poems=16, bench_dir=tmp_path, runs=[], out=None)[0][0]
+    assert not measured["projected"] and "measured" in measured["basis"]
+    assert measured["epoch_seconds"] == pytest.approx(row["tokens_per_epoch"] / 1000.0)
+
+
+def test_profile_all_paper_models_quickly(tmp_path):
+    start = time.perf_counter()
+    rows, table = profile(bench_dir=tmp_path, runs=[], out=tmp_path)
+    assert time.perf_counter() - start < 30
+    assert [r["model"] for r in rows] == PAPER_MODELS
+    assert all(r["projected"] and r["tokenizer"] == "tiny proxy" for r in rows)
+    assert rows[2]["parameters"] > rows[1]["parameters"] and rows[2]["flops_per_epoch"] > rows[1]["flops_per_epoch"]
+    assert rows[1]["paper_accuracy"] == 77.5 and rows[5]["paper_accuracy"] is None
+    assert len(table.splitlines()) >= 2 + len(PAPER_MODELS)
+    assert (tmp_path / "profile.png").stat().st_size > 0
