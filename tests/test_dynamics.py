@@ -6,8 +6,8 @@ import pytest
 from engine.dynamics import (accuracy_by_length, accuracy_curve, append_evals, dynamics_summary, eval_lines,
                              first_recited_by_length, keep_evals_until, poem_dynamics, transitions)
 from engine.evaluate import summarize
-from engine.memorization_report import plot_accuracy_by_length, plot_bits_and_accuracy, plot_first_recited
-from engine.report import read_jsonl
+from engine.report import plot_bits_and_accuracy, plot_first_recited, plot_length_curves
+from engine.runs import read_jsonl
 
 EPOCHS = [10, 20, 30, 40, 50]
 # Each poem's correctness at the five evaluations, and its length in characters.
@@ -109,7 +109,7 @@ def test_plots_are_written(tmp_path):
     lines = history_lines()
     bits = [{"epoch": 0, "bits": 5200.0}] + [{"epoch": e, "bits": 5200.0 / e} for e in EPOCHS]
     paths = [plot_bits_and_accuracy(tmp_path / "bits.png", bits, accuracy_curve(lines), "bits"),
-             plot_accuracy_by_length(tmp_path / "by_length.png", accuracy_by_length(lines), "by length"),
+             plot_length_curves(tmp_path / "by_length.png", accuracy_by_length(lines), "by length"),
              plot_first_recited(tmp_path / "first.png", first_recited_by_length(lines), EPOCHS, "first")]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

@@ -1,5 +1,5 @@
 """The memorization sections of the reports, from results.json-shaped dicts."""
-from engine.memorization_report import accuracy_cell, paper_cell, ranking_table, run_section, seeds_table
+from engine.report import accuracy_cell, memorization_section, paper_cell, ranking_table, seeds_table
 
 
 def run(model="qwen2-0.5b", seed=0, correct=1550, n=2000, bits_per_parameter=0.002, lang="cn", length=256):
@@ -15,7 +15,7 @@ def run(model="qwen2-0.5b", seed=0, correct=1550, n=2000, bits_per_parameter=0.0
 
 
 def test_run_section_states_interval_bits_and_dynamics():
-    text = "\n".join(run_section(run()))
+    text = "\n".join(memorization_section(run()))
     assert "1550 of 2000 poems, 77.50% (95% Wilson interval [75.6, 79.3])" in text
     assert "1,200.0 kbit (150,000 target tokens, 8.00 bits/token)" in text
     assert "1,000.0 kbit (83.3% of it), 0.002 bits/parameter" in text
