@@ -33,11 +33,14 @@ import torch
 import torch.distributed as dist
 
 from engine.data import encode_examples, load_poems, model_format
+from engine.dynamics import EVALS_FILE, append_evals, dynamics_summary, eval_lines, keep_evals_until
 from engine.evaluate import evaluate
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
-from engine.runs import Metrics, TrainingError, latest_checkpoint, prepare_output, restore, run_dir, save_checkpoint
+from engine.scoring import bits_summary, poem_bits
+from engine.runs import (Metrics, TrainingError, latest_checkpoint, prepare_output, read_jsonl, restore, run_dir,
+                         save_checkpoint)
 from models import load_model, load_tokenizer
 
 
@@ -210,6 +213,8 @@ class Run:
     step: int = 0                     # optimizer steps done
     totals: dict = field(default_factory=lambda: {"train_seconds": 0.0, "train_tokens": 0, "eval_seconds": 0.0})
     last_eval: tuple | None = None    # (summary, records) of the latest recitation evaluation
+    base_bits: list | None = None     # each poem's target NLL in bits under the base model (rank 0)
+    last_bits: list | None = None     # the same at the latest evaluation
 
     def due(self, every: int) -> bool:
         """Is the epoch just finished one of every `every`-th, or the last?"""
@@ -219,14 +224,22 @@ class Run:
 def memorize(config: TrainConfig, progress: bool = True) -> dict:
     """Train, evaluate and write the run's folder; returns results.json's content (rank 0)."""
     run = setup(config.resolved())
+    if run.rank == 0:                  # before resume() loads trained weights
+        run.base_bits = score(run)
     checkpoint = resume(run)
     metrics = Metrics(run.out / "metrics.jsonl", run.rank == 0, run.step if checkpoint is not None else None)
+    if run.rank == 0:
+        keep_evals_until(run.out / EVALS_FILE, run.epoch)     # a fresh run starts an empty file
+        if checkpoint is None:
+            metrics.log(epoch=0, step=0, bits=sum(run.base_bits))
     bar = _progress(run.total_steps, run.step, progress and run.rank == 0,
                     f"{Path(run.config.model).name} {run.config.lang}")
     while run.epoch < run.config.epochs:
         record = train_epoch(run, metrics, bar)
         if run.rank == 0 and run.due(run.config.eval_every):
-            record["accuracy"] = recite(run)["accuracy"]
+            summary = recite(run)
+            record.update(accuracy=summary["accuracy"], bits=summary["bits"],
+                          bits_gained=sum(run.base_bits) - summary["bits"])
         metrics.log(**record)
         if run.rank == 0 and run.due(run.config.checkpoint_every):
             save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, run.config)
@@ -312,22 +325,37 @@ def train_epoch(run: Run, metrics: Metrics, bar) -> dict:
 
 
 def recite(run: Run) -> dict:
-    """The recitation evaluation, its speed fields renamed so they don't read as training speed."""
+    """The recitation evaluation, its speed fields renamed so they don't read as training speed, and
+    the poems' bits under the model; each poem's result appended to evals.jsonl."""
     start = time.perf_counter()
     summary, records = evaluate(run.model, run.tokenizer, run.poems, run.config.lang, run.fmt)
     run.totals["eval_seconds"] += time.perf_counter() - start
     summary["eval_tokens_per_second"] = summary.pop("tokens_per_second")
     summary["last_eval_seconds"] = summary.pop("eval_seconds")
+    run.last_bits = score(run)
+    summary["bits"] = sum(run.last_bits)
+    append_evals(run.out / EVALS_FILE, eval_lines(run.epoch, records, run.last_bits))
     run.model.train()
     run.last_eval = summary, records
     return summary
 
 
+def score(run: Run) -> list[float]:
+    """Each training poem's target NLL in bits under the model now (engine/scoring.py), timed."""
+    start = time.perf_counter()
+    bits = poem_bits(run.model, run.examples, run.config.micro_batch_tokens)
+    run.totals["score_seconds"] = run.totals.get("score_seconds", 0.0) + time.perf_counter() - start
+    return bits
+
+
 def finish(run: Run) -> dict:
     """The final model, results.json and the run's report; returns results.json's content."""
-    if run.last_eval is None:              # resumed after the last epoch's checkpoint
+    if run.last_eval is None:              # resumed after the last epoch's checkpoint: redo its evaluation
+        keep_evals_until(run.out / EVALS_FILE, run.epoch - 1)
         recite(run)
     summary, records = run.last_eval
+    for record, base, trained in zip(records, run.base_bits, run.last_bits):
+        record.update(base_bits=round(base, 4), bits=round(trained, 4))
     config, totals = run.config, run.totals
     run.model.save_pretrained(run.out / "model", run.tokenizer)
     results = {
@@ -337,6 +365,9 @@ def finish(run: Run) -> dict:
         "peak_memory_bytes": peak_memory_bytes(run.device), "parameters": run.model.num_parameters(),
         "device": torch.cuda.get_device_name(run.device) if run.device.startswith("cuda") else "cpu",
         "world_size": run.world, "config": saved_config(run),
+        "memorization": {**bits_summary(run.base_bits, run.last_bits, run.model.num_parameters(), summary["correct"]),
+                         "target_tokens": sum(len(example.target_ids) for example in run.examples)},
+        "dynamics": dynamics_summary(read_jsonl(run.out / EVALS_FILE)),
     }
     write_run_report(run.out, results, records)
     return results

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.dynamics import accuracy_curve
 from engine.runs import read_jsonl
 from engine.train import TrainConfig, TrainingError, memorize
 from tests.helpers import tiny_checkpoint
@@ -37,7 +38,8 @@ def test_a_short_run_memorizes_its_poems(model_dir, tmp_path):
     results = memorize(config(model_dir, tmp_path / "run"), progress=False)
     assert results["accuracy"] == 1.0, results
     out = tmp_path / "run"
-    for name in ("results.json", "metrics.jsonl", "generations.jsonl", "curve.png", "report.md", "model/config.json"):
+    for name in ("results.json", "metrics.jsonl", "generations.jsonl", "curve.png", "report.md", "model/config.json",
+                 "evals.jsonl", "bits.png", "accuracy_by_length_curve.png", "first_recited.png"):
         assert (out / name).is_file(), name
     generations = read_jsonl(out / "generations.jsonl")
     assert len(generations) == 4 and all(g["correct"] and g["output"] == g["target"] for g in generations)
@@ -45,6 +47,26 @@ def test_a_short_run_memorizes_its_poems(model_dir, tmp_path):
     assert len(epochs) == 40 and epochs[-1]["epoch_loss"] < 0.1 * epochs[0]["epoch_loss"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["n_poems"] == 4 and saved["train_tokens"] > 0 and saved["config"]["lr"] == 3e-3
+    assert "Wilson interval" in (out / "report.md").read_text() and "bits/parameter" in (out / "report.md").read_text()
+
+
+def test_per_poem_records_and_bits_follow_the_run(model_dir, tmp_path):
+    """evals.jsonl reproduces metrics.jsonl's accuracy curve exactly; bits fall from the base model's."""
+    out = tmp_path / "run"
+    results = memorize(config(model_dir, out, epochs=12, eval_every=3), progress=False)
+    metrics = read_jsonl(out / "metrics.jsonl")
+    evaluated = [m for m in metrics if "accuracy" in m]
+    curve = accuracy_curve(read_jsonl(out / "evals.jsonl"))
+    assert [(m["epoch"], m["accuracy"]) for m in curve] == [(m["epoch"], m["accuracy"]) for m in evaluated]
+    assert [m["epoch"] for m in curve] == [3, 6, 9, 12] and all(m["n"] == 4 for m in curve)
+    bits = results["memorization"]
+    assert metrics[0] == {"epoch": 0, "step": 0, "bits": bits["base_bits"]}
+    assert evaluated[-1]["bits"] == bits["trained_bits"] and 0 < bits["bits_gained"] <= bits["base_bits"]
+    assert bits["bits_per_parameter"] == bits["bits_gained"] / results["parameters"]
+    generations = read_jsonl(out / "generations.jsonl")
+    assert sum(g["base_bits"] for g in generations) == pytest.approx(bits["base_bits"], abs=1e-3)
+    assert results["dynamics"]["evaluations"] == 4 and results["score_seconds"] > 0
+    assert results["interval"][0] <= results["accuracy"] <= results["interval"][1]
 
 
 def test_cli_eval_writes_the_memorize_fields(model_dir, tmp_path, capsys):
@@ -82,6 +104,7 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(model_dir, tmp_path):
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
     epochs = [m["epoch"] for m in read_jsonl(tmp_path / "killed" / "metrics.jsonl") if "epoch_loss" in m]
     assert epochs == list(range(1, 9))
+    assert read_jsonl(tmp_path / "killed" / "evals.jsonl") == read_jsonl(tmp_path / "whole" / "evals.jsonl")
 
 
 def test_two_process_gloo_matches_one_process(model_dir, tmp_path):
