@@ -146,7 +146,7 @@ def plot_bits_and_accuracy(path: Path, bits_curve: list[dict], accuracy_curve: l
     acc_ax.set_ylabel("accuracy (%)")
     acc_ax.set_ylim(*PERCENT_LIMITS)
     acc_ax.set_xlim(bits_ax.get_xlim())
-    acc_ax.legend(loc="lower right", fontsize=8)
+    acc_ax.legend(loc="upper left", fontsize=8)      # accuracy climbs from the lower left
     acc_ax.set_title("poems recited exactly")
     fig.suptitle(title)
     return save_figure(fig, path)
@@ -232,10 +232,11 @@ def memorization_section(results: dict) -> list[str]:
     learned = results.get("dynamics")
     if learned:
         lines.append(
-            f"- over {learned['evaluations']} evaluations: {learned['ever_recited']} poems recited exactly at least "
-            f"once, {learned['stayed']} of them correct at every later evaluation; {learned['forgotten_poems']} "
-            f"poems forgotten ({learned['forgetting_events']} forgetting events, {learned['relearning_events']} "
-            f"relearned); median first-recited epoch: {learned['median_first_recited_epoch'] or '-'}")
+            f"- over {learned['evaluations']} evaluations: {learned['ever_recited']} of {learned['poems']} poems recited "
+            f"exactly at least once, {learned['stayed']} of them correct at every later evaluation; "
+            f"{learned['forgotten_poems']} forgotten ({learned['forgetting_events']} forgetting events, "
+            f"{learned['relearning_events']} relearned); median first-recited epoch: "
+            f"{learned['median_first_recited_epoch'] or '-'}")
     if "score_seconds" in results:
         measured = results["eval_seconds"] + results["score_seconds"]
         total = measured + results["train_seconds"]

@@ -19,7 +19,7 @@ def test_run_section_states_interval_bits_and_dynamics():
     assert "1550 of 2000 poems, 77.50% (95% Wilson interval [75.6, 79.3])" in text
     assert "1,200.0 kbit (150,000 target tokens, 8.00 bits/token)" in text
     assert "1,000.0 kbit (83.3% of it), 0.002 bits/parameter" in text
-    assert "1600 poems recited exactly at least once, 1500 of them" in text and "120 forgetting events" in text
+    assert "1600 of 2000 poems recited exactly at least once, 1500 of them" in text and "120 forgetting events" in text
     assert "| 1-50 | 800 | 700 | 87.50 | [85.0, 89.6] |" in text
     assert "bits.png" in text and "first_recited.png" in text
 
