@@ -28,8 +28,8 @@ def test_table_cells_pool_seeds_and_mark_the_papers_figure():
     runs = [run(seed=0, correct=1550), run(seed=1, correct=1530)]
     assert accuracy_cell(runs[:1]) == "77.50 [75.6, 79.3]"
     assert accuracy_cell(runs) == "77.00 [75.7, 78.3]"          # 3080 of 4000
-    assert paper_cell(77.5, runs) == "77.5 (inside)" and paper_cell(96.9, runs) == "96.9 (outside)"
-    assert paper_cell(77.5, None) == "77.5" and paper_cell(None, runs) == "-" and accuracy_cell(None) == "-"
+    assert paper_cell(77.5, runs) == "77.50 (inside)" and paper_cell(96.9, runs) == "96.90 (outside)"
+    assert paper_cell(77.5, None) == "77.50" and paper_cell(None, runs) == "-" and accuracy_cell(None) == "-"
 
 
 def test_seeds_table_aggregates_both_seeds():
