@@ -38,9 +38,9 @@ from engine.evaluate import evaluate
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
-from engine.scoring import bits_summary, poem_bits
 from engine.runs import (Metrics, TrainingError, latest_checkpoint, prepare_output, read_jsonl, restore, run_dir,
                          save_checkpoint)
+from engine.scoring import bits_summary, poem_bits
 from models import load_model, load_tokenizer
 
 
