@@ -40,7 +40,7 @@ from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
 from engine.runs import (Metrics, TrainingError, latest_checkpoint, prepare_output, read_jsonl, restore, run_dir,
                          save_checkpoint)
-from engine.scoring import bits_summary, poem_bits
+from engine.scoring import SCORE_BATCH_TOKENS, bits_summary, poem_bits
 from models import load_model, load_tokenizer
 
 
@@ -343,7 +343,8 @@ def recite(run: Run) -> dict:
 def score(run: Run) -> list[float]:
     """Each training poem's target NLL in bits under the model now (engine/scoring.py), timed."""
     start = time.perf_counter()
-    bits = poem_bits(run.model, run.examples, run.config.micro_batch_tokens)
+    # forward only, nothing kept for backward: batches larger than training's cost no more memory
+    bits = poem_bits(run.model, run.examples, max(run.config.micro_batch_tokens, SCORE_BATCH_TOKENS))
     run.totals["score_seconds"] = run.totals.get("score_seconds", 0.0) + time.perf_counter() - start
     return bits
 
