@@ -88,9 +88,11 @@ def activation_bytes(config: ModelConfig, tokens: int) -> int:
 
 
 def memory_split(config: ModelConfig, parameters: int, micro_batch_tokens: int) -> dict:
-    """Peak training memory on a GPU: bf16 weights and gradients, fp32 master weights and two fp32
-    AdamW moments (engine/optim.py), activations of one micro-batch."""
-    parts = {"weights": BF16 * parameters, "gradients": BF16 * parameters, "optimizer": 3 * FP32 * parameters,
+    """Peak training memory on a GPU: bf16 weights; gradients in the fp32 accumulator (main_grad) plus
+    the one bf16 .grad alive while a hook adds it in, at most the embedding's; fp32 master weights and
+    two fp32 AdamW moments (engine/optim.py); activations of one micro-batch."""
+    gradients = FP32 * parameters + BF16 * config.vocab_size * config.hidden_size
+    parts = {"weights": BF16 * parameters, "gradients": gradients, "optimizer": 3 * FP32 * parameters,
              "activations": activation_bytes(config, micro_batch_tokens)}
     return {**parts, "total": sum(parts.values())}
 
@@ -261,8 +263,9 @@ def profile_table(rows: list[dict], lang: str, length: int, epochs: int, eval_ev
              "Time: " + "; ".join(sorted({row["basis"] for row in rows})) + ". Projected evaluation: decode at "
              f"{ASSUMED_BANDWIDTH_USE:.0%} of {PROJECTION.hbm_bytes_per_second / 1e12:.2f} TB/s, batch {EVAL_BATCH}, "
              f"one evaluation every {eval_every} epochs.",
-             "FLOPs: 6N + causal attention 6·L·d·(s+1) per sequence of s tokens. Memory: bf16 weights and "
-             "gradients, fp32 master + 2 moments, activations of one packed micro-batch (no recompute)."]
+             "FLOPs: 6N + causal attention 6·L·d·(s+1) per sequence of s tokens. Memory: bf16 weights, fp32 "
+             "gradient accumulator (+ one bf16 tensor's gradient in flight), fp32 master + 2 moments, activations of "
+             "one packed micro-batch (no recompute)."]
     notes += [f"Ours: {row['run_dir']} ({row['run_poems']} poems, {row['run_epochs']} epochs)."
               for row in rows if "run_dir" in row]
     if any(row["tokenizer"] != "own" for row in rows):

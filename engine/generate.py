@@ -4,26 +4,32 @@
 
 No padding anywhere, and no host sync per token (gpt-fast / nano-vllm style):
   1. plan: sequences, longest first (prompt + cap), are grouped into batches whose KV cache
-     ([n + 1 slots, longest prompt + cap] per layer) fits `kv_budget_bytes`;
+     ([n + 1 slots, longest prompt + cap] per layer) fits `kv_budget_bytes` (with CUDA graphs
+     one cache serves every batch, so each is sized by the longest span of all);
   2. prefill: the batch's prompts as one packed varlen stream (cu_seqlens) write their keys and
      values into cache slots 0..n-1; only each prompt's last hidden state reaches the output
      layer, so [T, V] logits never exist;
-  3. decode: one token per live sequence per step, argmax on the device. A device-side `done`
+  3. decode: one token per live sequence per step, its argmax over fp32 logits on the device
+     (models.base.greedy_tokens: bf16 logits would tie near-ties). A device-side `done`
      mask (EOS or the sequence's own cap) is read by the host only every `check_every` steps;
      finished sequences then leave the batch: the live tensors are compacted, the cache does
      not move because every live sequence carries its slot id. A sequence that finished between
      two checks keeps decoding in place (its position frozen); those tokens are cut away.
   4. on CUDA the decode step (forward + argmax) is a CUDA graph per bucketed batch size,
-     replayed every step; the rows past the live batch decode a dummy token in a scratch slot
-     (slot n). Everything else is the same code on every device.
+     captured once per greedy_generate call and replayed every step of every batch: all the
+     batches share one cache (the largest batch's slots x the longest span), which the graphs
+     hold; the rows past the live batch decode a dummy token in a scratch slot (the last).
+     Everything else is the same code on every device.
 """
 from __future__ import annotations
 
-import itertools
+import functools
+from typing import Callable
 
 import torch
 
-from kernels import use_triton
+from kernels.attention import cu_seqlens as cu_seqlens_from_lengths
+from kernels.dispatch import use_triton
 from models.base import KVCache
 
 CPU_KV_BUDGET = 4 << 30           # bytes of KV cache per batch on the CPU
@@ -38,40 +44,45 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
     max_new_tokens: one cap for all or one per prompt. kv_budget_bytes: KV cache bytes per batch
     (None: 4 GiB on the CPU, half the free memory on a GPU). check_every: decode steps between
     host checks for finished sequences. prefill_tokens: prompt tokens per prefill forward (bounds
-    activation memory). stats: filled with batches, steps, prefill and generated token counts.
+    activation memory). stats: filled with batches, steps, prefill and generated token counts, and
+    graph_captures (CUDA graphs recorded: one per graph batch size used).
     """
     caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(caps) != len(prompts):
         raise ValueError(f"max_new_tokens has {len(caps)} entries for {len(prompts)} prompts")
-    if any(len(p) == 0 for p in prompts) or any(c < 0 for c in caps):
+    if any(len(p) == 0 for p in prompts) or any(cap < 0 for cap in caps):
         raise ValueError("every prompt needs at least one token and every max_new_tokens must be >= 0")
     device = model.device
     bytes_per_token = KVCache.bytes_per_token(model.config, model.dtype)
     budget = kv_budget_bytes or default_kv_budget(device)
-    graphs = cuda_graphs and device.type == "cuda" and use_triton(torch.empty(0, device=device))
+    capture = graph_recorder(model) if cuda_graphs else None
     todo = [i for i in range(len(prompts)) if caps[i] > 0]
     # a sequence needs cache rows for its prompt and all its new tokens but the last
     spans = {i: len(prompts[i]) + caps[i] - 1 for i in todo}
+    batches = plan_batches(todo, spans, bytes_per_token, budget, one_cache=capture is not None)
     results: list[list[int]] = [[] for _ in prompts]
     stats = stats if stats is not None else {}
-    stats.update(batches=0, steps=0, prefill_tokens=0, generated_tokens=0)
+    stats.update(batches=0, steps=0, prefill_tokens=0, generated_tokens=0, graph_captures=0)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in plan_batches(todo, spans, bytes_per_token, budget):
-                cache = KVCache(model.config, len(batch) + 1, spans[batch[0]], device, model.dtype)
-                step = DecodeStep(model, cache, scratch_slot=len(batch), graphs=graphs)
-                first = prefill(model, [prompts[i] for i in batch], cache, prefill_tokens)
-                out, steps = decode(step, first, [len(prompts[i]) for i in batch], [caps[i] for i in batch],
-                                    eos_token_ids, check_every)
+            step = None
+            for batch in batches:
+                if step is None:
+                    step = decode_step_over_one_cache(model, batches if capture else [batch], spans, capture)
+                first = prefill_batch(model, [prompts[i] for i in batch], step.cache, prefill_tokens)
+                out, steps = decode_batch(step, first, [len(prompts[i]) for i in batch], [caps[i] for i in batch],
+                                          eos_token_ids, check_every)
                 for i, row in zip(batch, out.tolist()):
-                    results[i], stopped = cut(row[:caps[i]], eos_token_ids)
+                    results[i], stopped = cut_at_eos(row[:caps[i]], eos_token_ids)
                     stats["generated_tokens"] += len(results[i]) + stopped
                 stats["batches"] += 1
                 stats["steps"] += steps
                 stats["prefill_tokens"] += sum(len(prompts[i]) for i in batch)
-                del cache, step
+                stats["graph_captures"] = len(step.replays)
+                if capture is None:
+                    step = None             # frees this batch's cache before the next one is allocated
     finally:
         model.train(was_training)
     return results
@@ -83,13 +94,19 @@ def default_kv_budget(device: torch.device) -> int:
     return CPU_KV_BUDGET
 
 
-def plan_batches(todo: list[int], spans: dict[int, int], bytes_per_token: int, budget: int) -> list[list[int]]:
-    """Longest first; a batch's cache is (n + 1 scratch) slots x its first (longest) span."""
+def plan_batches(todo: list[int], spans: dict[int, int], bytes_per_token: int, budget: int,
+                 one_cache: bool = False) -> list[list[int]]:
+    """Longest first; a batch's cache is (n + 1 scratch) slots x its first (longest) span, or with
+    `one_cache` (CUDA graphs: one cache serves the whole evaluation) x the longest span of all,
+    so that later batches hold no more sequences than the first."""
     batches: list[list[int]] = []
-    for i in sorted(todo, key=lambda i: -spans[i]):
-        if batches and (len(batches[-1]) + 2) * spans[batches[-1][0]] * bytes_per_token <= budget:
-            batches[-1].append(i)
-            continue
+    order = sorted(todo, key=lambda i: -spans[i])
+    for i in order:
+        if batches:
+            span = spans[order[0]] if one_cache else spans[batches[-1][0]]
+            if (len(batches[-1]) + 2) * span * bytes_per_token <= budget:
+                batches[-1].append(i)
+                continue
         if 2 * spans[i] * bytes_per_token > budget:
             raise ValueError(f"kv_budget_bytes={budget} cannot hold one sequence of {spans[i]} tokens "
                              f"({bytes_per_token} bytes per token, plus the scratch slot): raise the budget")
@@ -97,21 +114,29 @@ def plan_batches(todo: list[int], spans: dict[int, int], bytes_per_token: int, b
     return batches
 
 
-def prefill(model, prompts: list[list[int]], cache: KVCache, prefill_tokens: int) -> torch.Tensor:
+def decode_step_over_one_cache(model, batches: list[list[int]], spans: dict[int, int], capture=None) -> DecodeStep:
+    """A DecodeStep over a cache that holds any of these batches: (the largest + 1 scratch) slots
+    x the longest span. Every batch uses slots 0..n-1, so the scratch slot (the last) stays free."""
+    slots = max(len(b) for b in batches) + 1
+    cache = KVCache(model.config, slots, max(spans[b[0]] for b in batches), model.device, model.dtype)
+    return DecodeStep(model, cache, scratch_slot=slots - 1, capture=capture)
+
+
+def prefill_batch(model, prompts: list[list[int]], cache: KVCache, prefill_tokens: int) -> torch.Tensor:
     """Packed varlen forward of the prompts into cache slots 0..n-1 -> each one's first new token [n]."""
     device, firsts, lo = model.device, [], 0
-    for part in chunks(prompts, prefill_tokens):
+    for part in prefill_groups(prompts, prefill_tokens):
         lengths = [len(p) for p in part]
         ids = torch.tensor([t for p in part for t in p], dtype=torch.int64, device=device)
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        cu = cu_seqlens_from_lengths(lengths, device)
         slots = torch.arange(lo, lo + len(part), device=device)
-        hidden = model(ids, cu_seqlens=cu, max_seqlen=max(lengths), cache=cache, slot_ids=slots, return_hidden=True)
-        firsts.append(model.logits(hidden[cu[1:].long() - 1]).argmax(-1))
+        hidden = model.prefill(ids, cu, cache, slots, max_seqlen=max(lengths), return_hidden=True)
+        firsts.append(model.greedy_tokens(hidden[cu[1:].long() - 1]))
         lo += len(part)
     return torch.cat(firsts)
 
 
-def chunks(prompts: list[list[int]], max_tokens: int):
+def prefill_groups(prompts: list[list[int]], max_tokens: int):
     """Consecutive groups of at most max_tokens tokens (a longer prompt goes alone)."""
     group, size = [], 0
     for p in prompts:
@@ -124,7 +149,7 @@ def chunks(prompts: list[list[int]], max_tokens: int):
         yield group
 
 
-def decode(step, first: torch.Tensor, lengths: list[int], caps: list[int], eos_token_ids: list[int],
+def decode_batch(step, first: torch.Tensor, lengths: list[int], caps: list[int], eos_token_ids: list[int],
            check_every: int) -> tuple[torch.Tensor, int]:
     """Decode steps until every sequence hit EOS or its cap -> (tokens [n, max cap], steps run).
 
@@ -139,7 +164,7 @@ def decode(step, first: torch.Tensor, lengths: list[int], caps: list[int], eos_t
     positions = torch.tensor(lengths, dtype=torch.int64, device=device)   # where each latest token goes
     cap = torch.tensor(caps, dtype=torch.int64, device=device)
     tokens, live = first, list(range(len(caps)))
-    done = finished(tokens, eos, cap, 1)
+    done = reached_stop(tokens, eos, cap, 1)
     generated, limit = 1, max(caps)
     while True:
         if (generated - 1) % check_every == 0:
@@ -155,17 +180,17 @@ def decode(step, first: torch.Tensor, lengths: list[int], caps: list[int], eos_t
             break
         tokens = step(tokens, positions, rows)
         out[rows, generated] = tokens
-        done |= finished(tokens, eos, cap, generated + 1)
+        done |= reached_stop(tokens, eos, cap, generated + 1)
         positions += ~done                                         # finished ones rewrite their last slot
         generated += 1
     return out, generated - 1
 
 
-def finished(tokens, eos, cap, generated: int) -> torch.Tensor:
+def reached_stop(tokens, eos, cap, generated: int) -> torch.Tensor:
     return torch.isin(tokens, eos) | (cap <= generated)
 
 
-def cut(row: list[int], eos_token_ids: list[int]) -> tuple[list[int], bool]:
+def cut_at_eos(row: list[int], eos_token_ids: list[int]) -> tuple[list[int], bool]:
     """(tokens before the first EOS, whether an EOS was found)."""
     for j, token in enumerate(row):
         if token in eos_token_ids:
@@ -173,7 +198,7 @@ def cut(row: list[int], eos_token_ids: list[int]) -> tuple[list[int], bool]:
     return row, False
 
 
-def bucket(n: int) -> int:
+def graph_batch_size(n: int) -> int:
     """Graph batch sizes: powers of two up to 8, then 4 per octave (at most 25% padding)."""
     if n <= 8:
         return 1 << (n - 1).bit_length()
@@ -181,55 +206,70 @@ def bucket(n: int) -> int:
     return -(-n // step) * step
 
 
+def graph_recorder(model):
+    """capture(run) -> replay: `run` recorded once as a CUDA graph. None where graphs do not
+    apply (not CUDA, or the torch op references, which sync the host). The graphs of one
+    evaluation share a memory pool: they replay one at a time, and their outputs are copied out
+    to buffers allocated outside the pool."""
+    device = model.device
+    if device.type != "cuda" or not use_triton(torch.empty(0, device=device)):
+        return None
+    pool = torch.cuda.graph_pool_handle()
+
+    def capture(run: Callable[[], None]) -> Callable[[], None]:
+        # Warm up on a side stream: compiles the Triton kernels and fills lazy caches (ALiBi
+        # slopes) outside the capture. It rewrites the same keys and values the replay will.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            run()
+        return graph.replay
+
+    return capture
+
+
 class DecodeStep:
     """One token per live sequence -> its greedy next token: (tokens, positions, slot_ids) [B] -> [B].
 
-    Eager, or (graphs=True, CUDA) replayed CUDA graphs: one per bucketed batch size, captured on
-    first use over static input buffers (batches only shrink, so the largest is captured first
-    and the others reuse its memory pool). Padding rows feed token 0 at position 0 of the
-    scratch slot. The graphs hold this batch's cache: a new cache needs a new DecodeStep.
+    Eager, or with `capture` (CUDA graphs, see graph_recorder): one recorded step per graph
+    batch size over static input buffers sized for the cache's largest batch, recorded on first
+    use and replayed for every later step of every batch of the evaluation. A graph holds the
+    addresses of this cache, which is why one cache serves all the batches. Padding rows feed
+    their stale token at position 0 of the scratch slot.
     """
 
-    def __init__(self, model, cache: KVCache, scratch_slot: int, graphs: bool = False):
-        self.model, self.cache, self.scratch = model, cache, scratch_slot
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if graphs:
-            size, device = bucket(scratch_slot), model.device
+    def __init__(self, model, cache: KVCache, scratch_slot: int, capture=None):
+        self.model, self.cache, self.scratch, self.capture = model, cache, scratch_slot, capture
+        self.replays: dict[int, Callable[[], None]] = {}       # graph batch size -> replay
+        if capture is not None:
+            size, device = graph_batch_size(scratch_slot), model.device
             self.tokens = torch.zeros(size, dtype=torch.int64, device=device)
             self.positions = torch.zeros(size, dtype=torch.int64, device=device)
             self.slots = torch.full((size,), scratch_slot, dtype=torch.int64, device=device)
             self.next_tokens = torch.zeros(size, dtype=torch.int64, device=device)
-            self.pool = torch.cuda.graph_pool_handle()
-        self.use_graphs = graphs
 
     def eager(self, tokens, positions, slots):
-        hidden = self.model(tokens, position_ids=positions, cache=self.cache, slot_ids=slots, return_hidden=True)
-        return self.model.logits(hidden).argmax(-1)
+        hidden = self.model.decode_step(tokens, positions, self.cache, slots, return_hidden=True)
+        return self.model.greedy_tokens(hidden)
 
     def __call__(self, tokens, positions, slots):
-        if not self.use_graphs:
+        if self.capture is None:
             return self.eager(tokens, positions, slots)
-        n, size = tokens.numel(), bucket(tokens.numel())
+        n, size = tokens.numel(), graph_batch_size(tokens.numel())
         self.tokens[:n] = tokens
         self.positions[:n] = positions
         self.slots[:n] = slots
         self.positions[n:size] = 0
         self.slots[n:size] = self.scratch
-        if size not in self.graphs:
-            self.graphs[size] = self.capture(size)
-        self.graphs[size].replay()
+        if size not in self.replays:
+            self.replays[size] = self.capture(functools.partial(self.static_step, size))
+        self.replays[size]()
         return self.next_tokens[:n].clone()
 
-    def capture(self, size: int) -> torch.cuda.CUDAGraph:
-        args = self.tokens[:size], self.positions[:size], self.slots[:size]
-        # Warm up on a side stream: compiles the Triton kernels and fills lazy caches (ALiBi
-        # slopes) outside the capture. It rewrites the same keys and values the replay will.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.eager(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.next_tokens[:size] = self.eager(*args)
-        return graph
+    def static_step(self, size: int) -> None:
+        """The recorded step: the first `size` static inputs -> next_tokens[:size]."""
+        self.next_tokens[:size] = self.eager(self.tokens[:size], self.positions[:size], self.slots[:size])

@@ -5,8 +5,9 @@
 One optimizer step sees up to `batch_tokens` tokens: the epoch's packed micro-batches (each at
 most `micro_batch_tokens`) are grouped in order into steps, and the step's loss is the sum of
 token cross-entropies divided by the step's target-token count (known on the host from the
-packing, so no sync). With torchrun, each rank takes every world-th micro-batch of a step and the
-flat gradient buffer is all-reduced once per step: the same update as one process.
+packing, so no sync). With torchrun, each rank trains on a token-balanced share of every step's
+sequences and the fp32 gradient buffers are all-reduced in buckets during the backward of its last
+micro-batch (engine/distributed.py): the same update as one process, up to summation order.
 The data order is a pure function of (seed, epoch) and checkpoints are taken at epoch ends (every
 `checkpoint_every` epochs), so a killed run resumed with --resume ends with the same weights as
 an uninterrupted one.
@@ -19,9 +20,9 @@ config_flags turns a config back into those flags (the sweep's subprocesses).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -33,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from engine.data import encode_examples, load_poems, model_format
+from engine.distributed import GradSync, all_gather, evaluate_sharded, init_distributed, shard_step
 from engine.dynamics import EVALS_FILE, append_evals, dynamics_summary, eval_lines, keep_evals_until
-from engine.evaluate import evaluate
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
@@ -141,21 +142,6 @@ def config_flags(config: TrainConfig) -> list[str]:
     return args
 
 
-# ---------------------------------------------------------------- distributed
-
-def init_distributed(device: str) -> tuple[int, int, str]:
-    """(rank, world size, device) from torchrun's environment; (0, 1, device) without it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device
-    cuda = device.startswith("cuda")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 # ---------------------------------------------------------------- one step
 
 def plan_steps(batches: list[PackedBatch], batch_tokens: int) -> list[list[PackedBatch]]:
@@ -170,24 +156,23 @@ def plan_steps(batches: list[PackedBatch], batch_tokens: int) -> list[list[Packe
     return steps + [current] if current else steps
 
 
-def train_step(model, opt: AdamW, micro_batches: list[PackedBatch], n_targets: int, device, world: int, rank: int,
+def train_step(model, opt: AdamW, micro_batches: list[PackedBatch], n_targets: int, device, sync: GradSync | None,
                max_grad_norm: float):
-    """Forward/backward over this rank's share of the step, gradient all-reduce, clip, AdamW.
+    """Forward/backward over this rank's micro-batches of the step (the gradient all-reduce starts in
+    the last one's backward), clip, AdamW (which consumes the gradients).
     Returns (summed loss of the step as a device tensor, grad norm as a device tensor)."""
     loss_sum = torch.zeros((), device=device)
-    for batch in micro_batches[rank::world]:
+    for i, batch in enumerate(micro_batches):
         batch = batch.to(device, non_blocking=True)
-        loss = model.loss(batch.input_ids, batch.shifted_labels(), batch.cu_seqlens, batch.position_ids,
-                          batch.max_seqlen, reduction="sum") / n_targets
-        loss.backward()
+        with sync.no_sync() if sync and i < len(micro_batches) - 1 else contextlib.nullcontext():
+            loss = model.loss(batch.input_ids, batch.shifted_labels(), batch.cu_seqlens, batch.position_ids,
+                              batch.max_seqlen, reduction="sum") / n_targets
+            loss.backward()
         loss_sum += loss.detach()
-    if world > 1:
-        for group in opt.groups:
-            dist.all_reduce(group.grad)
-        dist.all_reduce(loss_sum)
+    if sync:
+        sync.wait(loss_sum)
     norm = opt.clip_grad_norm_(max_grad_norm)
     opt.step()
-    opt.zero_grad()
     return loss_sum, norm
 
 
@@ -212,9 +197,11 @@ class Run:
     epoch: int = 0                    # epochs done
     step: int = 0                     # optimizer steps done
     totals: dict = field(default_factory=lambda: {"train_seconds": 0.0, "train_tokens": 0, "eval_seconds": 0.0})
-    last_eval: tuple | None = None    # (summary, records) of the latest recitation evaluation
+    last_eval: tuple | None = None    # (summary, records) of the latest recitation evaluation; (None, None) off rank 0
+    sync: GradSync | None = None      # the gradient all-reduce (torchrun with more than one rank)
+    rank_tokens: int = 0              # tokens this rank trained on since this process started
     base_bits: list | None = None     # each poem's target NLL in bits under the base model (rank 0)
-    last_bits: list | None = None     # the same at the latest evaluation
+    last_bits: list | None = None     # the same at the latest evaluation (rank 0)
 
     def due(self, every: int) -> bool:
         """Is the epoch just finished one of every `every`-th, or the last?"""
@@ -236,17 +223,23 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
                     f"{Path(run.config.model).name} {run.config.lang}")
     while run.epoch < run.config.epochs:
         record = train_epoch(run, metrics, bar)
-        if run.rank == 0 and run.due(run.config.eval_every):
+        if run.due(run.config.eval_every):
             summary = recite(run)
-            record.update(accuracy=summary["accuracy"], bits=summary["bits"],
-                          bits_gained=sum(run.base_bits) - summary["bits"])
+            if run.rank == 0:
+                record.update(accuracy=summary["accuracy"], bits=summary["bits"],
+                              bits_gained=sum(run.base_bits) - summary["bits"])
         metrics.log(**record)
         if run.rank == 0 and run.due(run.config.checkpoint_every):
             save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, run.config)
         if run.world > 1:
             dist.barrier()
     bar.close()
-    return finish(run) if run.rank == 0 else {}
+    if run.last_eval is None:              # resumed after the last epoch's checkpoint: redo its evaluation
+        if run.rank == 0:
+            keep_evals_until(run.out / EVALS_FILE, run.epoch - 1)
+        recite(run)
+    tokens_per_rank = all_gather(run.rank_tokens, run.world)
+    return finish(run, tokens_per_rank) if run.rank == 0 else {}
 
 
 def setup(config: TrainConfig) -> Run:
@@ -268,7 +261,8 @@ def setup(config: TrainConfig) -> Run:
     steps_per_epoch = len(plan_steps(pack(examples, config.micro_batch_tokens, config.seed, 0), config.batch_tokens))
     total_steps = steps_per_epoch * config.epochs
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, round(0.03 * total_steps))
-    return Run(config, out, rank, world, device, model, tokenizer, fmt, poems, examples, opt, total_steps, warmup)
+    return Run(config, out, rank, world, device, model, tokenizer, fmt, poems, examples, opt, total_steps, warmup,
+               sync=GradSync(opt) if world > 1 else None)
 
 
 def resume(run: Run) -> Path | None:
@@ -290,14 +284,15 @@ def train_epoch(run: Run, metrics: Metrics, bar) -> dict:
     start = window_start = time.perf_counter()
     window_tokens, losses = 0, []
     batches = pack(run.examples, config.micro_batch_tokens, config.seed, run.epoch)
-    if run.device.startswith("cuda"):       # pinned: the copies to the GPU then do not block the host
-        batches = [batch.pin_memory() for batch in batches]
     for micro_batches in plan_steps(batches, config.batch_tokens):
         run.opt.set_lr(lr_at(run.step, run.total_steps, config.lr, run.warmup_steps, config.schedule))
-        n_targets = sum(batch.num_target_tokens for batch in micro_batches)
+        n_targets = sum(batch.num_target_tokens for batch in micro_batches)      # the whole step's, all ranks
+        mine = shard_step(micro_batches, run.world, run.rank, config.micro_batch_tokens)
+        if run.device.startswith("cuda"):       # pinned: the copies to the GPU then do not block the host
+            mine = [batch.pin_memory() for batch in mine]
+        run.rank_tokens += sum(batch.num_tokens for batch in mine)
         try:
-            loss, norm = train_step(run.model, run.opt, micro_batches, n_targets, run.device, run.world, run.rank,
-                                    config.max_grad_norm)
+            loss, norm = train_step(run.model, run.opt, mine, n_targets, run.device, run.sync, config.max_grad_norm)
         except torch.OutOfMemoryError:
             raise TrainingError(
                 f"out of memory on a micro-batch of up to {config.micro_batch_tokens} tokens: lower "
@@ -324,19 +319,22 @@ def train_epoch(run: Run, metrics: Metrics, bar) -> dict:
             "epoch_tokens_per_second": epoch_tokens / elapsed}
 
 
-def recite(run: Run) -> dict:
-    """The recitation evaluation, its speed fields renamed so they don't read as training speed, and
-    the poems' bits under the model; each poem's result appended to evals.jsonl."""
+def recite(run: Run) -> dict | None:
+    """The recitation evaluation, sharded over the ranks (every rank must call it; rank 0 gets the
+    summary, the others None), its speed fields renamed so they don't read as training speed; on
+    rank 0 the poems' bits under the model too, and each poem's result appended to evals.jsonl."""
     start = time.perf_counter()
-    summary, records = evaluate(run.model, run.tokenizer, run.poems, run.config.lang, run.fmt)
+    summary, records = evaluate_sharded(run.model, run.tokenizer, run.poems, run.config.lang, run.fmt, run.world,
+                                        run.rank)
     run.totals["eval_seconds"] += time.perf_counter() - start
-    summary["eval_tokens_per_second"] = summary.pop("tokens_per_second")
-    summary["last_eval_seconds"] = summary.pop("eval_seconds")
-    run.last_bits = score(run)
-    summary["bits"] = sum(run.last_bits)
-    append_evals(run.out / EVALS_FILE, eval_lines(run.epoch, records, run.last_bits))
     run.model.train()
     run.last_eval = summary, records
+    if summary is not None:
+        summary["eval_tokens_per_second"] = summary.pop("tokens_per_second")
+        summary["last_eval_seconds"] = summary.pop("eval_seconds")
+        run.last_bits = score(run)
+        summary["bits"] = sum(run.last_bits)
+        append_evals(run.out / EVALS_FILE, eval_lines(run.epoch, records, run.last_bits))
     return summary
 
 
@@ -349,11 +347,8 @@ def score(run: Run) -> list[float]:
     return bits
 
 
-def finish(run: Run) -> dict:
+def finish(run: Run, tokens_per_rank: list[int]) -> dict:
     """The final model, results.json and the run's report; returns results.json's content."""
-    if run.last_eval is None:              # resumed after the last epoch's checkpoint: redo its evaluation
-        keep_evals_until(run.out / EVALS_FILE, run.epoch - 1)
-        recite(run)
     summary, records = run.last_eval
     for record, base, trained in zip(records, run.base_bits, run.last_bits):
         record.update(base_bits=round(base, 4), bits=round(trained, 4))
@@ -365,7 +360,7 @@ def finish(run: Run) -> dict:
         "tokens_per_second": totals["train_tokens"] / totals["train_seconds"] if totals["train_seconds"] else None,
         "peak_memory_bytes": peak_memory_bytes(run.device), "parameters": run.model.num_parameters(),
         "device": torch.cuda.get_device_name(run.device) if run.device.startswith("cuda") else "cpu",
-        "world_size": run.world, "config": saved_config(run),
+        "world_size": run.world, "train_tokens_per_rank": tokens_per_rank, "config": saved_config(run),
         "memorization": {**bits_summary(run.base_bits, run.last_bits, run.model.num_parameters(), summary["correct"]),
                          "target_tokens": sum(len(example.target_ids) for example in run.examples)},
         "dynamics": dynamics_summary(read_jsonl(run.out / EVALS_FILE)),

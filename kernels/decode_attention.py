@@ -29,11 +29,12 @@ import math
 
 import torch
 
-from kernels.attention import LOG2E, LaunchConfig
 from kernels.dispatch import INTERPRETING, tl, triton, use_triton
+from kernels.hardware import TARGETS, Hardware
+from kernels.launch import (LOG2E, LaunchConfig, dot_types, fit_shared_memory, hardware_for, load_tile, on_device,
+                            online_softmax_step)
 
 MAX_SPLITS = 16
-_H100_SMS = 132
 
 
 def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, slot_ids=None, alibi_slopes=None, scale=None):
@@ -57,21 +58,26 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, slot_ids=None
     return out.reshape(batch, n_heads, head_dim).to(q.dtype)
 
 
-def decode_launch_config(head_dim: int, interpreting: bool = INTERPRETING,
-                         dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
-    """(BLOCK_M = padded GQA group, BLOCK_N = cache rows per tile, num_warps, num_stages); the
-    group padding depends on the model, so block_m is the minimum (16). fp32 caches at d128
-    take 8 warps: with 4 the fp32 tiles spill registers on sm_90."""
+def decode_launch_config(head_dim: int, group: int = 1, interpreting: bool = INTERPRETING,
+                         dtype: torch.dtype = torch.bfloat16, hw: Hardware = TARGETS[90]) -> LaunchConfig:
+    """(BLOCK_M = the GQA group padded to a power of two >= 16, BLOCK_N = cache rows per tile,
+    num_warps, num_stages) on `hw`: 64-row K/V tiles three stages deep, fewer stages or rows where
+    its shared memory per block is smaller. fp32 caches at d128 take 8 warps: with 4 the fp32
+    tiles spill registers on sm_90."""
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"decode attention supports head_dim 16, 32, 64, 128 or 256, got {head_dim}")
+    group_pad = max(16, triton.next_power_of_2(group))
     if interpreting:
-        return LaunchConfig(16, 32, 4, 1)
-    return LaunchConfig(16, 64, 8 if dtype == torch.float32 and head_dim > 64 else 4, 3)
+        return LaunchConfig(group_pad, 32, 4, 1)
+    cfg = LaunchConfig(group_pad, 64, 8 if dtype == torch.float32 and head_dim > 64 else 4, 3)
+    row = head_dim * torch.empty((), dtype=dtype).element_size()
+    # streams K and V tiles past the group's query rows
+    return fit_shared_memory(cfg, hw, lambda c: (2 * c.block_n * row, c.block_m * row), halve=("block_n",))
 
 
 def decode_num_splits(batch: int, n_kv: int, s_max: int, block_n: int, device) -> int:
     """How many chunks each sequence's cache is split into (see the module docstring)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _H100_SMS
+    sms = hardware_for(device).sm_count
     programs = batch * n_kv
     if programs == 0 or programs >= sms:
         return 1
@@ -105,8 +111,7 @@ def _decode_kernel(Q, K, V, O, PART_O, PART_LSE, SEQLENS, SLOTS, SLOPES, qk_scal
     offs_d = tl.arange(0, HEAD_DIM)
     g_ok = offs_g < group
     heads = kv_head * group + offs_g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-    q = q.to(DOT_DTYPE)
+    q = load_tile(Q + b * stride_qb + kv_head * group * stride_qh, offs_g, stride_qh, offs_d, group, True).to(DOT_DTYPE)
     if HAS_ALIBI:
         slope2 = tl.load(SLOPES + heads, mask=g_ok, other=0.0)
     k_base = K + slot * stride_ks + kv_head * stride_kh
@@ -118,18 +123,13 @@ def _decode_kernel(Q, K, V, O, PART_O, PART_LSE, SEQLENS, SLOTS, SLOPES, qk_scal
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        k = load_tile(k_base, offs_n, stride_kt, offs_d, hi, True)
+        v = load_tile(v_base, offs_n, stride_vt, offs_d, hi, True)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale     # [GROUP_PAD, BLOCK_N]
         if HAS_ALIBI:
             s += slope2[:, None] * (offs_n - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_DTYPE, PRECISION)
     out = acc / l_i[:, None]
     if NUM_SPLITS == 1:
         o_ptrs = O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
@@ -159,7 +159,8 @@ def _decode_combine_kernel(PART_O, PART_LSE, O, SEQLENS, n_heads, stride_ob, str
     tl.store(O + b * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
-def _decode_triton(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale, num_splits):
+@on_device
+def triton_decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale, num_splits):
     batch, n_heads, head_dim = q.shape
     n_slots, n_kv, s_max, _ = k_cache.shape
     if n_heads % n_kv or k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
@@ -167,8 +168,8 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, s
                          f"{tuple(v_cache.shape)} must be [B, Hq, D] and [slots, Hkv, S_max, D], Hq % Hkv == 0")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("decode_attention: the caches' last dimension must be contiguous")
-    cfg = decode_launch_config(head_dim, dtype=q.dtype)
     group = n_heads // n_kv
+    cfg = decode_launch_config(head_dim, group, dtype=q.dtype, hw=hardware_for(q))
     q = q if q.stride(-1) == 1 else q.contiguous()
     if slot_ids is None:
         slot_ids = torch.arange(batch, device=q.device)
@@ -180,15 +181,12 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, s
     parts = torch.empty(batch, n_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
     slopes2 = (alibi_slopes.float() * LOG2E).contiguous() if alibi_slopes is not None else part_lse
-    if INTERPRETING or q.dtype == torch.float32:
-        dot_dtype, precision = tl.float32, "ieee"
-    else:
-        dot_dtype, precision = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype], "tf32"
+    dot_dtype, precision = dot_types(q.dtype)
     _decode_kernel[(batch, n_kv, num_splits)](
         q, k_cache, v_cache, out, parts, part_lse, cache_seqlens, slot_ids, slopes2, scale * LOG2E, group, n_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, GROUP_PAD=cfg.block_m, BLOCK_N=cfg.block_n,
         NUM_SPLITS=num_splits, HAS_ALIBI=alibi_slopes is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if num_splits > 1:
@@ -204,5 +202,5 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids=None, alibi_sl
     """num_splits: chunks per sequence for the Triton kernel (None: `decode_num_splits`)."""
     if use_triton(q):
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        return _decode_triton(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale, num_splits)
+        return triton_decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale, num_splits)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import tl, triton, use_triton
+from kernels.launch import on_device
 
 LOGITS_BUDGET_BYTES = 384 << 20  # fp32 logits chunk: 640 rows at V=151,936 (peak < 1 GB at 32K x 896)
 CHUNK_MULTIPLE = 128  # chunk rows in whole GEMM tiles
@@ -114,7 +115,7 @@ def _ce_rows_kernel(Z, DZ, LABELS, LOSS, SCALE, V, stride_z, stride_dz, ignore_i
 
 
 def _ce_rows_torch(z, dz, labels, row_loss, scale, ignore_index):
-    """_ce_rows in torch ops for fp32 on the CPU: dz is z itself, overwritten in place."""
+    """`triton_ce_rows` in torch ops for fp32 on the CPU: dz is z itself, overwritten in place."""
     valid = labels != ignore_index
     lse = torch.logsumexp(z, dim=1)
     picked = z.gather(1, labels.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
@@ -126,7 +127,8 @@ def _ce_rows_torch(z, dz, labels, row_loss, scale, ignore_index):
         z.mul_(torch.where(valid, scale, 0.0)[:, None])
 
 
-def _ce_rows(z, dz, labels, row_loss, scale, ignore_index):
+@on_device
+def triton_ce_rows(z, dz, labels, row_loss, scale, ignore_index):
     """Per-row loss into row_loss; with dz (may alias z), the scaled softmax gradient into dz."""
     n, V = z.shape
     block, num_warps = ce_rows_config(V)
@@ -235,5 +237,5 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduc
             raise ValueError(f"linear_cross_entropy: hidden [T, H] and weight [V, H] of one dtype expected, got "
                              f"{tuple(hidden.shape)} {hidden.dtype} and {tuple(weight.shape)} {weight.dtype}")
         return LinearCrossEntropyFunction.apply(hidden, weight, labels.contiguous(), ignore_index, reduction,
-                                                budget_bytes, _ce_rows if triton_path else _ce_rows_torch)
+                                                budget_bytes, triton_ce_rows if triton_path else _ce_rows_torch)
     return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)

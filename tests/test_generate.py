@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from engine.generate import bucket, greedy_generate, plan_batches
+from engine.generate import graph_batch_size, greedy_generate, plan_batches
 from models import KVCache, load_model
-from tests.helpers import hf_config, hf_model
+from models.base import greedy_tokens
+from tests.helpers import hf_config, hf_model, save_hf
 
 VOCAB = 320
 LENGTHS = [1, 7, 23, 3, 40, 12, 64]
@@ -147,5 +148,111 @@ def test_plan_batches_and_buckets():
     assert plan_batches([0, 1, 2, 3], spans, 1, 10**6) == [[1, 3, 2, 0]]
     with pytest.raises(ValueError, match="raise the budget"):
         plan_batches([1], spans, 1, 59)
-    assert [bucket(n) for n in (1, 3, 8, 9, 17, 33, 100, 2000)] == [1, 4, 8, 10, 20, 40, 112, 2048]
-    assert all(n <= bucket(n) <= 1.25 * n for n in range(9, 5000))
+    spans = {0: 10, 1: 30, 2: 10, 3: 10, 4: 10}
+    assert plan_batches(list(spans), spans, 1, 90) == [[1, 0], [2, 3, 4]]
+    assert plan_batches(list(spans), spans, 1, 90, one_cache=True) == [[1, 0], [2, 3], [4]]   # x 30 each
+    assert [graph_batch_size(n) for n in (1, 3, 8, 9, 17, 33, 100, 2000)] == [1, 4, 8, 10, 20, 40, 112, 2048]
+    assert all(n <= graph_batch_size(n) <= 1.25 * n for n in range(9, 5000))
+
+
+def test_graphs_recorded_once_per_size_over_an_evaluation(setup, monkeypatch):
+    """Three decode batches through the CUDA-graph path, with a stand-in recorder whose replay
+    reruns the recorded step on the static buffers: each graph batch size is recorded once for
+    the whole evaluation, not once per batch, and the tokens equal the eager ones."""
+    import engine.generate as generate
+    model, _, prompts, reference = setup
+    recorded, sizes_per_batch = [], []
+
+    def stand_in_capture(run):
+        recorded.append(run)
+        run()                                   # the warm-up the CUDA recorder does
+        return run
+
+    def prefill_batch(*args):
+        sizes_per_batch.append(set())
+        return real_prefill(*args)
+
+    def decode_step(self, tokens, positions, slots):
+        sizes_per_batch[-1].add(graph_batch_size(tokens.numel()))
+        assert self.capture is stand_in_capture and self.scratch == self.cache.slots - 1
+        assert not set(slots.tolist()) & {self.scratch}
+        return real_step(self, tokens, positions, slots)
+
+    real_prefill, real_step = generate.prefill_batch, generate.DecodeStep.__call__
+    monkeypatch.setattr(generate, "graph_recorder", lambda model: stand_in_capture)
+    monkeypatch.setattr(generate, "prefill_batch", prefill_batch)
+    monkeypatch.setattr(generate.DecodeStep, "__call__", decode_step)
+    spans = [n + cap - 1 for n, cap in zip(LENGTHS, CAPS)]
+    budget = 4 * max(spans) * KVCache.bytes_per_token(model.config, model.dtype)   # 3 sequences a batch
+    stats = {}
+    assert greedy_generate(model, prompts, CAPS, eos_token_ids=[], kv_budget_bytes=budget, check_every=1,
+                           stats=stats) == reference
+    used = set().union(*sizes_per_batch)
+    assert stats["batches"] == len(sizes_per_batch) == 3
+    assert stats["graph_captures"] == len(recorded) == len(used) == 3
+    assert sum(map(len, sizes_per_batch)) == 6           # recording per batch would have taken 6
+    monkeypatch.undo()
+    eager = {}
+    assert greedy_generate(model, prompts, CAPS, eos_token_ids=[], kv_budget_bytes=budget, cuda_graphs=False,
+                           stats=eager) == reference
+    assert eager["graph_captures"] == 0 and eager["batches"] == 2
+
+
+@pytest.mark.parametrize("case", ["ties", "nan"])
+def test_greedy_tokens_are_the_fp32_argmax_across_tiles(case):
+    """Integer-valued inputs make every fp32 logit exact, so ties are exact whatever the GEMM's
+    summation order: ties within and across row and column tiles go to the first index, as in
+    torch.argmax, and so does a NaN."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randint(-2, 3, (37, 24), generator=g).float()
+    weight = torch.randint(-2, 3, (2500, 24), generator=g).float()
+    winners = {}
+    for k in range(0, 37, 2):                  # row k's best logit, 3|h_k|_1, at 2 or 3 columns
+        copies = [1000 + k, 2048 + k] + ([10 + k] if k % 4 == 0 else [])
+        weight[copies] = 3 * hidden[k].sign()
+        winners[k] = min(copies)
+    if case == "nan":
+        weight[1500, 3] = float("nan")
+    tile = 4 * 1024 * 8                        # 1,024 columns x 8 rows per tile: 3 x 5 tiles
+    want = (hidden.double() @ weight.double().t()).float().argmax(-1)
+    if case == "nan":
+        assert (want == 1500).all()
+    else:
+        assert all(want[k] == column for k, column in winners.items())
+    assert torch.equal(greedy_tokens(hidden, weight, tile_bytes=tile), want)
+    assert torch.equal(greedy_tokens(hidden.bfloat16(), weight.bfloat16(), tile_bytes=tile), want)
+    assert torch.equal(greedy_tokens(hidden, weight), want)
+
+
+def near_tie_rows(model, hiddens, low, high, i, j):
+    """Output rows `low` = s e_i and `high` = s e_i + g e_j (all others 0), so that at every hidden
+    state the fp32 logit of `high` exceeds that of `low` by less than bf16 keeps apart."""
+    weight = model.lm_head.weight
+    for s in torch.linspace(28, 32, 400) / min(h[i].float() for h in hiddens):
+        for g in (0.01, 0.02, 0.04):
+            weight.zero_()
+            weight[low, i] = weight[high, i] = s
+            weight[high, j] = g / max(h[j].float() for h in hiddens)
+            fp32 = [h.float() @ weight.float().t() for h in hiddens]
+            if all(int(z.argmax()) == high and int(model.logits(h).argmax()) == low for z, h in zip(fp32, hiddens)):
+                return
+    raise AssertionError("no near-tie found")
+
+
+def test_bf16_near_tie_is_decided_in_fp32(tmp_path):
+    """A bf16 model whose top two logits round to the same bf16 value at both the prefill's and
+    the decode step's decision: the greedy pick is the fp32 argmax, where bf16's is the other."""
+    save_hf(hf_config("qwen2", 4, 2, 16, tied=False), tmp_path)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    prompt, low, high = [5, 17, 3, 250], 7, 11
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, 8, dtype=torch.bfloat16)
+        slot = torch.tensor([0])
+        cu = torch.tensor([0, len(prompt)], dtype=torch.int32)
+        h1 = model.prefill(torch.tensor(prompt), cu, cache, slot, return_hidden=True)[-1]
+        h2 = model.decode_step(torch.tensor([high]), torch.tensor([len(prompt)]), cache, slot, return_hidden=True)[0]
+        both = torch.minimum(h1, h2).float()
+        i, j = both.topk(2).indices.tolist()
+        assert both[j] > 0
+        near_tie_rows(model, [h1, h2], low, high, i, j)
+    assert greedy_generate(model, [prompt], 2, eos_token_ids=[]) == [[high, high]]

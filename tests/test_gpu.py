@@ -43,7 +43,7 @@ def train_step(name, dtype, backend):
     with kernels.backend(backend):
         loss = model.loss(b.input_ids, b.shifted_labels(), b.cu_seqlens, b.position_ids, b.max_seqlen)
         loss.backward()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+        grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}   # fp32 (bf16: accumulated)
         opt.step()
     return loss.float(), grads, {n: p.detach().float() for n, p in model.named_parameters()}
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import CheckpointError, load_model, load_tokenizer
+from models import CheckpointError, KVCache, load_model, load_tokenizer
 from models.bloom import alibi_slopes
 from models.config import ModelConfig
 from tests.helpers import hf_config, packed, save_hf
@@ -105,6 +105,30 @@ def test_positions_restart_per_sequence(tmp_path):
         together = model(ids, cu)
         alone = model(ids[6:], torch.tensor([0, 4], dtype=torch.int32))
     assert torch.allclose(together[6:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "bloom"])
+def test_prefill_then_decode_step_match_the_packed_forward(tmp_path, family):
+    """Prompts prefilled into permuted cache slots, then one decode step per sequence: the logits
+    of both equal those of the packed forward over the whole sequences."""
+    config = hf_config(family, 4, 2 if family == "qwen2" else 4, 16)
+    save_hf(config, tmp_path)
+    model = load_model(tmp_path)
+    lengths, slots = [5, 1, 9], torch.tensor([2, 0, 3])
+    ids, cu = packed(lengths, config.vocab_size)
+    new = torch.randint(0, config.vocab_size, (3,), generator=torch.Generator().manual_seed(2))
+    whole = torch.cat([torch.cat([p, t[None]]) for p, t in zip(ids.split(lengths), new)])
+    whole_cu = torch.tensor([0, 6, 8, 18], dtype=torch.int32)
+    cache = KVCache(model.config, slots=4, max_len=12)
+    with torch.no_grad():
+        want = model(whole, cu_seqlens=whole_cu)
+        prompt_logits = model.prefill(ids, cu, cache, slots)
+        step_logits = model.decode_step(new, torch.tensor(lengths), cache, slots)
+    last = whole_cu[1:].long() - 1
+    keep = torch.ones(len(whole), dtype=torch.bool)
+    keep[last] = False
+    assert (prompt_logits - want[keep]).abs().max().item() <= 1e-5
+    assert (step_logits - want[last]).abs().max().item() <= 1e-5
 
 
 # ---- bad input -------------------------------------------------------------------------------
