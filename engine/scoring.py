@@ -20,7 +20,7 @@ import torch
 
 from engine.data import IGNORE, Example
 from engine.packing import bins_best_fit, collate
-from kernels import linear_cross_entropy
+from kernels.linear_cross_entropy import linear_cross_entropy
 
 SCORE_BATCH_TOKENS = 8192       # tokens per scoring forward (raised to the longest example)
 
