@@ -129,7 +129,10 @@ def test_two_process_gloo_matches_one_process(model_dir, tmp_path):
     weights = [load_file(tmp_path / run / "model" / "model.safetensors") for run in ("one", "two")]
     for name, want in weights[0].items():
         assert ((weights[1][name] - want).norm() / want.norm()).item() < 2e-4, name
-    assert read_jsonl(tmp_path / "two" / "generations.jsonl") == read_jsonl(tmp_path / "one" / "generations.jsonl")
+    generations = [read_jsonl(tmp_path / run / "generations.jsonl") for run in ("one", "two")]
+    trained_bits = [[g.pop("bits") for g in run] for run in generations]     # of weights equal to ~2e-4
+    assert generations[1] == generations[0]
+    assert trained_bits[1] == pytest.approx(trained_bits[0], rel=1e-3)
 
 
 # ---- bad input ---------------------------------------------------------------------------------
