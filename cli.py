@@ -49,12 +49,20 @@ def cmd_sweep(args) -> None:
     overrides = {name: getattr(args, name) for name in SWEEP_FLAGS if getattr(args, name) is not None}
     if args.source:
         overrides["source"] = {"en": args.source}
-    sweep(_names(args.models), _names(args.lang), [int(n) for n in _names(args.length)], args.out_root, **overrides)
+    sweep(_names(args.models), _names(args.lang), [int(n) for n in _names(args.length)], args.out_root,
+          seeds=args.seeds, **overrides)
 
 
 def cmd_report(args) -> None:
     from engine.report import report
     print(report(args.run_dirs, args.out))
+
+
+def seed_list(text: str) -> list[int]:
+    seeds = [int(seed) for seed in text.split(",") if seed.strip()]
+    if not seeds:
+        raise ValueError(text)
+    return seeds
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -96,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", default="cn", help="comma-separated: cn,en")
     p.add_argument("--length", default="256", help="comma-separated: 256,512")
     p.add_argument("--source", help="the English poems file (no English set ships with the engine)")
+    p.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated seeds, a run each (poem sample, "
+                   "data order, preset weights); the report gives their mean and spread (default 0)")
     add_flags(p, SWEEP_FLAGS, defaults=dict.fromkeys(SWEEP_FLAGS))      # None: memorize's defaults
     p.add_argument("--out-root", default="runs/sweep")
 

@@ -1,4 +1,6 @@
-"""What memorization costs per model size: FLOPs, memory, time and GPU-hours, and the profile table.
+"""What memorization costs per model size: FLOPs, memory, time and GPU-hours, and the profile table;
+beside it the information view: bits gained per parameter, and FLOPs and GPU-seconds per memorized
+poem and per kilobit gained, from finished runs (seeds pooled) or projected from the paper's accuracy.
 
     rows, table = profile(["qwen2-0.5b", "bloom-1b7"])      # cli.py profile
 
@@ -146,7 +148,10 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
     models = models or PAPER_MODELS
     poems = load_poems(lang, length, n_poems, seed, source)
     bench = load_bench(bench_dir)
-    matching = {run["model"]: run for run in find_runs(runs) if (run["lang"], run["length"]) == (lang, length)}
+    matching: dict[str, list[dict]] = {}
+    for run in find_runs(runs):
+        if (run["lang"], run["length"]) == (lang, length):
+            matching.setdefault(run["model"], []).append(run)
     encoded, rows = {}, []
     for name in models:
         config = model_config(name)
@@ -170,19 +175,57 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
                "projected": not measured, "memory": memory_split(config, params, micro_batch_tokens),
                "measured_peak_memory_bytes": measured.get("peak_memory_bytes") if measured else None,
                "paper_accuracy": PAPER_ACCURACY.get((lang, length), {}).get(name)}
-        run = matching.get(name)
-        if run:
-            memorized = run["accuracy"] * run["n_poems"]
-            row.update(accuracy=100 * run["accuracy"], run_dir=run["run_dir"], run_poems=run["n_poems"],
-                       run_epochs=run["epochs"],
-                       gpu_seconds_per_poem=run_gpu_seconds(run) / memorized if memorized else None)
+
+        def run_flops(run, config=config, params=params, tokenizer=tokenizer, fmt=fmt):
+            run_poems = load_poems(lang, length, run["n_poems"], run["config"]["seed"], run["config"].get("source"))
+            lengths = [len(example) for example in encode_examples(run_poems, tokenizer, lang, fmt)]
+            return train_flops(config, params, lengths) * run["epochs"]
+        row.update(information_view(row, matching.get(name, []), run_flops))
         rows.append(row)
-    table = profile_table(rows, lang, length, epochs, eval_every, micro_batch_tokens)
+    table = profile_table(rows, lang, length, epochs, eval_every, micro_batch_tokens) + "\n\n" + information_table(rows)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "profile.json").write_text(json.dumps(rows, indent=2))
         plot_profile(rows, Path(out) / "profile.png", f"{lang}-{length}, {epochs} epochs")
     return rows, table
+
+
+def information_view(row: dict, runs: list[dict], run_flops) -> dict:
+    """Accuracy, bits per parameter and the cost per memorized poem and per kilobit gained of a model's
+    finished runs (seeds pooled; run_flops(run): its training FLOPs), or without one the cost per poem
+    projected from the paper's accuracy (bits need a run)."""
+    if not runs:
+        memorized = (row["paper_accuracy"] or 0) / 100 * row["poems"]
+        return {"cost_basis": "projected from the paper's accuracy" if memorized else None,
+                "flops_per_poem": row["flops_total"] / memorized if memorized else None,
+                "gpu_seconds_per_poem": row["gpu_hours"] * 3600 / memorized if memorized else None}
+    memorized, n = sum(run["correct"] for run in runs), sum(run["n"] for run in runs)
+    flops, seconds = sum(run_flops(run) for run in runs), sum(run_gpu_seconds(run) for run in runs)
+    scored = [run["memorization"] for run in runs if "memorization" in run]
+    kbit = sum(bits["bits_gained"] for bits in scored) / 1000 if len(scored) == len(runs) else None
+    per = lambda total, count: total / count if count and count > 0 else None       # noqa: E731
+    return {"accuracy": 100 * memorized / n, "run_dir": ", ".join(run["run_dir"] for run in runs),
+            "run_poems": runs[0]["n_poems"], "run_epochs": runs[0]["epochs"], "seeds": len(runs),
+            "cost_basis": "measured (finished runs)", "kbit_gained": kbit,
+            "bits_per_parameter": sum(b["bits_per_parameter"] for b in scored) / len(scored) if scored else None,
+            "flops_per_poem": per(flops, memorized), "gpu_seconds_per_poem": per(seconds, memorized),
+            "flops_per_kbit": per(flops, kbit), "gpu_seconds_per_kbit": per(seconds, kbit)}
+
+
+def information_table(rows: list[dict]) -> str:
+    def number(value, scale=1.0, digits=3):
+        return "-" if value is None else f"{value / scale:.{digits}g}"
+    body = [[row["model"], number(row.get("accuracy"), digits=4), number(row["paper_accuracy"], digits=4),
+             number(row.get("kbit_gained")), number(row.get("bits_per_parameter")),
+             number(row.get("flops_per_poem"), 1e12), number(row.get("gpu_seconds_per_poem")),
+             number(row.get("flops_per_kbit"), 1e12), number(row.get("gpu_seconds_per_kbit")),
+             row.get("cost_basis") or "-"] for row in rows]
+    header = ["model", "acc % (ours)", "acc % (paper)", "kbit gained", "bits/parameter", "TFLOP per memorized poem",
+              "GPU-s per memorized poem", "TFLOP per kbit gained", "GPU-s per kbit gained", "basis"]
+    return ("Information view: bits gained = the training poems' NLL under the base model minus under the trained "
+            "one (engine/scoring.py); training FLOPs and device-seconds (training, evaluation, scoring) divided by "
+            "the poems recited exactly and by the kilobits gained. Without a finished run the cost per poem is "
+            "projected from the paper's accuracy and the projected time above.\n\n" + markdown_table(header, body))
 
 
 def seconds_per_epoch_and_eval(config, params, examples, flops, measured: dict | None, bench: dict | None):
@@ -212,12 +255,10 @@ def profile_table(rows: list[dict], lang: str, length: int, epochs: int, eval_ev
                      *(_gib(memory[part]) for part in ("weights", "gradients", "optimizer", "activations")),
                      _gib(memory["total"]) + (f" ({_gib(measured_peak)} measured)" if measured_peak else ""),
                      f"{row['accuracy']:.2f}" if "accuracy" in row else "-",
-                     "-" if row["paper_accuracy"] is None else row["paper_accuracy"],
-                     f"{row['gpu_seconds_per_poem']:.2f}" if row.get("gpu_seconds_per_poem") else "-"])
+                     "-" if row["paper_accuracy"] is None else row["paper_accuracy"]])
     header = ["model", "params", "tokens/epoch", "PFLOP/epoch", f"EFLOP/{epochs} ep", "time/epoch",
               f"GPU-h ({epochs} ep + eval)", "weights GiB", "grads GiB", "AdamW GiB",
-              f"activ. GiB ({micro_batch_tokens} tok)", "peak GiB", "acc % (ours)", "acc % (paper)",
-              "GPU-s per memorized poem"]
+              f"activ. GiB ({micro_batch_tokens} tok)", "peak GiB", "acc % (ours)", "acc % (paper)"]
     notes = [f"Cost of memorizing {rows[0]['poems'] if rows else 0} {lang}-{length} poems for {epochs} epochs.",
              "Time: " + "; ".join(sorted({row["basis"] for row in rows})) + ". Projected evaluation: decode at "
              f"{ASSUMED_BANDWIDTH_USE:.0%} of {PROJECTION.hbm_bytes_per_second / 1e12:.2f} TB/s, batch {EVAL_BATCH}, "

@@ -35,6 +35,7 @@ import torch
 from engine.data import Poem, default_format, encode_examples, load_poems, model_format, prompt_text, stop_token_ids
 from engine.generate import greedy_generate
 from engine.runs import is_run_folder
+from engine.stats import wilson_interval
 from models import load_model, load_tokenizer
 
 CATEGORIES = ("correct", "minor", "severe", "memory_loss")
@@ -127,7 +128,8 @@ def length_bucket(chars: int) -> str:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Accuracy (a fraction), counts per category, mean edit distance, accuracy per length bucket."""
+    """Accuracy (a fraction) with its 95% Wilson interval, counts per category, mean edit distance,
+    accuracy and interval per length bucket."""
     n = len(records)
     correct = sum(r["correct"] for r in records)
     buckets: dict[str, list[dict]] = {}
@@ -137,11 +139,17 @@ def summarize(records: list[dict]) -> dict:
         "n": n,
         "correct": correct,
         "accuracy": correct / n if n else 0.0,
+        "interval": list(wilson_interval(correct, n)) if n else None,
         "categories": {c: sum(r["category"] == c for r in records) for c in CATEGORIES},
         "mean_edit_distance": sum(r["edit_distance"] for r in records) / n if n else 0.0,
-        "by_length": [{"chars": name, "n": len(rs), "correct": sum(r["correct"] for r in rs),
-                       "accuracy": sum(r["correct"] for r in rs) / len(rs)} for name, rs in buckets.items()],
+        "by_length": [_bucket(name, rs) for name, rs in buckets.items()],
     }
+
+
+def _bucket(name: str, records: list[dict]) -> dict:
+    correct = sum(r["correct"] for r in records)
+    return {"chars": name, "n": len(records), "correct": correct, "accuracy": correct / len(records),
+            "interval": list(wilson_interval(correct, len(records)))}
 
 
 def evaluate(model, tokenizer, poems: list[Poem], lang: str, fmt: str | None = None, margin: int = 16,

@@ -322,4 +322,5 @@ def find_runs(run_dirs=None, root="runs") -> list[dict]:
 
 
 def run_gpu_seconds(run: dict) -> float:
-    return (run["train_seconds"] + run["eval_seconds"]) * run.get("world_size", 1)
+    """Device-seconds of a run: training, recitation evaluations and scoring (bits), on every device."""
+    return (run["train_seconds"] + run["eval_seconds"] + run.get("score_seconds", 0.0)) * run.get("world_size", 1)

@@ -1,6 +1,7 @@
 """Sweeps: memorize every model x language x length, then the paper's tables over the finished runs.
 
     results = sweep(["qwen2-0.5b"], ["cn"], [256, 512])      # cli.py sweep
+    results = sweep(["qwen2-0.5b"], ["cn"], [256], seeds=[0, 1, 2])     # cli.py sweep --seeds 0,1,2
 """
 from __future__ import annotations
 
@@ -20,38 +21,47 @@ from models import REGISTRY
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def sweep(models: list[str], langs: list[str], lengths: list[int], out_root="runs/sweep",
+def seed_run_dir(root, model: str, lang: str, length: int, seed: int) -> Path:
+    """A sweep's run folder: runs.run_dir for seed 0 (the default run), with -seed{seed} for the others."""
+    folder = run_dir(root, model, lang, length)
+    return folder if seed == 0 else folder.with_name(f"{folder.name}-seed{seed}")
+
+
+def sweep(models: list[str], langs: list[str], lengths: list[int], out_root="runs/sweep", seeds=(0,),
           **train_overrides) -> list[dict]:
-    """memorize() for every (model, lang, length), then report() over the finished runs.
+    """memorize() for every (model, lang, length, seed), then report() over the finished runs.
 
     A run whose folder holds results.json is skipped; one with a checkpoint is resumed. One GPU or
     none: the runs go one after the other in this process; several GPUs: one `cli.py memorize`
     subprocess per GPU (CUDA_VISIBLE_DEVICES), its log in the run folder's memorize.log.
     train_overrides: TrainConfig fields (epochs=, poems=, lr=, ...); a dict value is looked up by
-    language (source={"en": "poems-en.jsonl"}). Returns the finished runs' results.json.
+    language (source={"en": "poems-en.jsonl"}). seeds: each seed is a run of its own (its poem
+    sample, data order and a preset's weights), which report() aggregates. Returns the finished
+    runs' results.json.
     """
     unknown = [model for model in models if not Path(model).is_dir() and model not in REGISTRY]
     if unknown:
         raise ValueError(f"sweep: unknown model {', '.join(unknown)}: not a folder and not one of {', '.join(REGISTRY)} "
                          "(nothing was trained)")
-    pending = []
+    pending, folders = [], []
     for model in models:
         for lang in langs:
             for length in lengths:
-                out = run_dir(out_root, model, lang, length)
-                if (out / "results.json").is_file():
-                    print(f"sweep: {out} is finished, skipped", file=sys.stderr)
-                    continue
-                overrides = {name: value.get(lang) if isinstance(value, dict) else value
-                             for name, value in train_overrides.items()}
-                pending.append(TrainConfig(model=model, lang=lang, length=length, out=str(out),
-                                           resume=is_run_folder(out), **overrides))
+                for seed in seeds:
+                    out = seed_run_dir(out_root, model, lang, length, seed)
+                    folders.append(out)
+                    if (out / "results.json").is_file():
+                        print(f"sweep: {out} is finished, skipped", file=sys.stderr)
+                        continue
+                    overrides = {name: value.get(lang) if isinstance(value, dict) else value
+                                 for name, value in train_overrides.items()}
+                    pending.append(TrainConfig(model=model, lang=lang, length=length, seed=seed, out=str(out),
+                                               resume=is_run_folder(out), **overrides))
     for config in pending:              # every setting checked before the first run trains
         config.resolved()
     gpus = torch.cuda.device_count()
     failures = _run_subprocesses(pending, gpus) if gpus > 1 else _run_in_process(pending)
-    finished = [run_dir(out_root, model, lang, length) for model in models for lang in langs for length in lengths]
-    finished = [folder for folder in finished if (folder / "results.json").is_file()]
+    finished = [folder for folder in folders if (folder / "results.json").is_file()]
     if finished:
         report([str(folder) for folder in finished], out=out_root)
     if failures:

@@ -36,12 +36,14 @@ import torch.distributed as dist
 
 from engine.data import encode_examples, load_poems, model_format
 from engine.distributed import GradSync, all_gather, evaluate_sharded, init_distributed, shard_step
+from engine.dynamics import EVALS_FILE, append_evals, dynamics_summary, eval_lines, keep_evals_until
 from engine.evaluate import resolve_device
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
-from engine.runs import (Metrics, TrainingError, claimed, keep_last_finite, restore_newest, resume_differences, run_dir,
-                         save_checkpoint, saved_config)
+from engine.runs import (Metrics, TrainingError, claimed, keep_last_finite, read_jsonl, restore_newest,
+                         resume_differences, run_dir, save_checkpoint, saved_config)
+from engine.scoring import SCORE_BATCH_TOKENS, bits_summary, poem_bits
 from models import load_model, load_tokenizer
 
 
@@ -239,6 +241,8 @@ class Run:
     last_eval: tuple | None = None    # (summary, records) of the latest recitation evaluation; (None, None) off rank 0
     sync: GradSync | None = None      # the gradient all-reduce (torchrun with more than one rank)
     rank_tokens: int = 0              # tokens this rank trained on since this process started
+    base_bits: list | None = None     # each poem's target NLL in bits under the base model (rank 0)
+    last_bits: list | None = None     # the same at the latest evaluation (rank 0)
 
     def due(self, every: int) -> bool:
         """Is the epoch just finished one of every `every`-th, or the last?"""
@@ -254,10 +258,18 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
             check_resume(config)
         run = setup(config, rank, world, device)
         with cpu_threads(run.device, run.model.num_parameters()):
+            if rank == 0:                      # before resume() loads trained weights
+                run.base_bits = score(run)
             checkpoint = resume(run)
             metrics = Metrics(run.out / "metrics.jsonl", rank == 0, run.step if checkpoint is not None else None)
+            if rank == 0:
+                keep_evals_until(run.out / EVALS_FILE, run.epoch)     # a fresh run starts an empty file
+                if checkpoint is None:
+                    metrics.log(epoch=0, step=0, bits=sum(run.base_bits))
             train(run, metrics, progress and rank == 0)
-            if run.last_eval is None:          # resumed after the last epoch's checkpoint
+            if run.last_eval is None:          # resumed after the last epoch's checkpoint: redo its evaluation
+                if rank == 0:
+                    keep_evals_until(run.out / EVALS_FILE, run.epoch - 1)
                 recite(run)
             tokens_per_rank = all_gather(run.rank_tokens, world)
             return finish(run, tokens_per_rank) if rank == 0 else {}
@@ -272,7 +284,8 @@ def train(run: Run, metrics: Metrics, progress: bool) -> None:
             if run.due(config.eval_every):
                 summary = recite(run)          # every rank evaluates its share
                 if run.rank == 0:
-                    record["accuracy"] = summary["accuracy"]
+                    record.update(accuracy=summary["accuracy"], bits=summary["bits"],
+                                  bits_gained=sum(run.base_bits) - summary["bits"])
             metrics.log(**record)
             if run.rank == 0 and run.due(config.checkpoint_every):
                 save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, config,
@@ -374,7 +387,8 @@ def train_epoch(run: Run, metrics: Metrics, bar) -> dict:
 
 def recite(run: Run) -> dict | None:
     """The recitation evaluation, sharded over the ranks (every rank must call it; rank 0 gets the
-    summary, the others None), its speed fields renamed so they don't read as training speed."""
+    summary, the others None), its speed fields renamed so they don't read as training speed; on
+    rank 0 the poems' bits under the model too, and each poem's result appended to evals.jsonl."""
     start = time.perf_counter()
     summary, records = evaluate_sharded(run.model, run.tokenizer, run.poems, run.config.lang, run.fmt, run.world,
                                         run.rank)
@@ -384,12 +398,26 @@ def recite(run: Run) -> dict | None:
     if summary is not None:
         summary["eval_tokens_per_second"] = summary.pop("tokens_per_second")
         summary["last_eval_seconds"] = summary.pop("eval_seconds")
+        run.last_bits = score(run)
+        summary["bits"] = sum(run.last_bits)
+        append_evals(run.out / EVALS_FILE, eval_lines(run.epoch, records, run.last_bits))
     return summary
+
+
+def score(run: Run) -> list[float]:
+    """Each training poem's target NLL in bits under the model now (engine/scoring.py), timed."""
+    start = time.perf_counter()
+    # forward only, nothing kept for backward: batches larger than training's cost no more memory
+    bits = poem_bits(run.model, run.examples, max(run.config.micro_batch_tokens, SCORE_BATCH_TOKENS))
+    run.totals["score_seconds"] = run.totals.get("score_seconds", 0.0) + time.perf_counter() - start
+    return bits
 
 
 def finish(run: Run, tokens_per_rank: list[int]) -> dict:
     """The final model, results.json and the run's report; returns results.json's content."""
     summary, records = run.last_eval
+    for record, base, trained in zip(records, run.base_bits, run.last_bits):
+        record.update(base_bits=round(base, 4), bits=round(trained, 4))
     config, totals = run.config, run.totals
     run.model.save_pretrained(run.out / "model", run.tokenizer)
     results = {
@@ -399,6 +427,9 @@ def finish(run: Run, tokens_per_rank: list[int]) -> dict:
         "peak_memory_bytes": peak_memory_bytes(run.device), "parameters": run.model.num_parameters(),
         "device": torch.cuda.get_device_name(run.device) if run.device.startswith("cuda") else "cpu",
         "world_size": run.world, "train_tokens_per_rank": tokens_per_rank, "config": saved_run_config(run),
+        "memorization": {**bits_summary(run.base_bits, run.last_bits, run.model.num_parameters(), summary["correct"]),
+                         "target_tokens": sum(len(example.target_ids) for example in run.examples)},
+        "dynamics": dynamics_summary(read_jsonl(run.out / EVALS_FILE)),
     }
     write_run_report(run.out, results, records)
     return results

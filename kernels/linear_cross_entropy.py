@@ -3,8 +3,9 @@
 hidden [T, H], weight [V, H] (the output matrix, tied or not), labels [T] int64 with
 ignore_index (-100) on tokens that carry no loss. loss_t = logsumexp(hidden_t . W^T) -
 hidden_t . W[labels_t], computed in fp32. reduction "mean": sum over valid tokens / their
-count; "sum": the sum (the training loop divides by a global token count). With every label
-ignored, "mean" is 0/0 = NaN as in torch (gradients are then zero); "sum" is 0.
+count; "sum": the sum (the training loop divides by a global token count); "none": the fp32
+per-token losses [T], 0 on ignored tokens, forward only (scoring: engine/scoring.py). With every
+label ignored, "mean" is 0/0 = NaN as in torch (gradients are then zero); "sum" is 0.
 
 Chunked path (Triton: fp32 or bf16 hidden/weight of one dtype; torch: fp32, the CPU default,
 with the row step in torch ops instead of the Triton kernel). Tokens are processed in chunks of C
@@ -187,6 +188,8 @@ def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes
         if need_gw:
             _addmm_fp32_(grad_w32, dz[:n].t(), h)
     del z, dz
+    if reduction == "none":
+        return row_loss, None, None
     loss = row_loss.sum()
     if reduction == "mean":
         loss = loss / n_valid
@@ -218,11 +221,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean", *,
                          budget_bytes: int = LOGITS_BUDGET_BYTES):
-    """Scalar fp32 loss; see the module docstring. budget_bytes bounds the fp32 logits chunk.
-    The torch path runs the same chunks with torch row ops for fp32 inputs (so a real vocabulary
-    does not need [T, V] logits on a CPU either); other dtypes take the reference."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"linear_cross_entropy: reduction {reduction!r} is not supported: use 'mean' or 'sum'")
+    """fp32 loss (a scalar; [T] per token for reduction "none"); see the module docstring.
+    budget_bytes bounds the fp32 logits chunk. The torch path runs the same chunks with torch row
+    ops for fp32 inputs (so a real vocabulary does not need [T, V] logits on a CPU either); other
+    dtypes take the reference."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"linear_cross_entropy: reduction {reduction!r} is not supported: use 'mean', 'sum' or 'none'")
+    if reduction == "none":      # forward only: detached inputs, so the op computes no gradients
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            raise ValueError("linear_cross_entropy: reduction 'none' has no backward: call it under torch.no_grad()")
+        hidden, weight = hidden.detach(), weight.detach()
     triton_path = use_triton(hidden)
     if triton_path or (hidden.dtype == weight.dtype == torch.float32 and hidden.dim() == 2):
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.dtype != weight.dtype:

@@ -82,3 +82,34 @@ def test_profile_all_paper_models_quickly(tmp_path):
     assert rows[1]["paper_accuracy"] == 77.5 and rows[5]["paper_accuracy"] is None
     assert len(table.splitlines()) >= 2 + len(PAPER_MODELS)
     assert (tmp_path / "profile.png").stat().st_size > 0
+
+
+def finished_run(folder, seed: int, correct: int, bits_gained: float) -> str:
+    """A finished tiny-qwen2 run's results.json, as memorize writes it (the fields profile reads)."""
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "model": "tiny-qwen2", "lang": "cn", "length": 256, "n_poems": 4, "epochs": 3, "correct": correct, "n": 4,
+        "accuracy": correct / 4, "train_seconds": 10.0, "eval_seconds": 2.0, "score_seconds": 1.0,
+        "config": {"seed": seed, "source": None},
+        "memorization": {"bits_gained": bits_gained, "bits_per_parameter": bits_gained / 1e6}}))
+    return str(folder)
+
+
+def test_information_view_from_runs_pools_seeds_and_projects_without_one(tmp_path):
+    runs = [finished_run(tmp_path / "a", 0, 2, 3000.0), finished_run(tmp_path / "b", 1, 3, 5000.0)]
+    rows, table = profile(["tiny-qwen2", "qwen2-0.5b"], n_poems=16, bench_dir=tmp_path, runs=runs, out=None)
+    ours, projected = rows
+    tokenizer = load_tokenizer("tiny-qwen2")
+    fmt = default_format(tokenizer, REGISTRY["tiny-qwen2"].chat)
+    config = model_config("tiny-qwen2")
+    flops = sum(3 * train_flops(config, count_parameters(config),
+                                [len(e) for e in encode_examples(load_poems("cn", 256, 4, seed), tokenizer, "cn", fmt)])
+                for seed in (0, 1))
+    assert ours["accuracy"] == 100 * 5 / 8 and ours["seeds"] == 2 and ours["kbit_gained"] == 8.0
+    assert ours["flops_per_poem"] == pytest.approx(flops / 5) and ours["flops_per_kbit"] == pytest.approx(flops / 8)
+    assert ours["gpu_seconds_per_poem"] == 26.0 / 5 and ours["gpu_seconds_per_kbit"] == 26.0 / 8
+    assert ours["bits_per_parameter"] == pytest.approx(0.004)
+    assert projected["cost_basis"].startswith("projected")
+    assert projected["flops_per_poem"] == pytest.approx(projected["flops_total"] / (0.775 * 16))
+    assert projected["gpu_seconds_per_poem"] == pytest.approx(projected["gpu_hours"] * 3600 / (0.775 * 16))
+    assert "flops_per_kbit" not in projected and "Information view" in table

@@ -10,6 +10,7 @@ from tokenizers import decoders, models
 import engine.evaluate as ev
 from engine.data import Poem
 from engine.evaluate import classify, edit_distance, evaluate, levenshtein, run_eval, summarize
+from engine.stats import wilson_interval
 from models.tokenizer import Tokenizer
 
 CN = "青鞋踏尽剑铓山，借枕僧房落照间。\n高屋凭虚听泉语，岭云应似我身闲。"
@@ -73,6 +74,8 @@ def test_summary_and_length_buckets():
     assert s["categories"] == {"correct": 3, "minor": 1, "severe": 1, "memory_loss": 1}
     assert [(b["chars"], b["n"], b["correct"], b["accuracy"]) for b in s["by_length"]] == [
         ("1-50", 2, 1, 0.5), ("51-100", 1, 1, 1.0), ("101-150", 2, 1, 0.5), (">400", 1, 0, 0.0)]
+    assert s["interval"] == list(wilson_interval(3, 6)) and s["by_length"][3]["interval"] == list(wilson_interval(0, 1))
+    assert summarize([])["interval"] is None
 
 
 def char_tokenizer(texts, directory=None) -> Tokenizer:

@@ -55,6 +55,25 @@ def test_fp32_several_chunks_with_an_ignored_chunk(reduction, backend):
     assert grad_h[labels == -100].abs().max() == 0
 
 
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_losses_match_float64_reference(dtype, backend):
+    """reduction "none" (scoring): each token's loss over several chunks, 0 where ignored, no backward."""
+    if backend == "torch" and dtype == torch.bfloat16:
+        backend = "auto"  # bf16 on the CPU takes the reference path
+    T, H, V = CHUNK_MULTIPLE + 3, 32, 517
+    hidden, weight, labels = make_inputs(T, H, V, dtype)
+    labels[::5] = -100
+    want = F.cross_entropy(hidden.detach().double() @ weight.detach().double().t(), labels, reduction="none")
+    with pytest.raises(ValueError, match="no backward"):
+        linear_cross_entropy(hidden, weight, labels, reduction="none")
+    with torch.no_grad(), kernels.backend(backend):
+        got = linear_cross_entropy(hidden, weight, labels, reduction="none", budget_bytes=CHUNK_MULTIPLE * 4 * V)
+    assert got.shape == (T,) and got.dtype == torch.float32
+    assert got[labels == -100].abs().max() == 0
+    assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+
 def test_bf16_matches_float64_reference():
     T, H, V = 97, 64, 2053
     hidden, weight, labels = make_inputs(T, H, V, torch.bfloat16)

@@ -4,6 +4,7 @@ import pytest
 
 from engine.costs import profile
 from engine.report import report
+from engine.runs import find_runs
 from engine.sweep import sweep
 
 
@@ -30,9 +31,10 @@ def test_sweep_and_report_end_to_end(tmp_path, one_thread):
     table1, table2 = (root / "report.md").read_text().split("Table 2")
     rows = {line.split("|")[1].strip(): line for line in table1.splitlines() if line.startswith("| ")}
     for model in ("tiny-qwen2", "tiny-bloom"):
-        assert rows[model].startswith(f"| {model} | {accuracy[model]:.2f} | - | - | - |")
+        assert rows[model].startswith(f"| {model} | {accuracy[model]:.2f} [") and rows[model].endswith("| - | - | - |")
     assert rows["Qwen2-0.5B-Instruct"] == "| Qwen2-0.5B-Instruct | - | 77.50 | - | 99.85 |"
-    assert "| bloom-1b4-zh | - | 93.65 |" in table2 and "tiny-qwen2" not in table2.split("## Cost")[0]
+    assert "| bloom-1b4-zh | - | 93.65 |" in table2 and "tiny-qwen2" not in table2.split("## ")[0]
+    assert "## Memorization ability" in table2 and "kbit gained" in table2
     assert (root / "curves.png").stat().st_size > 0 and (root / "accuracy_by_length.png").stat().st_size > 0
 
     markdown = report([str(root / "tiny-qwen2-cn-256")], out=tmp_path / "one")
@@ -48,3 +50,20 @@ def test_sweep_checks_every_model_name_before_training(tmp_path):
     with pytest.raises(ValueError, match="--epochs must be at least 1"):
         sweep(["tiny-qwen2"], ["cn"], [256], out_root=tmp_path / "sweep", epochs=0)
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_a_seeds_sweep_aggregates_both_seeds(tmp_path, one_thread):
+    import cli
+    root = tmp_path / "sweep"
+    assert cli.main(["sweep", "--models", "tiny-qwen2", "--seeds", "0,1", "--epochs", "1", "--poems", "4",
+                     "--batch-tokens", "512", "--out-root", str(root)]) == 0
+    runs = {r["config"]["seed"]: r for r in find_runs([root / "tiny-qwen2-cn-256", root / "tiny-qwen2-cn-256-seed1"])}
+    assert sorted(runs) == [0, 1]
+    text = (root / "report.md").read_text()
+    row = next(line for line in text.split("## Across seeds")[1].splitlines() if line.startswith("| tiny-qwen2"))
+    accuracies = [100 * runs[seed]["accuracy"] for seed in (0, 1)]
+    assert row.startswith(f"| tiny-qwen2 | cn-256 | 0, 1 | {sum(accuracies) / 2:.2f} ± ")
+    assert f"| {min(accuracies):.2f}-{max(accuracies):.2f} |" in row
+    pooled = sum(r["correct"] for r in runs.values())
+    assert f"| {pooled}/8 |" in text.split("## Memorization ability")[1]       # the ranking pools both seeds

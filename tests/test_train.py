@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.dynamics import accuracy_curve
 from engine.runs import read_jsonl
 from engine.train import TrainConfig, TrainingError, memorize
 from tests.helpers import tiny_checkpoint
@@ -37,7 +38,8 @@ def test_a_short_run_memorizes_its_poems(model_dir, tmp_path):
     results = memorize(config(model_dir, tmp_path / "run"), progress=False)
     assert results["accuracy"] == 1.0, results
     out = tmp_path / "run"
-    for name in ("results.json", "metrics.jsonl", "generations.jsonl", "curve.png", "report.md", "model/config.json"):
+    for name in ("results.json", "metrics.jsonl", "generations.jsonl", "curve.png", "report.md", "model/config.json",
+                 "evals.jsonl", "bits.png", "accuracy_by_length_curve.png", "first_recited.png"):
         assert (out / name).is_file(), name
     generations = read_jsonl(out / "generations.jsonl")
     assert len(generations) == 4 and all(g["correct"] and g["output"] == g["target"] for g in generations)
@@ -45,6 +47,26 @@ def test_a_short_run_memorizes_its_poems(model_dir, tmp_path):
     assert len(epochs) == 40 and epochs[-1]["epoch_loss"] < 0.1 * epochs[0]["epoch_loss"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["n_poems"] == 4 and saved["train_tokens"] > 0 and saved["config"]["lr"] == 3e-3
+    assert "Wilson interval" in (out / "report.md").read_text() and "bits/parameter" in (out / "report.md").read_text()
+
+
+def test_per_poem_records_and_bits_follow_the_run(model_dir, tmp_path):
+    """evals.jsonl reproduces metrics.jsonl's accuracy curve exactly; bits fall from the base model's."""
+    out = tmp_path / "run"
+    results = memorize(config(model_dir, out, epochs=12, eval_every=3), progress=False)
+    metrics = read_jsonl(out / "metrics.jsonl")
+    evaluated = [m for m in metrics if "accuracy" in m]
+    curve = accuracy_curve(read_jsonl(out / "evals.jsonl"))
+    assert [(m["epoch"], m["accuracy"]) for m in curve] == [(m["epoch"], m["accuracy"]) for m in evaluated]
+    assert [m["epoch"] for m in curve] == [3, 6, 9, 12] and all(m["n"] == 4 for m in curve)
+    bits = results["memorization"]
+    assert metrics[0] == {"epoch": 0, "step": 0, "bits": bits["base_bits"]}
+    assert evaluated[-1]["bits"] == bits["trained_bits"] and 0 < bits["bits_gained"] <= bits["base_bits"]
+    assert bits["bits_per_parameter"] == bits["bits_gained"] / results["parameters"]
+    generations = read_jsonl(out / "generations.jsonl")
+    assert sum(g["base_bits"] for g in generations) == pytest.approx(bits["base_bits"], abs=1e-3)
+    assert results["dynamics"]["evaluations"] == 4 and results["score_seconds"] > 0
+    assert results["interval"][0] <= results["accuracy"] <= results["interval"][1]
 
 
 def test_cli_eval_writes_the_memorize_fields(model_dir, tmp_path, capsys):
@@ -67,17 +89,19 @@ ENV = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def uninterrupted(model_dir, tmp_path_factory):
-    """The final weights of an 8-epoch run that nothing interrupted."""
+    """The folder of an 8-epoch run that nothing interrupted."""
     out = tmp_path_factory.mktemp("whole") / "run"
     subprocess.run(run_args(model_dir, out, 8), env=ENV, check=True, capture_output=True)
-    return load_file(out / "model" / "model.safetensors")
+    return out
 
 
-def assert_same_weights(want, folder):
-    got = load_file(folder / "model" / "model.safetensors")
+def assert_same_weights(whole, folder):
+    """folder's run ended as the uninterrupted one: the same final weights, every epoch once, the same evaluations."""
+    want, got = (load_file(run / "model" / "model.safetensors") for run in (whole, folder))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     epochs = [m["epoch"] for m in read_jsonl(folder / "metrics.jsonl") if "epoch_loss" in m]
     assert epochs == list(range(1, 9))
+    assert read_jsonl(folder / "evals.jsonl") == read_jsonl(whole / "evals.jsonl")
 
 
 def test_kill_and_resume_gives_the_uninterrupted_weights(model_dir, tmp_path, uninterrupted):
@@ -152,7 +176,10 @@ def test_two_process_gloo_matches_one_process(model_dir, tmp_path):
     weights = [load_file(tmp_path / run / "model" / "model.safetensors") for run in ("one", "two")]
     for name, want in weights[0].items():
         assert ((weights[1][name] - want).norm() / want.norm()).item() < 2e-4, name
-    assert read_jsonl(tmp_path / "two" / "generations.jsonl") == read_jsonl(tmp_path / "one" / "generations.jsonl")
+    generations = [read_jsonl(tmp_path / run / "generations.jsonl") for run in ("one", "two")]
+    trained_bits = [[g.pop("bits") for g in run] for run in generations]     # of weights equal to ~2e-4
+    assert generations[1] == generations[0]
+    assert trained_bits[1] == pytest.approx(trained_bits[0], rel=1e-3)
 
 
 # ---- bad input ---------------------------------------------------------------------------------

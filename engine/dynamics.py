@@ -1,0 +1,132 @@
+"""How each poem is learned and forgotten, from the per-poem results of every evaluation.
+
+The record (evals.jsonl in a run folder): one line per (evaluation epoch, training poem),
+    {"epoch": 10, "poem": 3, "chars": 57, "correct": true, "category": "correct", "edit_distance": 0.0,
+     "bits": 12.7}
+`poem` is the poem's index in the run's poem list (the same at every evaluation), `chars` its
+length in characters (engine/evaluate.py buckets accuracy by it), `bits` (when scored) its
+target's NLL under the model at that epoch (engine/scoring.py). From these lines:
+  accuracy_curve        accuracy per evaluation epoch (what metrics.jsonl's accuracy says);
+  accuracy_by_length    the same per length bucket: the paper's length effect over training;
+  poem_dynamics         per poem: the epoch it was first recited exactly, whether it stayed
+                        correct at every later evaluation, its forgetting events (correct at one
+                        evaluation, wrong at the next) and relearning events (correct again after
+                        a forgetting);
+  first_recited_by_length   per bucket, how many poems were first recited at each epoch.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from engine.evaluate import length_bucket
+
+EVALS_FILE = "evals.jsonl"
+
+
+def eval_lines(epoch: int, records: list[dict], bits: list[float] | None = None) -> list[dict]:
+    """evals.jsonl lines of one evaluation from engine.evaluate.evaluate's records (in poem order)
+    and, if scored, each poem's bits (engine.scoring.poem_bits, same order)."""
+    lines = [{"epoch": epoch, "poem": i, "chars": len(r["target"]), "correct": bool(r["correct"]),
+              "category": r["category"], "edit_distance": r["edit_distance"]} for i, r in enumerate(records)]
+    if bits is not None:
+        if len(bits) != len(lines):
+            raise ValueError(f"{len(bits)} scores for {len(lines)} evaluated poems: score the evaluated poems")
+        for line, b in zip(lines, bits):
+            line["bits"] = round(b, 4)
+    return lines
+
+
+def append_evals(path: Path, lines: list[dict]) -> None:
+    with Path(path).open("a", encoding="utf-8") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def keep_evals_until(path: Path, epoch: int) -> None:
+    """On resume: drop the evaluations after `epoch` (the checkpoint's), which will be redone."""
+    path = Path(path)
+    if path.is_file():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["epoch"] <= epoch]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _by_epoch(lines: list[dict]) -> dict[int, list[dict]]:
+    epochs: dict[int, list[dict]] = {}
+    for line in sorted(lines, key=lambda line: line["epoch"]):
+        epochs.setdefault(line["epoch"], []).append(line)
+    return epochs
+
+
+def _accuracy(lines: list[dict]) -> dict:
+    correct = sum(line["correct"] for line in lines)
+    return {"n": len(lines), "correct": correct, "accuracy": correct / len(lines)}
+
+
+def accuracy_curve(lines: list[dict]) -> list[dict]:
+    """[{"epoch", "n", "correct", "accuracy"}] per evaluation, in epoch order."""
+    return [{"epoch": epoch, **_accuracy(group)} for epoch, group in _by_epoch(lines).items()]
+
+
+def accuracy_by_length(lines: list[dict]) -> dict[str, list[dict]]:
+    """{length bucket: accuracy_curve of its poems}, buckets from short to long."""
+    buckets: dict[str, list[dict]] = {}
+    for line in sorted(lines, key=lambda line: line["chars"]):
+        buckets.setdefault(length_bucket(line["chars"]), []).append(line)
+    return {name: accuracy_curve(group) for name, group in buckets.items()}
+
+
+def poem_dynamics(lines: list[dict]) -> list[dict]:
+    """Per poem (by index): chars, first_recited (epoch or None), stayed, forgotten, relearned, final."""
+    histories: dict[int, list[dict]] = {}
+    for line in sorted(lines, key=lambda line: line["epoch"]):
+        histories.setdefault(line["poem"], []).append(line)
+    poems = []
+    for poem, history in sorted(histories.items()):
+        marks = [line["correct"] for line in history]
+        first = next((i for i, correct in enumerate(marks) if correct), None)
+        forgotten, relearned = transitions(marks)
+        poems.append({"poem": poem, "chars": history[0]["chars"],
+                      "first_recited": None if first is None else history[first]["epoch"],
+                      "stayed": first is not None and all(marks[first:]),
+                      "forgotten": forgotten, "relearned": relearned, "final": marks[-1]})
+    return poems
+
+
+def transitions(marks: list[bool]) -> tuple[int, int]:
+    """(forgetting events: correct then wrong at the next evaluation, relearning events: wrong
+    then correct after a forgetting) in one poem's sequence of evaluations."""
+    forgotten = relearned = 0
+    for previous, current in zip(marks, marks[1:]):
+        if previous and not current:
+            forgotten += 1
+        elif current and not previous and forgotten:
+            relearned += 1
+    return forgotten, relearned
+
+
+def first_recited_by_length(lines: list[dict]) -> dict[str, dict]:
+    """{length bucket: {"n", "never", "epochs": {epoch: poems first recited then}}}, short to long."""
+    buckets: dict[str, list[dict]] = {}
+    for poem in sorted(poem_dynamics(lines), key=lambda p: p["chars"]):
+        buckets.setdefault(length_bucket(poem["chars"]), []).append(poem)
+    return {name: {"n": len(poems), "never": sum(p["first_recited"] is None for p in poems),
+                   "epochs": dict(sorted(Counter(p["first_recited"] for p in poems
+                                                 if p["first_recited"] is not None).items()))}
+            for name, poems in buckets.items()}
+
+
+def dynamics_summary(lines: list[dict]) -> dict:
+    """The run-level counts for results.json and report.md."""
+    poems = poem_dynamics(lines)
+    first = sorted(p["first_recited"] for p in poems if p["first_recited"] is not None)
+    return {
+        "evaluations": len(_by_epoch(lines)),
+        "poems": len(poems),
+        "ever_recited": len(first),
+        "stayed": sum(p["stayed"] for p in poems),
+        "forgotten_poems": sum(p["forgotten"] > 0 for p in poems),
+        "forgetting_events": sum(p["forgotten"] for p in poems),
+        "relearning_events": sum(p["relearned"] for p in poems),
+        "median_first_recited_epoch": first[len(first) // 2] if first else None,
+    }

@@ -1,0 +1,84 @@
+"""How sure the numbers are: intervals for an accuracy, tests between two, spread across seeds.
+
+An accuracy here is k poems recited exactly out of n, a binomial proportion:
+  wilson_interval      the 95% Wilson score interval (Wilson 1927), which unlike the normal
+                       approximation p +- z sqrt(p(1-p)/n) stays inside [0, 1] and keeps its
+                       coverage near 0% and 100%, where memorization runs end up;
+  two_proportion_test  the pooled two-sided z-test of k1/n1 against k2/n2 (equivalent to a 2x2
+                       chi-square test without continuity correction): is the gap significant?
+  spread               mean, sample standard deviation (n - 1), min and max of a metric across
+                       seeds;
+  rank_by_accuracy     models ordered by accuracy, each gap to the next one down tested (the
+                       paper's memorization-ability assessment, with the statistics it lacked).
+Only the standard library: the normal quantiles come from statistics.NormalDist.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+ALPHA = 0.05          # significance level of the tests; 95% intervals
+
+
+def _z(confidence: float) -> float:
+    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def _check_counts(k: int, n: int) -> None:
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"a proportion needs 0 <= successes <= trials and trials > 0, got {k} of {n}")
+
+
+def wilson_interval(k: int, n: int, confidence: float = 1 - ALPHA) -> tuple[float, float]:
+    """(low, high) of the Wilson score interval for k successes in n trials, as fractions."""
+    _check_counts(k, n)
+    z = _z(confidence)
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # at k = 0 (k = n) the bound is exactly 0 (1): the formula only rounds to it
+    return 0.0 if k == 0 else center - half, 1.0 if k == n else center + half
+
+
+def two_proportion_test(k1: int, n1: int, k2: int, n2: int, alpha: float = ALPHA) -> dict:
+    """Pooled two-sided z-test of p1 = p2 -> {"difference", "z", "p_value", "significant"}."""
+    _check_counts(k1, n1)
+    _check_counts(k2, n2)
+    p1, p2 = k1 / n1, k2 / n2
+    pooled = (k1 + k2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:                 # both 0% or both 100%: no evidence of a difference
+        return {"difference": p1 - p2, "z": 0.0, "p_value": 1.0, "significant": False}
+    z = (p1 - p2) / se
+    p_value = math.erfc(abs(z) / math.sqrt(2))      # 2 (1 - Phi(|z|)), without cancellation in the tail
+    return {"difference": p1 - p2, "z": z, "p_value": p_value, "significant": p_value < alpha}
+
+
+def spread(values: list[float]) -> dict:
+    """{"n", "mean", "std" (sample; None for one value), "min", "max"} of a metric across seeds."""
+    if not values:
+        raise ValueError("spread of no values: run at least one seed")
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+
+
+def rank_by_accuracy(entries: list[dict], alpha: float = ALPHA) -> list[dict]:
+    """entries (dicts with "correct" and "n", anything else kept) best first, each given its
+    "accuracy", 95% "interval" and "vs_next": two_proportion_test against the next one (None last)."""
+    ranked = sorted(entries, key=lambda e: -e["correct"] / e["n"])
+    return [{**e, "accuracy": e["correct"] / e["n"], "interval": wilson_interval(e["correct"], e["n"]),
+             "vs_next": two_proportion_test(e["correct"], e["n"], lower["correct"], lower["n"], alpha) if lower else None}
+            for e, lower in zip(ranked, [*ranked[1:], None])]
+
+
+def inside(k: int, n: int, percent: float) -> bool:
+    """Whether a published accuracy (in %) lies in the 95% Wilson interval of k of n."""
+    low, high = wilson_interval(k, n)
+    return low <= percent / 100 <= high
+
+
+def format_accuracy(k: int, n: int) -> str:
+    """'77.50% [75.6, 79.3]': an accuracy with its 95% Wilson interval, for reports."""
+    low, high = wilson_interval(k, n)
+    return f"{100 * k / n:.2f}% [{100 * low:.1f}, {100 * high:.1f}]"
