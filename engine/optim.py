@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from kernels import adamw_step
+from kernels.adamw import adamw_step
 
 
 class _Group:

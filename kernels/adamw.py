@@ -22,6 +22,7 @@ import math
 import torch
 
 from kernels.dispatch import INTERPRETING, tl, triton, use_triton
+from kernels.launch import on_device
 
 
 def adamw_step_reference(masters, grads, exp_avgs, exp_avg_sqs, params=None, *, step: int, lr: float,
@@ -80,6 +81,7 @@ def _check(master, grad, exp_avg, exp_avg_sq, param):
                          f"master, got {[(tuple(t.shape), t.is_contiguous()) for t in tensors]}")
 
 
+@on_device
 def adamw_step_triton(masters, grads, exp_avgs, exp_avg_sqs, params=None, *, step: int, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float):
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)

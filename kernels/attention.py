@@ -31,19 +31,17 @@ Supported head dims: powers of two from 16 to 256 (the models use 64 and 128).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import INTERPRETING, tl, triton, use_triton
+from kernels.launch import LOG2E, LaunchConfig, dot_types, hardware_for, load_tile, on_device, online_softmax_step
 
 try:
     from flash_attn import flash_attn_varlen_func
 except (ImportError, OSError):   # not installed, or built against another torch
     flash_attn_varlen_func = None
 
-LOG2E = 1.4426950408889634
 PASSES = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 
 
@@ -82,13 +80,6 @@ def attention_reference(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None,
 # ---------------------------------------------------------------------------------------------
 # Launch configurations
 # ---------------------------------------------------------------------------------------------
-
-class LaunchConfig(NamedTuple):
-    block_m: int      # query rows per tile (preprocess: tokens per program)
-    block_n: int      # key rows per tile (preprocess: the head dim)
-    num_warps: int
-    num_stages: int
-
 
 # Hopper (sm_90). Sequences here are short (~100-250 tokens), so tiles stay at 32-128 rows.
 # The forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0.
@@ -137,17 +128,39 @@ def attention_launch_config(head_dim: int, pass_name: str, interpreting: bool = 
     return _GPU_CONFIGS[key]
 
 
-def _dot_types(dtype):
-    """tl.dot operand dtype and precision: fp32 in the interpreter (bf16 math is garbage there),
-    the input dtype on the GPU; fp32 inputs get IEEE products instead of tf32."""
-    if INTERPRETING or dtype == torch.float32:
-        return tl.float32, "ieee"
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "tf32"
-
-
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sequence(CU, seq):
+    """(first token as int64, length) of sequence `seq` of the packed stream."""
+    start = tl.load(CU + seq)
+    return start.to(tl.int64), tl.load(CU + seq + 1) - start
+
+
+@triton.jit
+def _slope(SLOPES, head, HAS_ALIBI: tl.constexpr):
+    """The head's ALiBi slope (times log2(e)), or 0."""
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + head)
+    else:
+        slope2 = 0.0
+    return slope2
+
+
+@triton.jit
+def _key_blocks(start_m, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(end of the key blocks a query tile at start_m sees unmasked, end of all it sees): causal,
+    the blocks left of the diagonal need no mask and those right of it are skipped."""
+    if CAUSAL:
+        full_end = start_m
+        end = tl.minimum(start_m + BLOCK_M, seq_len)
+    else:
+        full_end = (seq_len // BLOCK_N) * BLOCK_N
+        end = seq_len
+    return full_end, end
+
 
 @triton.jit
 def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, seq_len,
@@ -156,13 +169,8 @@ def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
     """Online softmax over key blocks lo..hi of one query tile; MASKED applies length/causal masks."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            in_seq = offs_n[:, None] < seq_len
-            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+        k = load_tile(k_base, offs_n, stride_kt, offs_d, seq_len, MASKED)
+        v = load_tile(v_base, offs_n, stride_vt, offs_d, seq_len, MASKED)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale
         if HAS_ALIBI:
             s += slope2 * (offs_n[None, :] - offs_m[:, None]).to(tl.float32)
@@ -171,12 +179,7 @@ def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None])
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_DTYPE, PRECISION)
     return acc, l_i, m_i
 
 
@@ -186,37 +189,23 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, SLOPES, qk_scale, n_tokens, group,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(CU + seq)
-    seq_len = tl.load(CU + seq + 1) - start
-    start_m = pid_m * BLOCK_M
+    start, seq_len = _sequence(CU, tl.program_id(1))
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seq_len:
         return
-    start = start.to(tl.int64)
-    kv_head = head // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
-    q_ptrs = Q + start * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-    k_base = K + start * stride_kt + kv_head * stride_kh
-    v_base = V + start * stride_vt + kv_head * stride_vh
-    if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + head)
-    else:
-        slope2 = 0.0
+    q = load_tile(Q + start * stride_qt + head * stride_qh, offs_m, stride_qt, offs_d, seq_len, True).to(DOT_DTYPE)
+    k_base = K + start * stride_kt + (head // group) * stride_kh
+    v_base = V + start * stride_vt + (head // group) * stride_vh
+    slope2 = _slope(SLOPES, head, HAS_ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if CAUSAL:
-        full_end = start_m                                  # keys left of the diagonal: no mask
-        end = tl.minimum(start_m + BLOCK_M, seq_len)        # keys right of it: skipped
-    else:
-        full_end = (seq_len // BLOCK_N) * BLOCK_N
-        end = seq_len
+    full_end, end = _key_blocks(start_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                                  0, full_end, seq_len, qk_scale, slope2, BLOCK_N, False, CAUSAL, HAS_ALIBI,
                                  DOT_DTYPE, PRECISION)
@@ -254,10 +243,8 @@ def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seq_len
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        q = q.to(DOT_DTYPE)
-        do = do.to(DOT_DTYPE)
+        q = load_tile(q_base, offs_m, stride_qt, offs_d, seq_len, True).to(DOT_DTYPE)
+        do = load_tile(do_base, offs_m, stride_dot, offs_d, seq_len, True).to(DOT_DTYPE)
         lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale        # [BLOCK_N, BLOCK_M]
@@ -280,22 +267,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, SLOPES, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
                           DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1)
     kv_head = tl.program_id(2)
-    start = tl.load(CU + seq)
-    seq_len = tl.load(CU + seq + 1) - start
-    start_n = pid_n * BLOCK_N
+    start, seq_len = _sequence(CU, tl.program_id(1))
+    start_n = tl.program_id(0) * BLOCK_N
     if start_n >= seq_len:
         return
-    start = start.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < seq_len
-    k = tl.load(K + start * stride_kt + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
-    v = tl.load(V + start * stride_vt + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+    k = load_tile(K + start * stride_kt + kv_head * stride_kh, offs_n, stride_kt, offs_d, seq_len, True).to(DOT_DTYPE)
+    v = load_tile(V + start * stride_vt + kv_head * stride_vh, offs_n, stride_vt, offs_d, seq_len, True).to(DOT_DTYPE)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for g in range(0, group):                    # the GQA group shares this K/V tile
@@ -304,10 +285,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, SLOPES, qk_scale,
         do_base = DO + start * stride_dot + head * stride_doh
         lse_base = LSE + head * n_tokens + start
         delta_base = DELTA + head * n_tokens + start
-        if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + head)
-        else:
-            slope2 = 0.0
+        slope2 = _slope(SLOPES, head, HAS_ALIBI)
         if CAUSAL:
             # Queries on the diagonal tile need the causal mask; those below it see every key.
             dk, dv = _dkdv_q_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
@@ -333,13 +311,8 @@ def _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, of
     """Accumulate dQ of one query tile over key blocks lo..hi."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            in_seq = offs_n[:, None] < seq_len
-            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+        k = load_tile(k_base, offs_n, stride_kt, offs_d, seq_len, MASKED)
+        v = load_tile(v_base, offs_n, stride_vt, offs_d, seq_len, MASKED)
         k = k.to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_ALIBI:
@@ -363,38 +336,24 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SLOPES, qk_scale, sm_sc
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(CU + seq)
-    seq_len = tl.load(CU + seq + 1) - start
-    start_m = pid_m * BLOCK_M
+    start, seq_len = _sequence(CU, tl.program_id(1))
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seq_len:
         return
-    start = start.to(tl.int64)
-    kv_head = head // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
-    q = tl.load(Q + start * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-    do = tl.load(DO + start * stride_dot + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    q = load_tile(Q + start * stride_qt + head * stride_qh, offs_m, stride_qt, offs_d, seq_len, True).to(DOT_DTYPE)
+    do = load_tile(DO + start * stride_dot + head * stride_doh, offs_m, stride_dot, offs_d, seq_len,
+                   True).to(DOT_DTYPE)
     lse2 = tl.load(LSE + head * n_tokens + start + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + head * n_tokens + start + offs_m, mask=row_ok, other=0.0)
-    k_base = K + start * stride_kt + kv_head * stride_kh
-    v_base = V + start * stride_vt + kv_head * stride_vh
-    if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + head)
-    else:
-        slope2 = 0.0
+    k_base = K + start * stride_kt + (head // group) * stride_kh
+    v_base = V + start * stride_vt + (head // group) * stride_vh
+    slope2 = _slope(SLOPES, head, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if CAUSAL:
-        full_end = start_m
-        end = tl.minimum(start_m + BLOCK_M, seq_len)
-    else:
-        full_end = (seq_len // BLOCK_N) * BLOCK_N
-        end = seq_len
+    full_end, end = _key_blocks(start_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_end,
                      seq_len, qk_scale, slope2, BLOCK_N, False, CAUSAL, HAS_ALIBI, DOT_DTYPE, PRECISION)
     dq = _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_end, end,
@@ -429,13 +388,14 @@ def _slopes_log2(alibi_slopes, ref):
     return (alibi_slopes.float() * LOG2E).contiguous()
 
 
+@on_device
 def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
     """-> out [T, Hq, D] in q's dtype, lse2 [Hq, T] fp32 (log2 domain)."""
     n_tokens, n_heads, head_dim = q.shape
     cfg = attention_launch_config(head_dim, "fwd", dtype=q.dtype)
     out = torch.empty_like(q)
     lse2 = torch.empty(n_heads, n_tokens, device=q.device, dtype=torch.float32)
-    dot_dtype, precision = _dot_types(q.dtype)
+    dot_dtype, precision = dot_types(q.dtype)
     grid = (triton.cdiv(max_seqlen, cfg.block_m), cu_seqlens.numel() - 1, n_heads)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse2, cu_seqlens, _slopes_log2(alibi_slopes, q), scale * LOG2E, n_tokens,
@@ -447,6 +407,7 @@ def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causa
     return out, lse2
 
 
+@on_device
 def flash_attention_backward(do, q, k, v, out, lse2, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
     """-> dq, dk, dv like q, k, v."""
     n_tokens, n_heads, head_dim = q.shape
@@ -455,7 +416,7 @@ def flash_attention_backward(do, q, k, v, out, lse2, cu_seqlens, max_seqlen, ali
     do = _last_dim_contiguous(do)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse2)
-    dot_dtype, precision = _dot_types(q.dtype)
+    dot_dtype, precision = dot_types(q.dtype)
     slopes2 = _slopes_log2(alibi_slopes, q)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None,
                   DOT_DTYPE=dot_dtype, PRECISION=precision)

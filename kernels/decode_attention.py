@@ -29,11 +29,10 @@ import math
 
 import torch
 
-from kernels.attention import LOG2E, LaunchConfig
 from kernels.dispatch import INTERPRETING, tl, triton, use_triton
+from kernels.launch import LOG2E, LaunchConfig, dot_types, hardware_for, load_tile, on_device, online_softmax_step
 
 MAX_SPLITS = 16
-_H100_SMS = 132
 
 
 def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, slot_ids=None, alibi_slopes=None, scale=None):
@@ -71,7 +70,7 @@ def decode_launch_config(head_dim: int, interpreting: bool = INTERPRETING,
 
 def decode_num_splits(batch: int, n_kv: int, s_max: int, block_n: int, device) -> int:
     """How many chunks each sequence's cache is split into (see the module docstring)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _H100_SMS
+    sms = hardware_for(device).sm_count
     programs = batch * n_kv
     if programs == 0 or programs >= sms:
         return 1
@@ -105,8 +104,7 @@ def _decode_kernel(Q, K, V, O, PART_O, PART_LSE, SEQLENS, SLOTS, SLOPES, qk_scal
     offs_d = tl.arange(0, HEAD_DIM)
     g_ok = offs_g < group
     heads = kv_head * group + offs_g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-    q = q.to(DOT_DTYPE)
+    q = load_tile(Q + b * stride_qb + kv_head * group * stride_qh, offs_g, stride_qh, offs_d, group, True).to(DOT_DTYPE)
     if HAS_ALIBI:
         slope2 = tl.load(SLOPES + heads, mask=g_ok, other=0.0)
     k_base = K + slot * stride_ks + kv_head * stride_kh
@@ -118,18 +116,13 @@ def _decode_kernel(Q, K, V, O, PART_O, PART_LSE, SEQLENS, SLOTS, SLOPES, qk_scal
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        k = load_tile(k_base, offs_n, stride_kt, offs_d, hi, True)
+        v = load_tile(v_base, offs_n, stride_vt, offs_d, hi, True)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale     # [GROUP_PAD, BLOCK_N]
         if HAS_ALIBI:
             s += slope2[:, None] * (offs_n - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_DTYPE, PRECISION)
     out = acc / l_i[:, None]
     if NUM_SPLITS == 1:
         o_ptrs = O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
@@ -159,6 +152,7 @@ def _decode_combine_kernel(PART_O, PART_LSE, O, SEQLENS, n_heads, stride_ob, str
     tl.store(O + b * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
+@on_device
 def triton_decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_slopes, scale, num_splits):
     batch, n_heads, head_dim = q.shape
     n_slots, n_kv, s_max, _ = k_cache.shape
@@ -180,10 +174,7 @@ def triton_decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_
     parts = torch.empty(batch, n_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
     slopes2 = (alibi_slopes.float() * LOG2E).contiguous() if alibi_slopes is not None else part_lse
-    if INTERPRETING or q.dtype == torch.float32:
-        dot_dtype, precision = tl.float32, "ieee"
-    else:
-        dot_dtype, precision = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype], "tf32"
+    dot_dtype, precision = dot_types(q.dtype)
     _decode_kernel[(batch, n_kv, num_splits)](
         q, k_cache, v_cache, out, parts, part_lse, cache_seqlens, slot_ids, slopes2, scale * LOG2E, group, n_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -5,17 +5,14 @@ x [...] (fp32 or bf16) -> like x. Triton path, in fp32, rounded once: with
 u = 0.79788456 * (x + 0.044715 * x^3) and s = sigmoid(2u) (so tanh(u) = 2s - 1, the
 interpreter has no tanh):
     y = x * s,  dx = dy * (s + 2 * x * s * (1 - s) * 0.79788456 * (1 + 3 * 0.044715 * x^2)).
-Same grid and launch config as swiglu (rows of the last dimension, 1024-wide column blocks).
+Grid: (rows, column blocks of `kernels.launch.elementwise_config`), as swiglu.
 """
 from __future__ import annotations
 
 import torch
 
 from kernels.dispatch import tl, triton, use_triton
-from kernels.rms_norm import as_rows
-from kernels.swiglu import launch_config, row_blocks
-
-__all__ = ["gelu", "gelu_reference", "launch_config"]
+from kernels.launch import as_rows, elementwise_config, elementwise_grid, on_device
 
 
 def gelu_reference(x):
@@ -52,22 +49,24 @@ def _gelu_backward_kernel(DY, X, DX, stride_dy, stride_x, stride_dx, n_cols, BLO
 
 class GELUFunction(torch.autograd.Function):
     @staticmethod
+    @on_device
     def forward(ctx, x):
         x2 = as_rows(x)
         y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-        block, num_warps = launch_config(x2.shape[1])
-        _gelu_forward_kernel[row_blocks(*x2.shape)](x2, y, x2.stride(0), y.stride(0), x2.shape[1], BLOCK=block,
+        block, num_warps = elementwise_config(x2.shape[1])
+        _gelu_forward_kernel[elementwise_grid(*x2.shape)](x2, y, x2.stride(0), y.stride(0), x2.shape[1], BLOCK=block,
                                                     num_warps=num_warps)
         ctx.save_for_backward(x2)
         return y.view(x.shape)
 
     @staticmethod
+    @on_device
     def backward(ctx, dy):
         (x2,) = ctx.saved_tensors
         dy2 = as_rows(dy)
         dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        block, num_warps = launch_config(x2.shape[1])
-        _gelu_backward_kernel[row_blocks(*x2.shape)](dy2, x2, dx, dy2.stride(0), x2.stride(0), dx.stride(0),
+        block, num_warps = elementwise_config(x2.shape[1])
+        _gelu_backward_kernel[elementwise_grid(*x2.shape)](dy2, x2, dx, dy2.stride(0), x2.stride(0), dx.stride(0),
                                                      x2.shape[1], BLOCK=block, num_warps=num_warps)
         return dx.view(dy.shape)
 

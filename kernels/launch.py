@@ -1,4 +1,5 @@
-"""What every op's host code shares around a Triton launch.
+"""What the ops share around a Triton launch: the device it runs on, the limits its
+configuration must fit, row layouts and grids, and the device helpers of more than one kernel.
 
     @on_device                      # the launch runs on its inputs' GPU, not the current one
     def triton_op(x, ...): ...
@@ -8,17 +9,20 @@
 Triton launches on torch.cuda.current_device(), whatever device its tensors live on: with the
 model on cuda:1, every kernel would run on GPU 0's stream against GPU 1's memory. `on_device`
 makes the first tensor argument's device current for the call (a no-op for CPU and meta
-tensors); every host function that launches a kernel, and every autograd Function's forward
-and backward, is wrapped by it.
+tensors): every host function that launches a kernel (`kernel[grid](...)`) is wrapped by it.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 
+from kernels.dispatch import INTERPRETING, tl, triton
 from kernels.hardware import TARGETS, Hardware, hardware_of
+
+LOG2E = 1.4426950408889634      # kernels keep softmax scores in the exp2 domain
 
 _target: Hardware | None = None     # set by `target`: configurations for this GPU, whatever runs
 
@@ -62,11 +66,97 @@ def target(hw: Hardware):
         _target = previous
 
 
-def hardware_for(x: torch.Tensor) -> Hardware:
-    """The GPU whose limits x's launch configurations must fit: the `target` override, else x's
-    own CUDA device, else the sm_90 target (interpreter and meta tensors)."""
+def hardware_for(x: torch.Tensor | torch.device) -> Hardware:
+    """The GPU whose limits launch configurations for tensor (or device) x must fit: the `target`
+    override, else x's own CUDA device, else the sm_90 target (interpreter and meta tensors)."""
+    device = x.device if isinstance(x, torch.Tensor) else torch.device(x)
     if _target is not None:
         return _target
-    if x.device.type == "cuda":
-        return hardware_of(x.device)
+    if device.type == "cuda":
+        return hardware_of(device)
     return TARGETS[90]
+
+
+# ---------------------------------------------------------------------------------------------
+# Row layouts and grids
+# ---------------------------------------------------------------------------------------------
+
+MAX_ROW_COLS = 65536  # a row kernel holds one whole row in one program's registers
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., H] as a [rows, H] tensor with unit column stride (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def row_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a row kernel whose program holds one whole row of n_cols (norms)."""
+    if n_cols > MAX_ROW_COLS:
+        raise ValueError(f"row kernels hold a whole row in one program: {n_cols} columns > {MAX_ROW_COLS}")
+    block = triton.next_power_of_2(n_cols)
+    num_warps = 16 if block >= 16384 else 8 if block >= 2048 else 4
+    return block, num_warps
+
+
+def partial_programs(n_rows: int, x: torch.Tensor) -> int:
+    """How many programs a backward with per-program partial sums runs: one per SM of x's GPU."""
+    if INTERPRETING:
+        return min(n_rows, 8)  # the interpreter pays per program: few, each looping over rows
+    return max(1, min(n_rows, hardware_for(x).sm_count))
+
+
+def elementwise_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for an elementwise kernel over rows of n_cols: 1024-wide column blocks
+    waste at most a few percent of lanes on the intermediate sizes (4864, 8960, 2816, ...)."""
+    block = min(1024, triton.next_power_of_2(n_cols))
+    return block, max(1, min(4, block // 256))
+
+
+def elementwise_grid(n_rows: int, n_cols: int) -> tuple[int, int]:
+    """The 2D grid of an elementwise row kernel: (rows, column blocks)."""
+    return n_rows, triton.cdiv(n_cols, elementwise_config(n_cols)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiled kernels (attention, decode attention)
+# ---------------------------------------------------------------------------------------------
+
+class LaunchConfig(NamedTuple):
+    block_m: int      # rows of the query-side tile
+    block_n: int      # rows of the key-side tile
+    num_warps: int
+    num_stages: int
+
+
+def dot_types(dtype: torch.dtype):
+    """(tl.dot operand dtype, input_precision) for inputs of `dtype`: fp32 in the interpreter
+    (bf16 math is garbage there), the input dtype on the GPU; fp32 inputs get IEEE products
+    instead of tf32."""
+    if INTERPRETING or dtype == torch.float32:
+        return tl.float32, "ieee"
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "tf32"
+
+
+@triton.jit
+def load_tile(base, rows, stride, cols, n_rows, MASKED: tl.constexpr):
+    """The tile base[rows * stride + cols] [len(rows), len(cols)]; with MASKED, rows at or past
+    n_rows read 0 (a K/V or Q tile that runs past its sequence)."""
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if MASKED:
+        tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def online_softmax_step(acc, l_i, m_i, s, v, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of a streaming softmax(s) @ v in the exp2 domain: scores s [M, N] (masked
+    ones -inf), values v [N, D]; running row max m_i, row sum l_i and unnormalized acc [M, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+    return acc, l_i, m_new

@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import tl, triton, use_triton
-from kernels.rms_norm import as_rows, launch_config, partial_programs
-
-__all__ = ["launch_config", "layer_norm", "layer_norm_reference"]
+from kernels.launch import as_rows, on_device, partial_programs, row_config
 
 
 def layer_norm_reference(x, weight, bias, eps: float):
@@ -66,13 +64,14 @@ def _layer_norm_backward_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
+    @on_device
     def forward(ctx, x, weight, bias, eps):
         x2 = as_rows(x)
         n_rows, n_cols = x2.shape
         y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
         mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
-        block, num_warps = launch_config(n_cols)
+        block, num_warps = row_config(n_cols)
         _layer_norm_forward_kernel[(n_rows,)](x2, weight, bias, y, mean, rstd, x2.stride(0), y.stride(0), n_cols, eps,
                                               BLOCK=block, num_warps=num_warps)
         ctx.save_for_backward(x2, weight, mean, rstd)
@@ -80,15 +79,16 @@ class LayerNormFunction(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @on_device
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
         dy2 = as_rows(dy)
         n_rows, n_cols = x2.shape
         dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
-        programs = partial_programs(n_rows, x2.device)
+        programs = partial_programs(n_rows, x2)
         dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
         db_partial = torch.empty_like(dw_partial)
-        block, num_warps = launch_config(n_cols)
+        block, num_warps = row_config(n_cols)
         _layer_norm_backward_kernel[(programs,)](dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
                                                  dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
                                                  triton.cdiv(n_rows, programs), BLOCK=block, num_warps=num_warps)

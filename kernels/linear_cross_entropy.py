@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import tl, triton, use_triton
+from kernels.launch import on_device
 
 LOGITS_BUDGET_BYTES = 384 << 20  # fp32 logits chunk: 640 rows at V=151,936 (peak < 1 GB at 32K x 896)
 CHUNK_MULTIPLE = 128  # chunk rows in whole GEMM tiles
@@ -125,6 +126,7 @@ def _ce_rows_torch(z, dz, labels, row_loss, scale, ignore_index):
         z.mul_(torch.where(valid, scale, 0.0)[:, None])
 
 
+@on_device
 def triton_ce_rows(z, dz, labels, row_loss, scale, ignore_index):
     """Per-row loss into row_loss; with dz (may alias z), the scaled softmax gradient into dz."""
     n, V = z.shape

@@ -11,44 +11,20 @@ it ([rows] fp32) for the backward. With n = s * rstd, g = dy * weight (fp32):
     dx = dresidual = ds,  dweight = sum over rows of dy * cast(n).
 The backward runs a fixed number of programs (one per SM on a GPU), each looping over a
 contiguous chunk of rows and writing its fp32 partial dweight row; a torch sum reduces them
-(no atomics, so bf16 weights are fine). Helpers `launch_config`, `as_rows` and
-`partial_programs` are shared with layer_norm.
+(no atomics, so bf16 weights are fine).
 """
 from __future__ import annotations
 
 import torch
 
 from kernels.dispatch import tl, triton, use_triton
-
-MAX_FUSED_COLS = 65536  # one row must fit in one program's registers
+from kernels.launch import as_rows, on_device, partial_programs, row_config
 
 
 def rms_norm_reference(x, weight, eps: float):
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
-
-
-def launch_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for a row-wise kernel whose program holds one row of n_cols."""
-    if n_cols > MAX_FUSED_COLS:
-        raise ValueError(f"row kernels hold a whole row in one program: {n_cols} columns > {MAX_FUSED_COLS}")
-    block = triton.next_power_of_2(n_cols)
-    num_warps = 16 if block >= 16384 else 8 if block >= 2048 else 4
-    return block, num_warps
-
-
-def partial_programs(n_rows: int, device: torch.device) -> int:
-    """How many programs a backward with per-program partial sums runs: one per SM on a GPU."""
-    if device.type == "cuda":
-        return min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(n_rows, 8)  # the interpreter pays per program: few, each looping over rows
-
-
-def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., H] as a [rows, H] tensor with unit column stride (a view when possible)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 @triton.jit
@@ -95,6 +71,7 @@ def _rms_norm_backward_kernel(DY, DS_OUT, S, W, RSTD, DX, DW_PARTIAL, stride_dy,
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
 
 
+@on_device
 def _forward(x, weight, eps, residual):
     """Returns y, s (the normalized input: x + residual, or x itself) and rstd [rows] fp32."""
     x2 = as_rows(x)
@@ -106,22 +83,23 @@ def _forward(x, weight, eps, residual):
     else:
         r2 = as_rows(residual)
         s = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    block, num_warps = launch_config(n_cols)
+    block, num_warps = row_config(n_cols)
     _rms_norm_forward_kernel[(n_rows,)](x2, r2, s, weight, y, rstd, x2.stride(0), r2.stride(0), s.stride(0),
                                         y.stride(0), n_cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
                                         num_warps=num_warps)
     return y, s, rstd
 
 
+@on_device
 def _backward(dy, ds_out, s, weight, rstd):
     """dx (= dresidual) [rows, H] in s's dtype and dweight in weight's dtype."""
     dy2 = as_rows(dy)
     n_rows, n_cols = s.shape
     dso = dy2 if ds_out is None else as_rows(ds_out)
     dx = torch.empty_like(s, memory_format=torch.contiguous_format)
-    programs = partial_programs(n_rows, s.device)
+    programs = partial_programs(n_rows, s)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=s.device)
-    block, num_warps = launch_config(n_cols)
+    block, num_warps = row_config(n_cols)
     _rms_norm_backward_kernel[(programs,)](dy2, dso, s, weight, rstd, dx, dw_partial, dy2.stride(0), dso.stride(0),
                                            s.stride(0), dx.stride(0), n_rows, n_cols, triton.cdiv(n_rows, programs),
                                            HAS_DS_OUT=ds_out is not None, BLOCK=block, num_warps=num_warps)

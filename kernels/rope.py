@@ -26,6 +26,7 @@ import functools
 import torch
 
 from kernels.dispatch import tl, triton, use_triton
+from kernels.launch import on_device
 
 
 @functools.lru_cache(maxsize=16)
@@ -99,6 +100,7 @@ def _unit_last_stride(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+@on_device
 def _launch(q, k, q_out, k_out, position_ids, theta, inverse: bool):
     """Writes the rotation (inverse=True: by -angle) of q, k into q_out, k_out (may be q, k)."""
     n_tokens, n_q_heads, head_dim = q.shape

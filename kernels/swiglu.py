@@ -3,7 +3,7 @@
 Triton path: computed in fp32 and rounded once to the input dtype. With s = sigmoid(gate):
     y = gate * s * up,  dup = dy * gate * s,  dgate = dy * up * s * (1 + gate * (1 - s)).
 Gate and up may be strided row views (e.g. the halves of a fused gate_up projection) with
-unit last stride. Grid: (rows, column blocks); `launch_config` is shared with gelu.
+unit last stride. Grid: (rows, column blocks of `kernels.launch.elementwise_config`).
 """
 from __future__ import annotations
 
@@ -11,23 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import tl, triton, use_triton
-from kernels.rms_norm import as_rows
+from kernels.launch import as_rows, elementwise_config, elementwise_grid, on_device
 
 
 def swiglu_reference(gate, up):
     return F.silu(gate) * up
-
-
-def launch_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for an elementwise kernel over rows of n_cols: 1024-wide column blocks
-    waste at most a few percent of lanes on the intermediate sizes (4864, 8960, 2816, ...)."""
-    block = min(1024, triton.next_power_of_2(n_cols))
-    return block, max(1, min(4, block // 256))
-
-
-def row_blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
-    """The 2D grid of an elementwise row kernel: (rows, column blocks)."""
-    return n_rows, triton.cdiv(n_cols, launch_config(n_cols)[0])
 
 
 @triton.jit
@@ -55,22 +43,24 @@ def _swiglu_backward_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, str
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
+    @on_device
     def forward(ctx, gate, up):
         g2, u2 = as_rows(gate), as_rows(up)
         y = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-        block, num_warps = launch_config(g2.shape[1])
-        _swiglu_forward_kernel[row_blocks(*g2.shape)](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), g2.shape[1],
+        block, num_warps = elementwise_config(g2.shape[1])
+        _swiglu_forward_kernel[elementwise_grid(*g2.shape)](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), g2.shape[1],
                                                       BLOCK=block, num_warps=num_warps)
         ctx.save_for_backward(g2, u2)
         return y.view(gate.shape)
 
     @staticmethod
+    @on_device
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
         dy2 = as_rows(dy)
         dgate, dup = torch.empty(g2.shape, dtype=g2.dtype, device=g2.device), torch.empty(u2.shape, dtype=u2.dtype, device=u2.device)
-        block, num_warps = launch_config(g2.shape[1])
-        _swiglu_backward_kernel[row_blocks(*g2.shape)](dy2, g2, u2, dgate, dup, dy2.stride(0), g2.stride(0),
+        block, num_warps = elementwise_config(g2.shape[1])
+        _swiglu_backward_kernel[elementwise_grid(*g2.shape)](dy2, g2, u2, dgate, dup, dy2.stride(0), g2.stride(0),
                                                        u2.stride(0), dgate.stride(0), g2.shape[1], BLOCK=block,
                                                        num_warps=num_warps)
         return dgate.view(dy.shape), dup.view(dy.shape)

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import attention, decode_attention, layer_norm, linear_cross_entropy, rms_norm
+from kernels.attention import attention
+from kernels.decode_attention import decode_attention
+from kernels.layer_norm import layer_norm
+from kernels.linear_cross_entropy import linear_cross_entropy
+from kernels.rms_norm import rms_norm
 from models.config import ModelConfig
 
 

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from kernels import gelu
+from kernels.gelu import gelu
 from models.base import AttentionContext, CausalLM, LayerNorm, attend
 from models.config import ModelConfig
 

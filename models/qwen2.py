@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import rope, swiglu
+from kernels.rope import rope
+from kernels.swiglu import swiglu
 from models.base import AttentionContext, CausalLM, RMSNorm, attend
 from models.config import ModelConfig
 

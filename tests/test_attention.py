@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.attention import attention_launch_config, triton_attention, triton_attention_with_lse
+from kernels.attention import attention, attention_launch_config, triton_attention, triton_attention_with_lse
 from tests.helpers import rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
@@ -110,7 +110,7 @@ def test_non_contiguous_qkv_views():
     q, k, v = qkv.unbind(1)
     cu = cu_from_lengths(lengths)
     with kernels.backend("triton"):
-        out = kernels.attention(q, k, v, cu, max(lengths))
+        out = attention(q, k, v, cu, max(lengths))
     ref, _ = reference(q.double(), k.double(), v.double(), lengths, None, True, head_dim ** -0.5)
     assert rel_err(out, ref) < 1e-5
 
@@ -121,9 +121,9 @@ def test_cpu_dispatch_uses_reference_unless_forced(monkeypatch):
 
     monkeypatch.setattr(importlib.import_module("kernels.attention"), "flash_attention_forward", kernel_called)
     q = torch.randn(5, 2, 64)
-    kernels.attention(q, q, q, cu_from_lengths([5]), 5)
+    attention(q, q, q, cu_from_lengths([5]), 5)
     with kernels.backend("triton"), pytest.raises(RuntimeError, match="Triton kernel called"):
-        kernels.attention(q, q, q, cu_from_lengths([5]), 5)
+        attention(q, q, q, cu_from_lengths([5]), 5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
