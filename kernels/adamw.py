@@ -62,8 +62,10 @@ def _adamw_kernel(P, G, M, VSQ, OUT, n, decay, one_minus_beta1, beta2, one_minus
     p = p * decay
     m = m + one_minus_beta1 * (g - m)
     v = v * beta2 + one_minus_beta2 * (g * g)
-    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    p = p + -step_size * (m / denom)
+    # IEEE-rounded sqrt and division, as torch's: tl.sqrt and `/` compile to sqrt.approx.f32 and
+    # div.full.f32 on the GPU, which differ from torch in the last bits
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p + -step_size * tl.div_rn(m, denom)
     tl.store(P + offs, p, mask=mask)
     tl.store(M + offs, m, mask=mask)
     tl.store(VSQ + offs, v, mask=mask)

@@ -7,7 +7,8 @@ Within each sequence: out_i = softmax_j<=i(scale * q_i.k_j + slope * (j - i)) v_
 fp32; -> [T, Hq, D] in q's dtype. Tokens of different sequences never attend to each other.
 
 Paths (`attention` picks one):
-- CUDA with flash-attn importable: `flash_attn_varlen_func`. Its ALiBi bias is
+- CUDA with flash-attn >= 2.4 importable (and the backend not forced to "triton"):
+  `flash_attn_varlen_func`. Its ALiBi bias is
   -slope * |i + seqlen_k - seqlen_q - j|; with seqlen_q == seqlen_k and causal (j <= i) that is
   slope * (j - i), our convention. Non-causal ALiBi differs (|i - j| is symmetric), so that case
   and fp32 inputs (flash-attn takes fp16/bf16 only) go to the Triton kernel.
@@ -34,14 +35,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import INTERPRETING, tl, triton, use_triton
-from kernels.launch import LOG2E, LaunchConfig, dot_types, hardware_for, load_tile, on_device, online_softmax_step
+from kernels.dispatch import INTERPRETING, get_backend, tl, triton, use_triton, version_at_least
+from kernels.hardware import TARGETS, Hardware
+from kernels.launch import (LOG2E, LaunchConfig, dot_types, fit_shared_memory, hardware_for, load_tile, on_device,
+                            online_softmax_step)
 
-try:
-    from flash_attn import flash_attn_varlen_func
-except (ImportError, OSError):   # not installed, or built against another torch
-    flash_attn_varlen_func = None
-
+FLASH_ATTN_MIN = (2, 4)   # flash_attn_varlen_func(..., alibi_slopes=) exists from flash-attn 2.4
 PASSES = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 
 
@@ -81,11 +80,12 @@ def attention_reference(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None,
 # Launch configurations
 # ---------------------------------------------------------------------------------------------
 
-# Hopper (sm_90). Sequences here are short (~100-250 tokens), so tiles stay at 32-128 rows.
-# The forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0.
-# Checked by compiling for sm_90 on the CPU (python cli.py kernels --only attn): bf16 tiles use
-# wgmma (HGMMA), and no configuration spills registers, GQA groups of 7 and 6 included.
-# Not yet timed on a GPU.
+# Preferred on Hopper (sm_90); `attention_launch_config` shrinks them where a GPU's shared
+# memory per block is smaller. Sequences here are short (~100-250 tokens), so tiles stay at
+# 32-128 rows. The forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0.
+# Checked by compiling for sm_80, sm_89 and sm_90 on the CPU (python cli.py kernels): bf16 tiles
+# use wgmma (HGMMA) on sm_90, and no configuration spills registers, GQA groups of 7 and 6
+# included. Not yet timed on a GPU.
 _GPU_CONFIGS = {
     ("fwd", 64): LaunchConfig(128, 64, 4, 3),
     ("fwd", 128): LaunchConfig(128, 64, 8, 3),
@@ -108,9 +108,23 @@ _GPU_FP32_CONFIGS = {
 }
 
 
+def _tile_bytes(pass_name: str, head_dim: int, element_size: int):
+    """cfg -> (bytes a pass's loop streams per iteration, bytes it holds throughout), for
+    `kernels.launch.fit_shared_memory`: the forward and dQ stream K and V tiles past a Q tile
+    (dQ: and dO); dK/dV streams Q, dO and their lse2, delta rows past its K and V tiles."""
+    row = head_dim * element_size
+
+    def tile_bytes(cfg):
+        if pass_name == "bwd_dkdv":
+            return 2 * cfg.block_m * (row + 4), 2 * cfg.block_n * row
+        return 2 * cfg.block_n * row, (2 if pass_name == "bwd_dq" else 1) * cfg.block_m * row
+    return tile_bytes
+
+
 def attention_launch_config(head_dim: int, pass_name: str, interpreting: bool = INTERPRETING,
-                            dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one attention pass for `head_dim`.
+                            dtype: torch.dtype = torch.bfloat16, hw: Hardware = TARGETS[90]) -> LaunchConfig:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one attention pass for `head_dim` on `hw`
+    (kernels.launch.hardware_for(q)): the preferred tiles, shrunk until they fit its shared memory.
 
     Under the interpreter the tiles keep the GPU configs' shape ratios (so the same diagonal
     logic runs) at 64/32 rows, which makes block edges at 32 and 64 tokens testable cheaply.
@@ -123,9 +137,11 @@ def attention_launch_config(head_dim: int, pass_name: str, interpreting: bool = 
         return {"fwd": LaunchConfig(64, 32, 4, 1), "bwd_preprocess": LaunchConfig(64, head_dim, 4, 1),
                 "bwd_dkdv": LaunchConfig(32, 64, 4, 1), "bwd_dq": LaunchConfig(64, 32, 4, 1)}[pass_name]
     key = (pass_name, 64 if head_dim <= 64 else 128)
-    if dtype == torch.float32 and key in _GPU_FP32_CONFIGS:
-        return _GPU_FP32_CONFIGS[key]
-    return _GPU_CONFIGS[key]
+    if pass_name == "bwd_preprocess":    # a row reduction: no tiles in shared memory
+        return _GPU_CONFIGS[key]
+    cfg = _GPU_FP32_CONFIGS[key] if dtype == torch.float32 else _GPU_CONFIGS[key]
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return fit_shared_memory(cfg, hw, _tile_bytes(pass_name, head_dim, element_size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +408,7 @@ def _slopes_log2(alibi_slopes, ref):
 def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale):
     """-> out [T, Hq, D] in q's dtype, lse2 [Hq, T] fp32 (log2 domain)."""
     n_tokens, n_heads, head_dim = q.shape
-    cfg = attention_launch_config(head_dim, "fwd", dtype=q.dtype)
+    cfg = attention_launch_config(head_dim, "fwd", dtype=q.dtype, hw=hardware_for(q))
     out = torch.empty_like(q)
     lse2 = torch.empty(n_heads, n_tokens, device=q.device, dtype=torch.float32)
     dot_dtype, precision = dot_types(q.dtype)
@@ -418,22 +434,23 @@ def flash_attention_backward(do, q, k, v, out, lse2, cu_seqlens, max_seqlen, ali
     delta = torch.empty_like(lse2)
     dot_dtype, precision = dot_types(q.dtype)
     slopes2 = _slopes_log2(alibi_slopes, q)
+    hw = hardware_for(q)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None,
                   DOT_DTYPE=dot_dtype, PRECISION=precision)
 
-    cfg = attention_launch_config(head_dim, "bwd_preprocess", dtype=q.dtype)
+    cfg = attention_launch_config(head_dim, "bwd_preprocess", dtype=q.dtype, hw=hw)
     _attn_bwd_preprocess_kernel[(triton.cdiv(n_tokens, cfg.block_m), n_heads)](
         out, do, delta, n_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         HEAD_DIM=head_dim, BLOCK_T=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = attention_launch_config(head_dim, "bwd_dkdv", dtype=q.dtype)
+    cfg = attention_launch_config(head_dim, "bwd_dkdv", dtype=q.dtype, hw=hw)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.block_n), n_seqs, n_kv)](
         q, k, v, do, lse2, delta, dk, dv, cu_seqlens, slopes2, scale * LOG2E, scale, n_tokens, n_heads // n_kv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
 
-    cfg = attention_launch_config(head_dim, "bwd_dq", dtype=q.dtype)
+    cfg = attention_launch_config(head_dim, "bwd_dq", dtype=q.dtype, hw=hw)
     _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seqs, n_heads)](
         q, k, v, do, lse2, delta, dq, cu_seqlens, slopes2, scale * LOG2E, scale, n_tokens, n_heads // n_kv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -479,17 +496,38 @@ def triton_attention_with_lse(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes
     return out, lse2.t() / LOG2E
 
 
+def load_flash_attn():
+    """flash_attn_varlen_func of an installed flash-attn recent enough for what we call, else None."""
+    try:
+        import flash_attn
+    except (ImportError, OSError):   # not installed, or built against another torch
+        return None
+    if not version_at_least(getattr(flash_attn, "__version__", "0.0"), FLASH_ATTN_MIN):
+        return None
+    return flash_attn.flash_attn_varlen_func
+
+
+flash_attn_varlen_func = load_flash_attn()
+
+
 def _flash_attn_usable(q, alibi_slopes, causal) -> bool:
-    return (flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and (alibi_slopes is None or causal))
+    """flash-attn takes CUDA fp16/bf16 inputs with our ALiBi convention (causal only); the backend
+    forced to "triton" runs our own kernels even where flash-attn is installed."""
+    return (flash_attn_varlen_func is not None and get_backend() != "triton" and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16) and (alibi_slopes is None or causal))
+
+
+def flash_attn_attention(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None, causal=True, scale=None):
+    """flash-attn's varlen attention; alibi_slopes is passed only when set (the keyword is recent)."""
+    q, k, v, cu_seqlens, max_seqlen, scale = _prepare(q, k, v, cu_seqlens, max_seqlen, scale)
+    alibi = {} if alibi_slopes is None else {"alibi_slopes": alibi_slopes.float().contiguous()}
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale,
+                                  causal=causal, **alibi)
 
 
 def attention(q, k, v, cu_seqlens, max_seqlen=None, alibi_slopes=None, causal=True, scale=None):
     if not use_triton(q):
         return attention_reference(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
     if _flash_attn_usable(q, alibi_slopes, causal):
-        q, k, v, cu_seqlens, max_seqlen, scale = _prepare(q, k, v, cu_seqlens, max_seqlen, scale)
-        slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else None
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                      softmax_scale=scale, causal=causal, alibi_slopes=slopes)
+        return flash_attn_attention(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)
     return triton_attention(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, causal, scale)

@@ -30,7 +30,9 @@ import math
 import torch
 
 from kernels.dispatch import INTERPRETING, tl, triton, use_triton
-from kernels.launch import LOG2E, LaunchConfig, dot_types, hardware_for, load_tile, on_device, online_softmax_step
+from kernels.hardware import TARGETS, Hardware
+from kernels.launch import (LOG2E, LaunchConfig, dot_types, fit_shared_memory, hardware_for, load_tile, on_device,
+                            online_softmax_step)
 
 MAX_SPLITS = 16
 
@@ -56,16 +58,21 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, slot_ids=None
     return out.reshape(batch, n_heads, head_dim).to(q.dtype)
 
 
-def decode_launch_config(head_dim: int, interpreting: bool = INTERPRETING,
-                         dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
-    """(BLOCK_M = padded GQA group, BLOCK_N = cache rows per tile, num_warps, num_stages); the
-    group padding depends on the model, so block_m is the minimum (16). fp32 caches at d128
-    take 8 warps: with 4 the fp32 tiles spill registers on sm_90."""
+def decode_launch_config(head_dim: int, group: int = 1, interpreting: bool = INTERPRETING,
+                         dtype: torch.dtype = torch.bfloat16, hw: Hardware = TARGETS[90]) -> LaunchConfig:
+    """(BLOCK_M = the GQA group padded to a power of two >= 16, BLOCK_N = cache rows per tile,
+    num_warps, num_stages) on `hw`: 64-row K/V tiles three stages deep, fewer stages or rows where
+    its shared memory per block is smaller. fp32 caches at d128 take 8 warps: with 4 the fp32
+    tiles spill registers on sm_90."""
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"decode attention supports head_dim 16, 32, 64, 128 or 256, got {head_dim}")
+    group_pad = max(16, triton.next_power_of_2(group))
     if interpreting:
-        return LaunchConfig(16, 32, 4, 1)
-    return LaunchConfig(16, 64, 8 if dtype == torch.float32 and head_dim > 64 else 4, 3)
+        return LaunchConfig(group_pad, 32, 4, 1)
+    cfg = LaunchConfig(group_pad, 64, 8 if dtype == torch.float32 and head_dim > 64 else 4, 3)
+    row = head_dim * torch.empty((), dtype=dtype).element_size()
+    # streams K and V tiles past the group's query rows
+    return fit_shared_memory(cfg, hw, lambda c: (2 * c.block_n * row, c.block_m * row), halve=("block_n",))
 
 
 def decode_num_splits(batch: int, n_kv: int, s_max: int, block_n: int, device) -> int:
@@ -161,8 +168,8 @@ def triton_decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_
                          f"{tuple(v_cache.shape)} must be [B, Hq, D] and [slots, Hkv, S_max, D], Hq % Hkv == 0")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("decode_attention: the caches' last dimension must be contiguous")
-    cfg = decode_launch_config(head_dim, dtype=q.dtype)
     group = n_heads // n_kv
+    cfg = decode_launch_config(head_dim, group, dtype=q.dtype, hw=hardware_for(q))
     q = q if q.stride(-1) == 1 else q.contiguous()
     if slot_ids is None:
         slot_ids = torch.arange(batch, device=q.device)
@@ -179,7 +186,7 @@ def triton_decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_
         q, k_cache, v_cache, out, parts, part_lse, cache_seqlens, slot_ids, slopes2, scale * LOG2E, group, n_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, GROUP_PAD=cfg.block_m, BLOCK_N=cfg.block_n,
         NUM_SPLITS=num_splits, HAS_ALIBI=alibi_slopes is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if num_splits > 1:

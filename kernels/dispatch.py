@@ -13,10 +13,29 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+MIN_TORCH = (2, 8)   # torch.mm / torch.baddbmm with out_dtype= (the fused loss's fp32 logits from bf16)
+
+
+def version_at_least(version: str, minimum: tuple[int, int]) -> bool:
+    """Whether a version string ("2.8.0+cu128", "2.4.post1") is at least (major, minor)."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return found is not None and tuple(map(int, found.groups())) >= minimum
+
+
+def check_torch(version: str) -> None:
+    """Fails at import of kernels, with what to do, on a torch older than the ops call."""
+    if not version_at_least(version, MIN_TORCH):
+        need = ".".join(map(str, MIN_TORCH))
+        raise RuntimeError(f"torch {version} is too old for this engine: it needs torch >= {need} "
+                           f"(torch.mm(..., out_dtype=) in the fused loss): pip install 'torch>={need}'")
+
+
+check_torch(torch.__version__)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
     import triton

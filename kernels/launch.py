@@ -129,6 +129,33 @@ class LaunchConfig(NamedTuple):
     num_stages: int
 
 
+def tile_shared_bytes(cfg: LaunchConfig, hw: Hardware, streamed: int, resident: int) -> int:
+    """An upper bound of the shared memory one block of a tiled kernel uses: the bytes its loop
+    streams per iteration, buffered num_stages deep on Hopper (wgmma pipelines) and
+    num_stages - 1 deep before it (cp.async), the tiles held for the whole program, one fp32
+    [block_m, block_n] score tile for layout changes and 1 KB of reduction scratch. (Checked
+    against the compiler's figure for sm_80, sm_89 and sm_90: see tests/test_kernels_compile.py.)"""
+    buffers = cfg.num_stages if hw.arch >= 90 else max(1, cfg.num_stages - 1)
+    return buffers * streamed + resident + 4 * cfg.block_m * cfg.block_n + 1024
+
+
+def fit_shared_memory(cfg: LaunchConfig, hw: Hardware, tile_bytes, halve=("block_m", "block_n")) -> LaunchConfig:
+    """cfg, or the first smaller variant whose shared memory fits hw: fewer pipeline stages, then
+    the largest of the `halve` tiles halved (all of them when equal), which keeps power-of-two
+    tiles dividing one another as the attention kernels' diagonal logic needs.
+    tile_bytes(cfg) -> (streamed, resident), as `tile_shared_bytes` takes them."""
+    while tile_shared_bytes(cfg, hw, *tile_bytes(cfg)) > hw.shared_memory_per_block:
+        largest = max(getattr(cfg, name) for name in halve)
+        if cfg.num_stages > 1:
+            cfg = cfg._replace(num_stages=cfg.num_stages - 1)
+        elif largest > 16:
+            cfg = cfg._replace(**{name: largest // 2 for name in halve if getattr(cfg, name) == largest})
+        else:
+            raise ValueError(f"no launch configuration fits the {hw.shared_memory_per_block} bytes of shared memory "
+                             f"per block of {hw.name}")
+    return cfg
+
+
 def dot_types(dtype: torch.dtype):
     """(tl.dot operand dtype, input_precision) for inputs of `dtype`: fp32 in the interpreter
     (bf16 math is garbage there), the input dtype on the GPU; fp32 inputs get IEEE products

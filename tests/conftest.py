@@ -1,10 +1,22 @@
 import os
 
-# The Triton interpreter must be chosen before any @triton.jit decorator runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+
+def should_interpret(environ, cuda_available: bool) -> bool:
+    """Whether the suite runs Triton kernels in the interpreter: as TRITON_INTERPRET says where
+    the user set it, else exactly when no CUDA device is present (a GPU box runs the compiled
+    kernels, which bench/gpu.sh and a plain `pytest tests` there must test)."""
+    if "TRITON_INTERPRET" in environ:
+        return environ["TRITON_INTERPRET"] == "1"
+    return not cuda_available
+
+
+# Chosen before any @triton.jit decorator runs (they pick interpreted or compiled when defined),
+# so before anything imports kernels.
+os.environ["TRITON_INTERPRET"] = "1" if should_interpret(os.environ, torch.cuda.is_available()) else "0"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -2,12 +2,17 @@
 and every gradient, over packed batches with block-edge lengths, GQA, ALiBi, head_dim 64/128."""
 import importlib
 import math
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import kernels
+import kernels.attention as attention_module
 from kernels.attention import attention, attention_launch_config, triton_attention, triton_attention_with_lse
+from kernels.hardware import TARGETS
+from kernels.launch import hardware_for, target, tile_shared_bytes
 from tests.helpers import rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
@@ -126,18 +131,90 @@ def test_cpu_dispatch_uses_reference_unless_forced(monkeypatch):
         attention(q, q, q, cu_from_lengths([5]), 5)
 
 
+@pytest.mark.parametrize("arch", sorted(TARGETS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_launch_configs_fit_the_diagonal_logic(head_dim, dtype):
-    """The forward and dQ walk key tiles inside a query tile (BLOCK_M % BLOCK_N == 0); dK/dV walks
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_gpu_launch_configs_fit_each_target(arch, head_dim, dtype):
+    """Each pass's tiles fit the target's shared memory per block, and keep the diagonal logic:
+    the forward and dQ walk key tiles inside a query tile (BLOCK_M % BLOCK_N == 0); dK/dV walks
     query tiles inside a key tile (BLOCK_N % BLOCK_M == 0)."""
-    for pass_name in ("fwd", "bwd_dq"):
-        cfg = attention_launch_config(head_dim, pass_name, interpreting=False, dtype=dtype)
-        assert cfg.block_m % cfg.block_n == 0 and min(cfg.block_m, cfg.block_n) >= 16
-    cfg = attention_launch_config(head_dim, "bwd_dkdv", interpreting=False, dtype=dtype)
-    assert cfg.block_n % cfg.block_m == 0 and cfg.block_m >= 16
+    hw = TARGETS[arch]
+    for pass_name in ("fwd", "bwd_dkdv", "bwd_dq"):
+        cfg = attention_launch_config(head_dim, pass_name, interpreting=False, dtype=dtype, hw=hw)
+        tiles = attention_module._tile_bytes(pass_name, head_dim, dtype.itemsize)(cfg)
+        assert tile_shared_bytes(cfg, hw, *tiles) <= hw.shared_memory_per_block, (pass_name, cfg)
+        inner, outer = (cfg.block_m, cfg.block_n) if pass_name == "bwd_dkdv" else (cfg.block_n, cfg.block_m)
+        assert outer % inner == 0 and inner >= 16, (pass_name, cfg)
     with pytest.raises(ValueError, match="head_dim"):
         attention_launch_config(96, "fwd")
+
+
+def test_launch_configs_follow_the_device_s_shared_memory():
+    """The bf16 d128 forward's Hopper tiles (128 KB three stages deep) on an H100, fewer stages on
+    an L40S-class card (~99 KB per block); the current target (kernels.launch.target) decides
+    for meta tensors, as in the compile report."""
+    h100 = attention_launch_config(128, "fwd", interpreting=False, hw=TARGETS[90])
+    l40s = attention_launch_config(128, "fwd", interpreting=False, hw=TARGETS[89])
+    assert h100 == (128, 64, 8, 3) and l40s.num_stages < h100.num_stages
+    with target(TARGETS[89]):
+        assert hardware_for(torch.empty(1, device="meta")) is TARGETS[89]
+    assert hardware_for(torch.empty(1)) is TARGETS[90]
+
+
+class FakeCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: attention's GPU dispatch, on the CPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.fixture
+def fake_flash_attn(monkeypatch):
+    """Installs a stand-in flash_attn module of a given version; returns the calls it received."""
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros_like(q)
+
+    def install(version):
+        monkeypatch.setitem(sys.modules, "flash_attn", SimpleNamespace(
+            __version__=version, flash_attn_varlen_func=flash_attn_varlen_func))
+        monkeypatch.setattr(attention_module, "flash_attn_varlen_func", attention_module.load_flash_attn())
+        return calls
+    return install
+
+
+@pytest.mark.parametrize("version, backend, path", [
+    ("2.3.6", "auto", "triton"),       # no alibi_slopes= yet: our kernel
+    ("2.4.0", "auto", "flash"),
+    ("2.8.3", "auto", "flash"),
+    ("2.8.3", "triton", "triton"),     # forced: our own kernel even with flash-attn installed
+])
+def test_flash_attn_used_only_from_a_version_with_what_we_call(monkeypatch, fake_flash_attn, version, backend,
+                                                               path):
+    calls, ours = fake_flash_attn(version), []
+
+    def our_forward(q, *args):
+        ours.append(q.shape)
+        return torch.zeros_like(q), torch.zeros(q.shape[1], q.shape[0])
+
+    monkeypatch.setattr(attention_module, "flash_attention_forward", our_forward)
+    q = torch.randn(5, 2, 16, dtype=torch.bfloat16).as_subclass(FakeCuda)
+    with kernels.backend(backend):
+        attention(q, q, q, cu_from_lengths([5]), 5)
+    assert (len(calls), len(ours)) == ((1, 0) if path == "flash" else (0, 1))
+
+
+def test_flash_attn_gets_alibi_slopes_only_when_set(fake_flash_attn):
+    calls = fake_flash_attn("2.6.3")
+    q = torch.randn(5, 4, 16, dtype=torch.bfloat16).as_subclass(FakeCuda)
+    attention(q, q, q, cu_from_lengths([5]), 5)                                        # Qwen2
+    slopes = bloom_alibi_slopes(4)
+    attention(q, q, q, cu_from_lengths([5]), 5, alibi_slopes=slopes)                   # BLOOM
+    assert "alibi_slopes" not in calls[0]
+    assert torch.equal(calls[1]["alibi_slopes"], slopes)
 
 
 MODEL_CONFIGS = {

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import kernels
-from kernels.decode_attention import decode_attention, decode_attention_reference, decode_num_splits
+from kernels.decode_attention import decode_attention, decode_attention_reference, decode_launch_config, decode_num_splits
+from kernels.hardware import TARGETS
+from kernels.launch import target, tile_shared_bytes
 from tests.helpers import rel_err
 from tests.test_attention import MODEL_CONFIGS, bloom_alibi_slopes, cu_from_lengths
 
@@ -93,6 +95,28 @@ def test_split_rule_fills_the_gpu_only_when_needed():
     assert decode_num_splits(batch=64, n_kv=2, s_max=512, block_n=64, device=cpu) == 3
     assert decode_num_splits(batch=1, n_kv=2, s_max=4096, block_n=64, device=cpu) == 16
     assert decode_num_splits(batch=1, n_kv=2, s_max=100, block_n=64, device=cpu) == 2
+
+
+def test_split_rule_counts_the_target_s_multiprocessors():
+    cpu = torch.device("cpu")
+    with target(TARGETS[89]):     # 142 SMs: 136 programs leave some idle
+        assert decode_num_splits(batch=68, n_kv=2, s_max=512, block_n=64, device=cpu) == 3
+    assert decode_num_splits(batch=68, n_kv=2, s_max=512, block_n=64, device=cpu) == 1    # 132 SMs (sm_90)
+
+
+@pytest.mark.parametrize("arch", sorted(TARGETS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim, group", [(64, 7), (128, 6), (64, 1), (128, 1), (256, 32)])
+def test_gpu_launch_config_fits_each_target(arch, dtype, head_dim, group):
+    """The query tile holds the whole GQA group, and the K/V tiles fit the target's shared memory
+    (the fp32 d128 tiles three stages deep need 143 KB: more than an L40S block has)."""
+    hw = TARGETS[arch]
+    cfg = decode_launch_config(head_dim, group, interpreting=False, dtype=dtype, hw=hw)
+    row = head_dim * dtype.itemsize
+    assert cfg.block_m >= max(16, group) and cfg.block_m & (cfg.block_m - 1) == 0 and cfg.block_n >= 16
+    assert tile_shared_bytes(cfg, hw, 2 * cfg.block_n * row, cfg.block_m * row) <= hw.shared_memory_per_block
+    if arch == 90 and head_dim <= 128:
+        assert (cfg.block_n, cfg.num_stages) == (64, 3)          # Hopper keeps the preferred tiles
 
 
 def test_cpu_dispatch_uses_reference_unless_forced(monkeypatch):
