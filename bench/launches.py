@@ -20,27 +20,25 @@ ops pick interpreter-only configs under it.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+import kernels.adamw as adamw_ops
+import kernels.attention as attention_ops
+import kernels.decode_attention as decode_ops
+import kernels.gelu as gelu_ops
+import kernels.layer_norm as layer_norm_ops
+import kernels.linear_cross_entropy as loss_ops
+import kernels.rms_norm as rms_norm_ops
+import kernels.rope as rope_ops
+import kernels.swiglu as swiglu_ops
 from kernels.dispatch import HAS_TRITON, INTERPRETING
 from kernels.hardware import Hardware
 from kernels.launch import target
 from models.config import ModelConfig
 
-
-def _op_module(name: str):
-    # kernels/__init__.py exports each op under its module's name, so `import kernels.rope as m`
-    # would bind the function; the module itself comes from the import system.
-    return importlib.import_module(f"kernels.{name}")
-
-
-rms_norm_ops, layer_norm_ops, rope_ops, swiglu_ops, gelu_ops, loss_ops, adamw_ops, attention_ops, decode_ops = map(
-    _op_module, ("rms_norm", "layer_norm", "rope", "swiglu", "gelu", "linear_cross_entropy", "adamw", "attention",
-                 "decode_attention"))
 KERNEL_MODULES = (rms_norm_ops, layer_norm_ops, rope_ops, swiglu_ops, gelu_ops, loss_ops, adamw_ops, attention_ops,
                   decode_ops)
 
@@ -120,8 +118,10 @@ def _short(value) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _jit_functions():
+    """Every @triton.jit function the ops' modules hold (shared device helpers appear in several)."""
     from triton.runtime.jit import JITFunction
-    return [obj for module in KERNEL_MODULES for obj in vars(module).values() if isinstance(obj, JITFunction)]
+    found = {id(obj): obj for module in KERNEL_MODULES for obj in vars(module).values() if isinstance(obj, JITFunction)}
+    return list(found.values())
 
 
 @contextlib.contextmanager

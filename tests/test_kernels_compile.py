@@ -9,12 +9,14 @@ whose configurations depend on the card (attention and decode, the shared-memory
 conftest turns the interpreter on for this process.
 """
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from bench.kernel_report import report_name, run_isolated, tools_missing
+from bench.kernel_report import ToolError, _ptxas_spills, problems, report_name, run_isolated, tools_missing
+from kernels.hardware import TARGETS
 
-pytestmark = pytest.mark.skipif(tools_missing() is not None, reason=str(tools_missing()))
+needs_tools = pytest.mark.skipif(tools_missing() is not None, reason=str(tools_missing()))
 
 CARD_DEPENDENT = "^(attn_|decode_)"    # kernels whose launch configs follow the card's shared memory
 
@@ -42,6 +44,7 @@ def failures(report) -> list[str]:
             for r in report["rows"] if r["problems"]]
 
 
+@needs_tools
 def test_subset_covers_every_kernel(sm90):
     _, report = sm90
     assert {r["kernel"] for r in report["rows"]} == set(report["registry_kernels"])
@@ -50,12 +53,14 @@ def test_subset_covers_every_kernel(sm90):
         assert dtypes == {"bf16", "fp32"}, f"{kernel}: both dtypes expected in the subset, got {dtypes}"
 
 
+@needs_tools
 def test_kernels_compile_without_spills_or_shared_overflow(sm90):
     rc, report = sm90
     bad = failures(report)
     assert not bad and rc == 0, "\n".join(bad)
 
 
+@needs_tools
 def test_attention_and_decode_fit_older_cards(older_card):
     """On the A100 (164 KB per block) and the L40S (~99 KB) the ops pick configs that fit."""
     rc, report = older_card
@@ -65,6 +70,7 @@ def test_attention_and_decode_fit_older_cards(older_card):
     assert not bad and rc == 0, f"{report['target']}:\n" + "\n".join(bad)
 
 
+@needs_tools
 def test_bf16_attention_uses_tensor_cores(sm90, older_card):
     """wgmma (HGMMA) on Hopper, mma.sync (HMMA) on Ampere and Ada; never CUDA cores."""
     for (_, report), expected in ((sm90, "HGMMA"), (older_card, "HMMA")):
@@ -76,6 +82,7 @@ def test_bf16_attention_uses_tensor_cores(sm90, older_card):
                 f"{report['target']} {r['kernel']} `{r['config']}`: {r['tensor_cores']}"
 
 
+@needs_tools
 def test_adamw_math_is_ieee_rounded(sm90):
     """"Exactly torch.optim.AdamW" needs correctly rounded sqrt and division on the GPU too:
     tl.sqrt and `/` compile to sqrt.approx.f32 and div.full.f32."""
@@ -86,6 +93,7 @@ def test_adamw_math_is_ieee_rounded(sm90):
         assert r["inexact_math"] == [], f"adamw_kernel ({r['shape']}): {r['inexact_math']} in its sm_90 PTX"
 
 
+@needs_tools
 def test_check_catches_shared_memory_overflow(tmp_path):
     """Decode attention with 512-row KV tiles in 4 pipeline stages cannot fit in 227 KB."""
     rc, report = compile_report(tmp_path, 90, "--only", "^decode_kernel HEAD_DIM=128", "--set", "BLOCK_N=512",
@@ -94,9 +102,24 @@ def test_check_catches_shared_memory_overflow(tmp_path):
     assert all(any("shared memory" in p for p in r["problems"]) for r in report["rows"])
 
 
+@needs_tools
 def test_check_catches_register_spills(tmp_path):
     """A 8192-column RMSNorm row on one warp needs 256+ values per thread: it must spill."""
     rc, report = compile_report(tmp_path, 90, "--only", "^rms_norm_forward_kernel HAS_RESIDUAL=True BLOCK=2048",
                                 "--set", "BLOCK=8192", "--set", "num_warps=1")
     assert rc == 1 and report["rows"]
     assert all(any("spills registers" in p for p in r["problems"]) for r in report["rows"])
+
+
+def test_tool_failure_is_a_finding(tmp_path):
+    """A CUDA tool that fails (triton 3.9's PTX given to an older ptxas) becomes the launch's
+    error, reported as a problem, not a traceback."""
+    ptxas = tmp_path / "ptxas"
+    ptxas.write_text("#!/bin/sh\necho 'ptxas fatal   : Unsupported .version 9.4; current version is 8.8' >&2\n"
+                     "exit 255\n")
+    ptxas.chmod(0o755)
+    with pytest.raises(ToolError, match=r"ptxas failed: .*Unsupported \.version 9\.4") as failure:
+        _ptxas_spills({"ptxas": SimpleNamespace(path=str(ptxas))}, ".version 9.4\n.target sm_90a\n", tmp_path)
+    with pytest.raises(ToolError, match="ptxas failed"):
+        _ptxas_spills({"ptxas": SimpleNamespace(path=str(tmp_path / "missing"))}, ".target sm_90a\n", tmp_path)
+    assert problems({"error": str(failure.value)}, TARGETS[90]) == [str(failure.value)]
