@@ -4,7 +4,7 @@ with Triton's compiler and the CUDA tools it uses.
 
 The default run compiles the representative launches of bench/launches.py (every kernel at
 least once, both dtypes where the code differs) for sm_90, and on sm_80 / sm_89 the kernels
-whose configurations depend on the card (attention and decode, the shared-memory users);
+whose configurations depend on the card (bf16 attention and decode, the shared-memory users);
 `python cli.py kernels` checks all of them on all three. Compiling happens in a subprocess:
 conftest turns the interpreter on for this process.
 """
@@ -18,7 +18,9 @@ from kernels.hardware import TARGETS
 
 needs_tools = pytest.mark.skipif(tools_missing() is not None, reason=str(tools_missing()))
 
-CARD_DEPENDENT = "^(attn_|decode_)"    # kernels whose launch configs follow the card's shared memory
+# Kernels whose launch configs follow the card's shared memory, in bf16 (the fp32 IEEE-dot tiles
+# are smaller and the slowest compiles: left to `cli.py kernels`)
+CARD_DEPENDENT = r"^(attn_(fwd|bwd_dkdv|bwd_dq)_kernel .*DOT_DTYPE=bf16|decode_kernel)"
 
 
 def compile_report(out, archs, *args):
