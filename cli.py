@@ -9,7 +9,7 @@ import sys
 
 # `bench` and `kernels` hand their arguments to the benchmark scripts (see their --help).
 PASSTHROUGH = {"bench": ("bench.throughput", "training and evaluation throughput against transformers"),
-               "kernels": ("bench.kernel_report", "compile every Triton launch for the H100 and report")}
+               "kernels": ("bench.kernel_report", "compile every Triton launch for sm_80, sm_89 and sm_90 and report")}
 DATA_FLAGS = ("lang", "length", "poems", "source", "format", "seed")
 SWEEP_FLAGS = ("epochs", "poems", "lr", "batch_tokens")
 
@@ -122,11 +122,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
-    if argv and argv[0] in PASSTHROUGH:
-        import importlib
-        return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:]) or 0
-    args = parser().parse_args(argv)
     try:
+        if argv and argv[0] in PASSTHROUGH:
+            import importlib
+            return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:]) or 0
+        args = parser().parse_args(argv)        # imports torch and the kernels: a too-old torch is an error line
         from engine.train import check_value
         for name, value in vars(args).items():      # every command's run settings, before anything is loaded
             check_value(name, value)

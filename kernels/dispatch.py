@@ -79,11 +79,20 @@ def backend(name: str):
         set_backend(previous)
 
 
+class TritonUnavailable(RuntimeError):
+    """The triton backend was forced on a tensor Triton cannot run on."""
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    """True when the op on `x` should run its Triton kernel."""
+    """True when the op on `x` should run its Triton kernel. Forced to triton, a CPU tensor
+    without the interpreter is an error, not a silent fall back to the torch reference (a test
+    comparing the two would compare the reference with itself)."""
     if _backend == "torch" or not HAS_TRITON:
         return False
     if _backend == "triton":
+        if not (x.is_cuda or INTERPRETING or x.is_meta):
+            raise TritonUnavailable(f"kernel backend 'triton' forced on a {x.device.type} tensor: Triton kernels run "
+                                    "on CUDA tensors, or anywhere under TRITON_INTERPRET=1")
         return x.is_cuda or INTERPRETING
     return x.is_cuda
 
