@@ -122,6 +122,21 @@ def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
 PERCENT_LIMITS = (-2, 102)      # 0% and 100% lines stay visible inside the frame
 
 
+def percent_figure(title: str, xlabel: str, ylabel: str = "exact recitation accuracy (%)"):
+    """A figure with one axis of percentages (the accuracy plots of a run and of a report)."""
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*PERCENT_LIMITS)
+    return fig, ax
+
+
+def save_with_legend(fig, ax, path: Path) -> Path:
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def plot_bits_and_accuracy(path: Path, bits_curve: list[dict], accuracy_curve: list[dict], title: str) -> Path:
     """bits_curve: [{"epoch", "bits"}] (epoch 0 = base model); accuracy_curve: [{"epoch", "n", "correct"}]."""
     plt = pyplot()
@@ -154,23 +169,16 @@ def plot_bits_and_accuracy(path: Path, bits_curve: list[dict], accuracy_curve: l
 
 def plot_length_curves(path: Path, by_length: dict[str, list[dict]], title: str) -> Path:
     """by_length: engine.dynamics.accuracy_by_length's {bucket: [{"epoch", "n", "correct", "accuracy"}]}."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = percent_figure(title, "epoch")
     for bucket, curve in by_length.items():
         ax.plot([m["epoch"] for m in curve], [100 * m["accuracy"] for m in curve], "o-", ms=3,
                 label=f"{bucket} chars (n={curve[0]['n']})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("exact recitation accuracy (%)")
-    ax.set_ylim(*PERCENT_LIMITS)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    return save_figure(fig, path)
+    return save_with_legend(fig, ax, path)
 
 
 def plot_first_recited(path: Path, first_by_length: dict[str, dict], evaluation_epochs: list[int], title: str) -> Path:
     """first_by_length: engine.dynamics.first_recited_by_length; evaluation_epochs: every evaluation's epoch."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = percent_figure(title, "epoch", "poems first recited exactly by then (%)")
     for bucket, counts in first_by_length.items():
         shares, done = [0.0], 0                  # none recited before training
         for epoch in evaluation_epochs:
@@ -178,12 +186,7 @@ def plot_first_recited(path: Path, first_by_length: dict[str, dict], evaluation_
             shares.append(100 * done / counts["n"])
         ax.step([0, *evaluation_epochs], shares, where="post",
                 label=f"{bucket} chars (n={counts['n']}, never: {counts['never']})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("poems first recited exactly by then (%)")
-    ax.set_ylim(*PERCENT_LIMITS)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    return save_figure(fig, path)
+    return save_with_legend(fig, ax, path)
 
 
 def write_run_plots(out: Path, metrics: list[dict], lines: list[dict], title: str) -> list[Path]:
@@ -349,19 +352,6 @@ def cost_table(runs: list[dict]) -> str:
                            "device-s per kbit gained"], body)
 
 
-def _accuracy_figure(title: str, xlabel: str):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("exact recitation accuracy (%)")
-    ax.set_ylim(0, 100)
-    return fig, ax
-
-
-def _save(fig, ax, path: Path) -> Path:
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
 
 
 def _label(run: dict) -> str:
@@ -370,11 +360,11 @@ def _label(run: dict) -> str:
 
 def plot_curves(runs: list[dict], path: Path) -> Path:
     """Memorization curves: exact-recitation accuracy per epoch of several runs in one figure."""
-    fig, ax = _accuracy_figure("Memorization curves", "epoch")
+    fig, ax = percent_figure("Memorization curves", "epoch")
     for run in runs:
         _, evals = epoch_curve(read_jsonl(Path(run["run_dir"]) / "metrics.jsonl"))
         ax.plot([m["epoch"] for m in evals], [100 * m["accuracy"] for m in evals], "o-", markersize=3, label=_label(run))
-    return _save(fig, ax, path)
+    return save_with_legend(fig, ax, path)
 
 
 def accuracy_by_length(run: dict) -> list[dict]:
@@ -385,13 +375,13 @@ def accuracy_by_length(run: dict) -> list[dict]:
 
 def plot_by_length(runs: list[dict], path: Path) -> Path:
     labels = [length_bucket(edge) for edge in LENGTH_EDGES] + [length_bucket(LENGTH_EDGES[-1] + 1)]
-    fig, ax = _accuracy_figure("Accuracy by poem length", "poem length (characters)")
+    fig, ax = percent_figure("Accuracy by poem length", "poem length (characters)")
     for run in runs:
         buckets = accuracy_by_length(run)
         ax.plot([labels.index(b["chars"]) for b in buckets], [100 * b["accuracy"] for b in buckets], "o-",
                 label=_label(run))
     ax.set_xticks(range(len(labels)), labels)
-    return _save(fig, ax, path)
+    return save_with_legend(fig, ax, path)
 
 
 def seed_groups(runs: list[dict]) -> dict[tuple, list[dict]]:

@@ -75,15 +75,18 @@ def test_old_torch_fails_at_import_with_what_to_do():
 # Every launch on its inputs' device
 # ---------------------------------------------------------------------------------------------
 
+def recorder(log: list):
+    """A context manager factory that only records what it was entered with."""
+    @contextlib.contextmanager
+    def enter(x):
+        log.append(x)
+        yield
+    return enter
+
+
 def test_device_of_makes_the_tensor_s_cuda_device_current(monkeypatch):
     entered = []
-
-    @contextlib.contextmanager
-    def fake_cuda_device(device):
-        entered.append(device)
-        yield
-
-    monkeypatch.setattr(torch.cuda, "device", fake_cuda_device)
+    monkeypatch.setattr(torch.cuda, "device", recorder(entered))
     with launch.device_of(SimpleNamespace(device=torch.device("cuda", 1))):
         pass
     assert entered == [torch.device("cuda", 1)]
@@ -94,13 +97,7 @@ def test_device_of_makes_the_tensor_s_cuda_device_current(monkeypatch):
 
 def test_on_device_enters_the_first_tensor_argument(monkeypatch):
     seen = []
-
-    @contextlib.contextmanager
-    def spy(x):
-        seen.append(x)
-        yield
-
-    monkeypatch.setattr(launch, "device_of", spy)
+    monkeypatch.setattr(launch, "device_of", recorder(seen))
     a, b = torch.empty(1), torch.empty(2)
     wrapped = launch.on_device(lambda *args, **kwargs: "ran")
     assert wrapped(None, 3, a, b) == "ran" and seen[-1] is a
