@@ -102,7 +102,7 @@ _GPU_FP32_CONFIGS = {
     ("fwd", 64): LaunchConfig(64, 32, 8, 2),
     ("fwd", 128): LaunchConfig(32, 16, 8, 1),
     ("bwd_dkdv", 64): LaunchConfig(16, 32, 4, 1),
-    ("bwd_dkdv", 128): LaunchConfig(16, 32, 8, 1),
+    ("bwd_dkdv", 128): LaunchConfig(16, 16, 8, 1),     # 16 x 32 spills 20 B on sm_90 with triton 3.9
     ("bwd_dq", 64): LaunchConfig(32, 16, 4, 1),
     ("bwd_dq", 128): LaunchConfig(32, 16, 8, 1),
 }
