@@ -137,14 +137,14 @@ def triton_ce_rows(z, dz, labels, row_loss, scale, ignore_index):
                           WRITE_GRAD=dz is not None, BLOCK_V=block, num_warps=num_warps)
 
 
-def _mm_fp32(a, b, out):
-    """out (fp32) = a @ b: cuBLAS with fp32 output for half inputs on a GPU."""
-    if a.dtype == torch.float32:
-        torch.mm(a, b, out=out)
-    elif a.is_cuda:
-        torch.mm(a, b, out_dtype=torch.float32, out=out)
-    else:  # CPU BLAS has no mixed-dtype GEMM
-        torch.mm(a.float(), b.float(), out=out)
+def mm_fp32(a, b, out=None) -> torch.Tensor:
+    """a @ b with fp32 output (into `out` if given): cuBLAS writes fp32 from half inputs on a GPU
+    (torch >= 2.8); elsewhere the inputs are upcast (CPU BLAS has no mixed-dtype GEMM)."""
+    if a.dtype == b.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda and a.dtype == b.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
 
 
 def _addmm_fp32_(acc, a, b):
@@ -181,7 +181,7 @@ def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes
     for start in range(0, T, chunk):
         end = min(start + chunk, T)
         h, n = hidden[start:end], end - start
-        _mm_fp32(h, weight.t(), z[:n])
+        mm_fp32(h, weight.t(), z[:n])
         ce_rows(z[:n], None if dz is None else dz[:n], labels[start:end], row_loss[start:end], scale, ignore_index)
         if need_gh:
             torch.mm(dz[:n], weight, out=grad_hidden[start:end])

@@ -22,7 +22,7 @@ from kernels.attention import attention
 from kernels.attention import cu_seqlens as cu_seqlens_from_lengths
 from kernels.decode_attention import decode_attention
 from kernels.layer_norm import layer_norm
-from kernels.linear_cross_entropy import linear_cross_entropy
+from kernels.linear_cross_entropy import linear_cross_entropy, mm_fp32
 from kernels.rms_norm import rms_norm
 from models.config import ModelConfig
 
@@ -201,7 +201,7 @@ def greedy_tokens(hidden, weight, tile_bytes: int = ARGMAX_TILE_BYTES) -> torch.
 def argmax_over_column_tiles(hidden, weight, columns: int) -> torch.Tensor:
     best_value = best_index = None
     for lo in range(0, weight.shape[0], columns):
-        logits = fp32_matmul(hidden, weight[lo:lo + columns].t())
+        logits = mm_fp32(hidden, weight[lo:lo + columns].t())
         index = logits.argmax(-1, keepdim=True)
         value = logits.gather(-1, index)
         index += lo
@@ -212,15 +212,6 @@ def argmax_over_column_tiles(hidden, weight, columns: int) -> torch.Tensor:
         wins = (value > best_value) | (value.isnan() & ~best_value.isnan())
         best_value, best_index = torch.where(wins, value, best_value), torch.where(wins, index, best_index)
     return best_index.squeeze(-1)
-
-
-def fp32_matmul(a, b) -> torch.Tensor:
-    """a @ b with fp32 output: cuBLAS writes fp32 from bf16 inputs (torch >= 2.8); elsewhere upcast."""
-    if a.dtype == b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and a.dtype == b.dtype:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
 
 
 class RMSNorm(nn.Module):
