@@ -222,15 +222,10 @@ Notes
 """
 
 
-def markdown(rows: list[dict], arch: int, triton_version: str) -> str:
-    hw = TARGETS[arch]
-    failing = [r for r in rows if r["problems"]]
-    lines = [f"# Triton kernels compiled for sm_{arch} ({hw.name}), static report", "",
-             f"Made by triton {triton_version}; {len(rows)} launches, "
-             f"{len({(r['kernel'], r['config']) for r in rows})} kernel configs; {len(failing)} with problems.", ""]
-    lines += [f"- **{r['kernel']}** `{r['config']}` ({r['shape']}): {'; '.join(r['problems'])}" for r in failing]
-    lines += ["", "| kernel | config | shape | models | regs | spills B (frame) | shared B | tensor cores | "
-              "roofline us |", "|---|---|---|---|---|---|---|---|---|"]
+def table(rows: list[dict]) -> list[str]:
+    """The report's markdown table: one row per launch."""
+    lines = ["| kernel | config | shape | models | regs | spills B (frame) | shared B | tensor cores | roofline us |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             cells = ["-", "-", "-", "error"]
@@ -239,19 +234,17 @@ def markdown(rows: list[dict], arch: int, triton_version: str) -> str:
                      r["tensor_cores"]]
         lines.append(f"| {r['kernel']} | `{r['config']}` | {r['shape']} | {', '.join(r['models']) or '-'} | "
                      + " | ".join(cells) + f" | {r['roofline_us']:.1f} |")
-    return "\n".join(lines + ["", notes(hw)])
+    return lines
 
 
-def print_table(rows: list[dict], arch: int) -> None:
-    print(f"== sm_{arch} ({TARGETS[arch].name})")
-    print(f"{'kernel':28} {'config':60} {'shape':44} {'regs':>4} {'spill':>7} {'shared':>7} "
-          f"{'tensor cores':18} {'roofline':>10}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['kernel']:28} {r['config']:60} {r['shape']:44} ERROR {r['error']}")
-            continue
-        print(f"{r['kernel']:28} {r['config']:60} {r['shape']:44} {r['registers']:4} "
-              f"{r['spill_stores']:7} {r['shared']:7} {r['tensor_cores']:18} {r['roofline_us']:8.1f}us")
+def markdown(rows: list[dict], arch: int, triton_version: str) -> str:
+    hw = TARGETS[arch]
+    failing = [r for r in rows if r["problems"]]
+    lines = [f"# Triton kernels compiled for sm_{arch} ({hw.name}), static report", "",
+             f"Made by triton {triton_version}; {len(rows)} launches, "
+             f"{len({(r['kernel'], r['config']) for r in rows})} kernel configs; {len(failing)} with problems.", ""]
+    lines += [f"- **{r['kernel']}** `{r['config']}` ({r['shape']}): {'; '.join(r['problems'])}" for r in failing]
+    return "\n".join(lines + [""] + table(rows) + ["", notes(hw)])
 
 
 def print_problems(rows: list[dict], arch: int) -> None:
@@ -334,7 +327,7 @@ def main(argv=None) -> int:
             return 2
         rows = report(launches, arch)
         if not args.quiet:
-            print_table(rows, arch)
+            print(f"== sm_{arch} ({TARGETS[arch].name})", *table(rows), sep="\n")
         print_problems(rows, arch)
         failed |= any(r["problems"] for r in rows)
         if args.out:
