@@ -1,7 +1,6 @@
 """Triton varlen FlashAttention (interpreter) against a float64 reference: output, log-sum-exp
 and every gradient, over packed batches with block-edge lengths, GQA, ALiBi, head_dim 64/128."""
 import importlib
-import math
 import sys
 from types import SimpleNamespace
 
@@ -10,28 +9,14 @@ import torch
 
 import kernels
 import kernels.attention as attention_module
-from kernels.attention import attention, attention_launch_config, triton_attention, triton_attention_with_lse
+from kernels.attention import (attention, attention_launch_config, cu_seqlens, triton_attention,
+                               triton_attention_with_lse)
 from kernels.hardware import TARGETS
 from kernels.launch import hardware_for, target, tile_shared_bytes
+from models.bloom import alibi_slopes   # checked against transformers in test_models
 from tests.helpers import rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
-
-
-def bloom_alibi_slopes(n_heads: int) -> torch.Tensor:
-    """The ALiBi paper's / BLOOM's slopes: a geometric series from 2^(-8/n), interleaved for
-    head counts that are not a power of two."""
-    closest = 2 ** math.floor(math.log2(n_heads))
-    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
-    slopes = [base ** p for p in range(1, closest + 1)]
-    if closest != n_heads:
-        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
-        slopes += [extra ** p for p in range(1, 2 * (n_heads - closest), 2)]
-    return torch.tensor(slopes, dtype=torch.float32)
-
-
-def cu_from_lengths(lengths):
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
 
 
 def reference(q, k, v, lengths, slopes, causal, scale):
@@ -59,10 +44,10 @@ def run_case(lengths, n_heads, n_kv, head_dim, dtype, alibi=False, causal=True):
     """-> errors of (out, lse, dq, dk, dv) of the Triton kernels against the reference, computed in
     float64 for fp32 inputs and in fp32 for bf16 inputs."""
     n_tokens = sum(lengths)
-    cu = cu_from_lengths(lengths)
+    cu = cu_seqlens(lengths)
     q, k, v = (torch.randn(n_tokens, h, head_dim).to(dtype) for h in (n_heads, n_kv, n_kv))
     dout = torch.randn(n_tokens, n_heads, head_dim).to(dtype)
-    slopes = bloom_alibi_slopes(n_heads) if alibi else None
+    slopes = alibi_slopes(n_heads) if alibi else None
     scale = head_dim ** -0.5
     with kernels.backend("triton"):
         qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
@@ -113,7 +98,7 @@ def test_non_contiguous_qkv_views():
     lengths, n_heads, head_dim = [40, 9], 4, 64
     qkv = torch.randn(sum(lengths), 3, n_heads, head_dim)
     q, k, v = qkv.unbind(1)
-    cu = cu_from_lengths(lengths)
+    cu = cu_seqlens(lengths)
     with kernels.backend("triton"):
         out = attention(q, k, v, cu, max(lengths))
     ref, _ = reference(q.double(), k.double(), v.double(), lengths, None, True, head_dim ** -0.5)
@@ -126,9 +111,9 @@ def test_cpu_dispatch_uses_reference_unless_forced(monkeypatch):
 
     monkeypatch.setattr(importlib.import_module("kernels.attention"), "flash_attention_forward", kernel_called)
     q = torch.randn(5, 2, 64)
-    attention(q, q, q, cu_from_lengths([5]), 5)
+    attention(q, q, q, cu_seqlens([5]), 5)
     with kernels.backend("triton"), pytest.raises(RuntimeError, match="Triton kernel called"):
-        attention(q, q, q, cu_from_lengths([5]), 5)
+        attention(q, q, q, cu_seqlens([5]), 5)
 
 
 @pytest.mark.parametrize("arch", sorted(TARGETS))
@@ -203,16 +188,16 @@ def test_flash_attn_used_only_from_a_version_with_what_we_call(monkeypatch, fake
     monkeypatch.setattr(attention_module, "flash_attention_forward", our_forward)
     q = torch.randn(5, 2, 16, dtype=torch.bfloat16).as_subclass(FakeCuda)
     with kernels.backend(backend):
-        attention(q, q, q, cu_from_lengths([5]), 5)
+        attention(q, q, q, cu_seqlens([5]), 5)
     assert (len(calls), len(ours)) == ((1, 0) if path == "flash" else (0, 1))
 
 
 def test_flash_attn_gets_alibi_slopes_only_when_set(fake_flash_attn):
     calls = fake_flash_attn("2.6.3")
     q = torch.randn(5, 4, 16, dtype=torch.bfloat16).as_subclass(FakeCuda)
-    attention(q, q, q, cu_from_lengths([5]), 5)                                        # Qwen2
-    slopes = bloom_alibi_slopes(4)
-    attention(q, q, q, cu_from_lengths([5]), 5, alibi_slopes=slopes)                   # BLOOM
+    attention(q, q, q, cu_seqlens([5]), 5)                                        # Qwen2
+    slopes = alibi_slopes(4)
+    attention(q, q, q, cu_seqlens([5]), 5, alibi_slopes=slopes)                   # BLOOM
     assert "alibi_slopes" not in calls[0]
     assert torch.equal(calls[1]["alibi_slopes"], slopes)
 
@@ -233,7 +218,7 @@ def test_model_packed_logits_same_with_triton_backend(name):
     model = build_model(ModelConfig.from_dict(MODEL_CONFIGS[name]), device="cpu", dtype=torch.float32, seed=0)
     lengths = [33, 1, 20]
     ids = torch.randint(0, 97, (sum(lengths),))
-    cu = cu_from_lengths(lengths)
+    cu = cu_seqlens(lengths)
     with torch.no_grad():
         with kernels.backend("torch"):
             ref = model(ids, cu_seqlens=cu, max_seqlen=max(lengths))

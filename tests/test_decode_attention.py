@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import kernels
+from kernels.attention import cu_seqlens
 from kernels.decode_attention import decode_attention, decode_attention_reference, decode_launch_config, decode_num_splits
 from kernels.hardware import TARGETS
 from kernels.launch import target, tile_shared_bytes
+from models.bloom import alibi_slopes
 from tests.helpers import rel_err
-from tests.test_attention import MODEL_CONFIGS, bloom_alibi_slopes, cu_from_lengths
+from tests.test_attention import MODEL_CONFIGS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
 
@@ -61,7 +63,7 @@ def test_decode_fp32_matches_float64_reference(case, num_splits, poisoned_empty)
     batch, n_slots, n_heads, n_kv, head_dim, s_max, alibi = CASES[case]
     q, k_cache, v_cache, lengths, slot_ids = random_cache(batch, n_slots, n_heads, n_kv, head_dim, s_max,
                                                           torch.float32)
-    slopes = bloom_alibi_slopes(n_heads) if alibi else None
+    slopes = alibi_slopes(n_heads) if alibi else None
     with kernels.backend("triton"):
         out = decode_attention(q, k_cache, v_cache, lengths, slot_ids, slopes, num_splits=num_splits)
     want = reference(q.double(), k_cache.double(), v_cache.double(), lengths, slot_ids, slopes, head_dim ** -0.5)
@@ -72,7 +74,7 @@ def test_decode_fp32_matches_float64_reference(case, num_splits, poisoned_empty)
 @pytest.mark.parametrize("num_splits", [1, None])
 def test_decode_bf16_matches_fp32_reference(num_splits, poisoned_empty):
     q, k_cache, v_cache, lengths, slot_ids = random_cache(4, 6, 14, 2, 64, 70, torch.bfloat16)
-    slopes = bloom_alibi_slopes(14)
+    slopes = alibi_slopes(14)
     with kernels.backend("triton"):
         out = decode_attention(q, k_cache, v_cache, lengths, slot_ids, slopes, num_splits=num_splits)
     want = reference(q.float(), k_cache.float(), v_cache.float(), lengths, slot_ids, slopes, 64 ** -0.5)
@@ -144,9 +146,9 @@ def test_model_decode_step_matches_full_forward(name):
     cache = KVCache(config, slots=5, max_len=24)
     with torch.no_grad():
         with kernels.backend("triton"):
-            model.prefill(prompts, cu_from_lengths(lengths.tolist()), cache, slot_ids)
+            model.prefill(prompts, cu_seqlens(lengths.tolist()), cache, slot_ids)
             step = model.decode_step(new_tokens, lengths, cache, slot_ids)
         full = torch.cat([torch.cat([p, t[None]]) for p, t in zip(prompts.split(lengths.tolist()), new_tokens)])
         with kernels.backend("torch"):
-            want = model(full, cu_seqlens=cu_from_lengths((lengths + 1).tolist()))[(lengths + 1).cumsum(0) - 1]
+            want = model(full, cu_seqlens=cu_seqlens((lengths + 1).tolist()))[(lengths + 1).cumsum(0) - 1]
     assert rel_err(step, want) < 1e-5
