@@ -20,7 +20,7 @@ ops pick interpreter-only configs under it.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -105,8 +105,7 @@ class Launch:
             else:
                 raise KeyError(f"{self.name}: {k!r} is neither a constexpr ({', '.join(constexprs)}) nor an option "
                                f"({', '.join(options)})")
-        return Launch(self.kernel, self.signature, constexprs, self.attrs, options, self.shape, self.cost, self.grid,
-                      self.models, self.representative)
+        return replace(self, constexprs=constexprs, options=options)
 
 
 def _short(value) -> str:
@@ -274,13 +273,9 @@ def _loss(c: ModelConfig, dtype) -> list[Problem]:
     return [Problem(run, {"_ce_rows_kernel": ce_rows}, shape)]
 
 
-def _adamw(dtype) -> list[Problem]:
-    """One AdamW step over a flat buffer: bf16 grads and model copy (fp32 masters) or fp32 throughout;
-    an odd size too (Triton specializes n on divisibility by 16)."""
-    return [_adamw_step(n, dtype) for n in (ADAMW_NUMEL, ADAMW_NUMEL + 1)]
-
-
-def _adamw_step(n: int, dtype) -> Problem:
+def _adamw(n: int, dtype) -> Problem:
+    """One AdamW step over a flat buffer of n: bf16 grads and model copy (fp32 masters) or fp32
+    throughout."""
     master, exp_avg, exp_avg_sq, grad = _meta(n), _meta(n), _meta(n), _meta(n, dtype=dtype)
     params = None if dtype == torch.float32 else [_meta(n, dtype=dtype)]
     shape = f"{_tag(dtype)} grads, n={n:,}"
@@ -367,7 +362,8 @@ REPRESENTATIVE = {("norm", "qwen2-1.5b", "bf16"), ("norm", "qwen2-0.5b", "fp32")
 def _problems():
     """(op, model name or "", dtype, problems) for every problem the registry records."""
     for dtype in DTYPES:
-        yield "adamw", "", dtype, _adamw(dtype)
+        # an odd size too: Triton specializes n on divisibility by 16
+        yield "adamw", "", dtype, [_adamw(n, dtype) for n in (ADAMW_NUMEL, ADAMW_NUMEL + 1)]
         for name, c in paper_models():
             for op, build in MODEL_OPS.items():
                 if op != "rope" or c.model_type == "qwen2":
