@@ -63,3 +63,13 @@ def rel_err(got, want) -> float:
     """Relative norm error of `got` against the reference `want`, computed in float64."""
     want = want.double()
     return ((got.double() - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def single_thread():
+    """The body of the `one_thread` fixtures (conftest's, and test_generate's for a whole module):
+    tiny models' matmuls are too small for threads, on 2 shared cores they mostly wait on each
+    other (tiny decode loops run up to 10x slower with two OpenMP threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
