@@ -130,26 +130,22 @@ def length_bucket(chars: int) -> str:
 def summarize(records: list[dict]) -> dict:
     """Accuracy (a fraction) with its 95% Wilson interval, counts per category, mean edit distance,
     accuracy and interval per length bucket."""
-    n = len(records)
-    correct = sum(r["correct"] for r in records)
     buckets: dict[str, list[dict]] = {}
     for r in sorted(records, key=lambda r: len(r["target"])):
         buckets.setdefault(length_bucket(len(r["target"])), []).append(r)
     return {
-        "n": n,
-        "correct": correct,
-        "accuracy": correct / n if n else 0.0,
-        "interval": list(wilson_interval(correct, n)) if n else None,
+        **_accuracy(records),
         "categories": {c: sum(r["category"] == c for r in records) for c in CATEGORIES},
-        "mean_edit_distance": sum(r["edit_distance"] for r in records) / n if n else 0.0,
-        "by_length": [_bucket(name, rs) for name, rs in buckets.items()],
+        "mean_edit_distance": sum(r["edit_distance"] for r in records) / len(records) if records else 0.0,
+        "by_length": [{"chars": name, **_accuracy(rs)} for name, rs in buckets.items()],
     }
 
 
-def _bucket(name: str, records: list[dict]) -> dict:
-    correct = sum(r["correct"] for r in records)
-    return {"chars": name, "n": len(records), "correct": correct, "accuracy": correct / len(records),
-            "interval": list(wilson_interval(correct, len(records)))}
+def _accuracy(records: list[dict]) -> dict:
+    """n, correct, accuracy and its 95% Wilson interval (None for no records)."""
+    n, correct = len(records), sum(r["correct"] for r in records)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+            "interval": list(wilson_interval(correct, n)) if n else None}
 
 
 def evaluate(model, tokenizer, poems: list[Poem], lang: str, fmt: str | None = None, margin: int = 16,
