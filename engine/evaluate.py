@@ -198,8 +198,7 @@ def resolve_device(device: str | None) -> str:
 
 
 def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: int | None = 2000, out_dir=None,
-             device=None, source=None, seed: int = 0, dtype=None, fmt: str | None = None, margin: int = 16,
-             kv_budget_bytes: int | None = None, cuda_graphs: bool = True) -> dict:
+             device=None, source=None, seed: int = 0, dtype=None, fmt: str | None = None, margin: int = 16) -> dict:
     """`cli.py eval`: load the model and tokenizer, select the poems, recite, score, write
     `generations.jsonl` and `results.json` under out_dir (if given) -> the results dict."""
     if is_run_folder(model_name_or_path):
@@ -213,8 +212,7 @@ def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: i
     tokenizer = load_tokenizer(model_name_or_path)
     fmt = fmt or model_format(model_name_or_path, tokenizer)
     poems = load_poems(lang, length, n_poems, seed, source)
-    summary, records = evaluate(model, tokenizer, poems, lang, fmt, margin, kv_budget_bytes=kv_budget_bytes,
-                                cuda_graphs=cuda_graphs)
+    summary, records = evaluate(model, tokenizer, poems, lang, fmt, margin)
     results = {"model": str(model_name_or_path), "lang": lang, "length": length, "n_poems": len(poems), "seed": seed,
                "source": str(source) if source else None, "device": str(device), "dtype": str(model.dtype),
                **summary}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.attention import cu_seqlens
+
 
 def hf_config(family: str, heads: int, kv_heads: int, head_dim: int, layers: int = 2, vocab: int = 320,
               tied: bool = True, **extra):
@@ -43,8 +45,7 @@ def save_hf(config, directory, seed: int = 0, **save_kwargs):
 def packed(lengths, vocab: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (sum(lengths),), generator=g)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-    return ids, cu
+    return ids, cu_seqlens(lengths)
 
 
 def tiny_checkpoint(directory, family: str = "qwen2", hidden: int = 64, layers: int = 2, seed: int = 0):

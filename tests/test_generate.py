@@ -10,6 +10,7 @@ from tests.helpers import hf_config, hf_model, save_hf, single_thread
 VOCAB = 320
 LENGTHS = [1, 7, 23, 3, 40, 12, 64]
 CAPS = [24, 5, 17, 1, 24, 9, 13]
+LONGEST_SPAN = max(n + cap - 1 for n, cap in zip(LENGTHS, CAPS))      # cache rows of the longest sequence
 
 # Random weights make a model repeat its input token; these scales make its greedy outputs vary.
 FAMILIES = {
@@ -80,9 +81,7 @@ def test_eos_cut_batches_and_stop_checks(setup, check_every, slots, batches):
     eos = eos_hit_by_some(reference)
     expected = [r[:r.index(eos)] if eos in r else r for r in reference]
     assert any(0 < len(e) < len(r) for e, r in zip(expected, reference)) and any(e == r for e, r in zip(expected, reference))
-    spans = [n + cap - 1 for n, cap in zip(LENGTHS, CAPS)]
-    per_token = KVCache.bytes_per_token(model.config, model.dtype)
-    budget = slots and slots * max(spans) * per_token
+    budget = slots and slots * LONGEST_SPAN * KVCache.bytes_per_token(model.config, model.dtype)
     stats = {}
     out = greedy_generate(model, prompts, CAPS, eos_token_ids=[eos, VOCAB + 5], kv_budget_bytes=budget,
                           check_every=check_every, stats=stats)
@@ -162,8 +161,7 @@ def test_graphs_recorded_once_per_size_over_an_evaluation(setup, monkeypatch):
     monkeypatch.setattr(generate, "graph_recorder", lambda model: stand_in_capture)
     monkeypatch.setattr(generate, "prefill_batch", prefill_batch)
     monkeypatch.setattr(generate.DecodeStep, "__call__", decode_step)
-    spans = [n + cap - 1 for n, cap in zip(LENGTHS, CAPS)]
-    budget = 4 * max(spans) * KVCache.bytes_per_token(model.config, model.dtype)   # 3 sequences a batch
+    budget = 4 * LONGEST_SPAN * KVCache.bytes_per_token(model.config, model.dtype)   # 3 sequences a batch
     stats = {}
     assert greedy_generate(model, prompts, CAPS, eos_token_ids=[], kv_budget_bytes=budget, check_every=1,
                            stats=stats) == reference
