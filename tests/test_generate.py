@@ -1,4 +1,6 @@
 """Greedy generation against transformers' generate and a no-cache recompute, token for token."""
+from collections import Counter
+
 import pytest
 import torch
 
@@ -67,10 +69,7 @@ def test_matches_transformers_and_recompute(setup):
 
 def eos_hit_by_some(reference):
     """A token that some outputs emit after their first token and others never emit."""
-    counts = {}
-    for r in reference:
-        for t in set(r[1:]):
-            counts[t] = counts.get(t, 0) + 1
+    counts = Counter(t for r in reference for t in set(r[1:]))
     return max((t for t, c in counts.items() if c < len(reference)), key=lambda t: counts[t])
 
 
