@@ -225,7 +225,6 @@ def write_results(out_dir, results: dict, records: list[dict]) -> None:
     """generations.jsonl (one record per poem, UTF-8, not escaped) and results.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    (out / "generations.jsonl").write_text(lines, encoding="utf-8")
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
