@@ -265,10 +265,6 @@ def stop_token_ids(tokenizer, fmt: str) -> list[int]:
     return [first] + [i for i in tokenizer.eos_token_ids if i != first]
 
 
-def encode_example(poem: Poem, tokenizer, lang: str, fmt: str, max_tokens: int | None = None) -> Example:
-    return encode_examples([poem], tokenizer, lang, fmt, max_tokens)[0]
-
-
 def encode_examples(poems: list[Poem], tokenizer, lang: str, fmt: str, max_tokens: int | None = None) -> list[Example]:
     eos = target_eos_id(tokenizer, fmt)
     examples = []

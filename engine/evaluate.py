@@ -130,26 +130,22 @@ def length_bucket(chars: int) -> str:
 def summarize(records: list[dict]) -> dict:
     """Accuracy (a fraction) with its 95% Wilson interval, counts per category, mean edit distance,
     accuracy and interval per length bucket."""
-    n = len(records)
-    correct = sum(r["correct"] for r in records)
     buckets: dict[str, list[dict]] = {}
     for r in sorted(records, key=lambda r: len(r["target"])):
         buckets.setdefault(length_bucket(len(r["target"])), []).append(r)
     return {
-        "n": n,
-        "correct": correct,
-        "accuracy": correct / n if n else 0.0,
-        "interval": list(wilson_interval(correct, n)) if n else None,
+        **_accuracy(records),
         "categories": {c: sum(r["category"] == c for r in records) for c in CATEGORIES},
-        "mean_edit_distance": sum(r["edit_distance"] for r in records) / n if n else 0.0,
-        "by_length": [_bucket(name, rs) for name, rs in buckets.items()],
+        "mean_edit_distance": sum(r["edit_distance"] for r in records) / len(records) if records else 0.0,
+        "by_length": [{"chars": name, **_accuracy(rs)} for name, rs in buckets.items()],
     }
 
 
-def _bucket(name: str, records: list[dict]) -> dict:
-    correct = sum(r["correct"] for r in records)
-    return {"chars": name, "n": len(records), "correct": correct, "accuracy": correct / len(records),
-            "interval": list(wilson_interval(correct, len(records)))}
+def _accuracy(records: list[dict]) -> dict:
+    """n, correct, accuracy and its 95% Wilson interval (None for no records)."""
+    n, correct = len(records), sum(r["correct"] for r in records)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+            "interval": list(wilson_interval(correct, n)) if n else None}
 
 
 def evaluate(model, tokenizer, poems: list[Poem], lang: str, fmt: str | None = None, margin: int = 16,
@@ -202,8 +198,7 @@ def resolve_device(device: str | None) -> str:
 
 
 def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: int | None = 2000, out_dir=None,
-             device=None, source=None, seed: int = 0, dtype=None, fmt: str | None = None, margin: int = 16,
-             kv_budget_bytes: int | None = None, cuda_graphs: bool = True) -> dict:
+             device=None, source=None, seed: int = 0, dtype=None, fmt: str | None = None, margin: int = 16) -> dict:
     """`cli.py eval`: load the model and tokenizer, select the poems, recite, score, write
     `generations.jsonl` and `results.json` under out_dir (if given) -> the results dict."""
     if is_run_folder(model_name_or_path):
@@ -217,8 +212,7 @@ def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: i
     tokenizer = load_tokenizer(model_name_or_path)
     fmt = fmt or model_format(model_name_or_path, tokenizer)
     poems = load_poems(lang, length, n_poems, seed, source)
-    summary, records = evaluate(model, tokenizer, poems, lang, fmt, margin, kv_budget_bytes=kv_budget_bytes,
-                                cuda_graphs=cuda_graphs)
+    summary, records = evaluate(model, tokenizer, poems, lang, fmt, margin)
     results = {"model": str(model_name_or_path), "lang": lang, "length": length, "n_poems": len(poems), "seed": seed,
                "source": str(source) if source else None, "device": str(device), "dtype": str(model.dtype),
                **summary}
@@ -231,7 +225,6 @@ def write_results(out_dir, results: dict, records: list[dict]) -> None:
     """generations.jsonl (one record per poem, UTF-8, not escaped) and results.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    (out / "generations.jsonl").write_text(lines, encoding="utf-8")
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

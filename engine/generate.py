@@ -16,9 +16,7 @@ No padding anywhere, and no host sync per token (gpt-fast / nano-vllm style):
      not move because every live sequence carries its slot id. A sequence that finished between
      two checks keeps decoding in place (its position frozen); those tokens are cut away.
   4. on CUDA the decode step (forward + argmax) is a CUDA graph per bucketed batch size,
-     captured once per greedy_generate call and replayed every step of every batch: all the
-     batches share one cache (the largest batch's slots x the longest span), which the graphs
-     hold; the rows past the live batch decode a dummy token in a scratch slot (the last).
+     captured once per greedy_generate call and replayed every step of every batch (DecodeStep).
      Everything else is the same code on every device.
 """
 from __future__ import annotations
@@ -54,12 +52,14 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
         raise ValueError("every prompt needs at least one token and every max_new_tokens must be >= 0")
     device = model.device
     bytes_per_token = KVCache.bytes_per_token(model.config, model.dtype)
-    budget = kv_budget_bytes or default_kv_budget(device)
+    if not kv_budget_bytes:
+        on_gpu = device.type == "cuda"
+        kv_budget_bytes = int(GPU_KV_SHARE * torch.cuda.mem_get_info(device)[0]) if on_gpu else CPU_KV_BUDGET
     capture = graph_recorder(model) if cuda_graphs else None
     todo = [i for i in range(len(prompts)) if caps[i] > 0]
     # a sequence needs cache rows for its prompt and all its new tokens but the last
     spans = {i: len(prompts[i]) + caps[i] - 1 for i in todo}
-    batches = plan_batches(todo, spans, bytes_per_token, budget, one_cache=capture is not None)
+    batches = plan_batches(todo, spans, bytes_per_token, kv_budget_bytes, one_cache=capture is not None)
     results: list[list[int]] = [[] for _ in prompts]
     stats = stats if stats is not None else {}
     stats.update(batches=0, steps=0, prefill_tokens=0, generated_tokens=0, graph_captures=0)
@@ -70,7 +70,7 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
             step = None
             for batch in batches:
                 if step is None:
-                    step = decode_step_over_one_cache(model, batches if capture else [batch], spans, capture)
+                    step = DecodeStep(model, batches if capture else [batch], spans, capture)
                 first = prefill_batch(model, [prompts[i] for i in batch], step.cache, prefill_tokens)
                 out, steps = decode_batch(step, first, [len(prompts[i]) for i in batch], [caps[i] for i in batch],
                                           eos_token_ids, check_every)
@@ -86,12 +86,6 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
     finally:
         model.train(was_training)
     return results
-
-
-def default_kv_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(GPU_KV_SHARE * torch.cuda.mem_get_info(device)[0])
-    return CPU_KV_BUDGET
 
 
 def plan_batches(todo: list[int], spans: dict[int, int], bytes_per_token: int, budget: int,
@@ -112,14 +106,6 @@ def plan_batches(todo: list[int], spans: dict[int, int], bytes_per_token: int, b
                              f"({bytes_per_token} bytes per token, plus the scratch slot): raise the budget")
         batches.append([i])
     return batches
-
-
-def decode_step_over_one_cache(model, batches: list[list[int]], spans: dict[int, int], capture=None) -> DecodeStep:
-    """A DecodeStep over a cache that holds any of these batches: (the largest + 1 scratch) slots
-    x the longest span. Every batch uses slots 0..n-1, so the scratch slot (the last) stays free."""
-    slots = max(len(b) for b in batches) + 1
-    cache = KVCache(model.config, slots, max(spans[b[0]] for b in batches), model.device, model.dtype)
-    return DecodeStep(model, cache, scratch_slot=slots - 1, capture=capture)
 
 
 def prefill_batch(model, prompts: list[list[int]], cache: KVCache, prefill_tokens: int) -> torch.Tensor:
@@ -235,21 +221,23 @@ def graph_recorder(model):
 class DecodeStep:
     """One token per live sequence -> its greedy next token: (tokens, positions, slot_ids) [B] -> [B].
 
-    Eager, or with `capture` (CUDA graphs, see graph_recorder): one recorded step per graph
-    batch size over static input buffers sized for the cache's largest batch, recorded on first
-    use and replayed for every later step of every batch of the evaluation. A graph holds the
-    addresses of this cache, which is why one cache serves all the batches. Padding rows feed
-    their stale token at position 0 of the scratch slot.
+    Its cache holds any of `batches`: (the largest + 1 scratch) slots x the longest span; every
+    batch uses slots 0..n-1, so the scratch slot (the last) stays free. With `capture` (CUDA
+    graphs, see graph_recorder) a step per graph batch size is recorded on first use over static
+    buffers and replayed for every later step of every batch; padding rows feed their stale
+    token at position 0 of the scratch slot.
     """
 
-    def __init__(self, model, cache: KVCache, scratch_slot: int, capture=None):
-        self.model, self.cache, self.scratch, self.capture = model, cache, scratch_slot, capture
+    def __init__(self, model, batches: list[list[int]], spans: dict[int, int], capture=None):
+        slots = max(len(b) for b in batches) + 1
+        self.cache = KVCache(model.config, slots, max(spans[b[0]] for b in batches), model.device, model.dtype)
+        self.model, self.scratch, self.capture = model, slots - 1, capture
         self.replays: dict[int, Callable[[], None]] = {}       # graph batch size -> replay
         if capture is not None:
-            size, device = graph_batch_size(scratch_slot), model.device
+            size, device = graph_batch_size(self.scratch), model.device
             self.tokens = torch.zeros(size, dtype=torch.int64, device=device)
             self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-            self.slots = torch.full((size,), scratch_slot, dtype=torch.int64, device=device)
+            self.slots = torch.full((size,), self.scratch, dtype=torch.int64, device=device)
             self.next_tokens = torch.zeros(size, dtype=torch.int64, device=device)
 
     def eager(self, tokens, positions, slots):

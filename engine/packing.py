@@ -71,15 +71,13 @@ def bins_best_fit(lengths: list[int], order: list[int], budget_tokens: int) -> l
     free: list[tuple[int, int]] = []                           # (room left, bin index), sorted
     for i in by_length:
         at = bisect.bisect_left(free, (lengths[i], -1))        # the tightest bin the example fits
-        if at == len(free):
-            bins.append([i])
-            room, b = budget_tokens - lengths[i], len(bins) - 1
-        else:
-            room, b = free.pop(at)
-            bins[b].append(i)
-            room -= lengths[i]
-        if room > 0:
-            bisect.insort(free, (room, b))
+        if at == len(free):                                    # none: open one, the roomiest
+            bins.append([])
+            free.append((budget_tokens, len(bins) - 1))
+        room, b = free.pop(at)
+        bins[b].append(i)
+        if room > lengths[i]:
+            bisect.insort(free, (room - lengths[i], b))
     return bins
 
 

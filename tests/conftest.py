@@ -18,6 +18,8 @@ os.environ["TRITON_INTERPRET"] = "1" if should_interpret(os.environ, torch.cuda.
 
 import pytest  # noqa: E402
 
+from tests.helpers import single_thread  # noqa: E402
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
@@ -35,14 +37,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models' matmuls are too small for threads: on 2 shared cores they mostly wait on each
-    other (tiny decode loops run up to 10x slower with two OpenMP threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(single_thread)
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.attention import cu_seqlens
+
 
 def hf_config(family: str, heads: int, kv_heads: int, head_dim: int, layers: int = 2, vocab: int = 320,
               tied: bool = True, **extra):
@@ -43,8 +45,7 @@ def save_hf(config, directory, seed: int = 0, **save_kwargs):
 def packed(lengths, vocab: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (sum(lengths),), generator=g)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-    return ids, cu
+    return ids, cu_seqlens(lengths)
 
 
 def tiny_checkpoint(directory, family: str = "qwen2", hidden: int = 64, layers: int = 2, seed: int = 0):
@@ -63,3 +64,13 @@ def rel_err(got, want) -> float:
     """Relative norm error of `got` against the reference `want`, computed in float64."""
     want = want.double()
     return ((got.double() - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def single_thread():
+    """The body of the `one_thread` fixtures (conftest's, and test_generate's for a whole module):
+    tiny models' matmuls are too small for threads, on 2 shared cores they mostly wait on each
+    other (tiny decode loops run up to 10x slower with two OpenMP threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

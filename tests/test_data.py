@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import (IGNORE, Poem, default_format, encode_example, encode_examples, format_prompt,
+from engine.data import (IGNORE, Poem, default_format, encode_examples, format_prompt,
                          load_poems, poem_chars, prompt_text, rows_to_poems, stop_token_ids, target_eos_id)
 from models import load_tokenizer
 
@@ -145,6 +145,12 @@ def test_errors_say_what_to_do(tmp_path):
         load_poems("en", source=tmp_path / "missing.csv")
     with pytest.raises(ValueError, match="length must be one of"):
         load_poems("cn", 300)
+    with pytest.raises(ValueError, match="holds no records"):
+        rows_to_poems([], "x.json")
+    rows = [json.dumps(r) for r in fixture_rows()[:3]]
+    (tmp_path / "poems.jsonl").write_text("\n".join(rows[:2] + ['{"author": "x", "title": '] + rows[2:]) + "\n")
+    with pytest.raises(ValueError, match=r"poems.jsonl, line 3: not a JSON object .*fix or remove that line"):
+        load_poems("en", source=tmp_path / "poems.jsonl", n=None)
 
 
 # ---------------------------------------------------------------- tokenizer and examples
@@ -176,18 +182,18 @@ def test_chat_prompt_equals_transformers(tok):
         ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         assert format_prompt(tok, prompt, "chat") == text
-        assert list(encode_example(Poem(**row), tok, "cn", "chat").prompt_ids) == list(ids)
+        assert list(encode_examples([Poem(**row)], tok, "cn", "chat")[0].prompt_ids) == list(ids)
 
 
 def test_examples_plain_and_chat(tok):
     poem = Poem(**frozen_rows(256)[0])
-    plain = encode_example(poem, tok, "cn", "plain")
+    plain = encode_examples([poem], tok, "cn", "plain")[0]
     assert tok.decode(plain.prompt_ids) == prompt_text(poem, "cn") + "\n"
     assert plain.target_ids[-1] == tok.eos_token_id == 0
     assert tok.decode(plain.target_ids) == poem.content
     assert plain.input_ids == list(plain.prompt_ids + plain.target_ids)
     assert plain.labels == [IGNORE] * len(plain.prompt_ids) + list(plain.target_ids)
-    chat = encode_example(poem, tok, "cn", "chat")
+    chat = encode_examples([poem], tok, "cn", "chat")[0]
     assert chat.target_ids[-1] == target_eos_id(tok, "chat") == tok.token_id("<|im_end|>")
     assert chat.target_ids[:-1] == plain.target_ids[:-1]
     assert stop_token_ids(tok, "chat") == [2, 0] and stop_token_ids(tok, "plain") == [0]
@@ -207,15 +213,3 @@ def test_target_longer_than_budget(tok):
     poems = load_poems("cn", 512, n=5)
     with pytest.raises(ValueError, match="more than the 64-token budget"):
         encode_examples(poems, tok, "cn", "plain", max_tokens=64)
-
-
-def test_rows_to_poems_needs_records():
-    with pytest.raises(ValueError, match="holds no records"):
-        rows_to_poems([], "x.json")
-
-
-def test_a_bad_jsonl_line_is_named(tmp_path):
-    rows = [json.dumps(r) for r in fixture_rows()[:3]]
-    (tmp_path / "poems.jsonl").write_text("\n".join(rows[:2] + ['{"author": "x", "title": '] + rows[2:]) + "\n")
-    with pytest.raises(ValueError, match=r"poems.jsonl, line 3: not a JSON object .*fix or remove that line"):
-        load_poems("en", source=tmp_path / "poems.jsonl", n=None)
