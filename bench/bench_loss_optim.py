@@ -47,23 +47,8 @@ def head_shape(model: str) -> tuple[int, int]:
 
 
 def measure(fn, timer: common.Timer) -> dict:
-    """Median ms of fn() and the peak memory it allocates above what was live before (MiB)."""
-    fn()  # warm-up outside the memory window: compilation, lazy optimizer state
-    with common.PeakMemory(timer.device) as mem:
-        ms = timer.median_ms(fn)
-    return {"ms": round(ms, 3), "peak_mib": round(mem.bytes / MiB, 1)}
-
-
-def liger_loss():
-    try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-    except ImportError:
-        return None
-
-    def loss(h, w, y):
-        out = LigerFusedLinearCrossEntropyFunction.apply(h, w, y)
-        return out[0] if isinstance(out, tuple) else out
-    return loss
+    ms, peak = common.median_ms_and_peak(fn, timer)
+    return {"ms": round(ms, 3), "peak_mib": round(peak / MiB, 1)}
 
 
 def eager_loss(h, w, y):
@@ -77,9 +62,12 @@ def loss_impls(compile_peers: bool = True) -> dict:
         "ours_1.5GiB": lambda h, w, y: linear_cross_entropy(h, w, y, budget_bytes=1536 * MiB),
         "torch_eager": eager_loss,
     }
-    liger = liger_loss()
+    liger = common.optional("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
     if liger is not None:
-        impls["liger"] = liger
+        def liger_loss(h, w, y):
+            out = liger.apply(h, w, y)
+            return out[0] if isinstance(out, tuple) else out
+        impls["liger"] = liger_loss
     if compile_peers:                            # last: a cold compile is the slowest row
         impls["torch_compile"] = torch.compile(eager_loss, dynamic=True)
     return impls
@@ -212,8 +200,8 @@ def main(argv=None):
         sizes = dict(first(list(ADAMW_SIZES.items())))
     started = time.time()
 
-    def save(loss_rows, adamw_rows=()):
-        result = {"meta": common.meta(device), "correctness": check, "loss": loss_rows, "adamw": list(adamw_rows),
+    def save(loss_rows, adamw_rows):
+        result = {"meta": common.meta(device), "correctness": check, "loss": loss_rows, "adamw": adamw_rows,
                   "seconds": round(time.time() - started, 1)}
         return common.write_results(args.out, common.stem("loss_optim", common.device_name(device)), result,
                                     markdown(device, check, loss_rows, adamw_rows))
