@@ -158,9 +158,7 @@ def bench_decode(model, batch, s_max, generator, timer, strict):
     n_heads, n_kv, head_dim, alibi = heads(model)
     device, dtype = timer.device, dtype_on(timer.device)
     lengths = torch.randint(s_max // 5, 4 * s_max // 5, (batch,), generator=generator, dtype=torch.int32).to(device)
-    cache_shape = (batch, n_kv, s_max, head_dim)
-    k_cache = torch.randn(cache_shape, device=device, dtype=dtype)
-    v_cache = torch.randn(cache_shape, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(batch, n_kv, s_max, head_dim, device=device, dtype=dtype) for _ in range(2))
     slot_ids = torch.randperm(batch, generator=generator).to(device)
     q = torch.randn(batch, n_heads, head_dim, device=device, dtype=dtype)
     slopes = alibi_slopes(n_heads).to(device) if alibi else None

@@ -101,7 +101,6 @@ def check_correctness(model: str, T: int, device, dtype) -> dict:
     h, w, y = loss_inputs(T, H, V, device, dtype, seed=1)
     linear_cross_entropy(h, w, y, budget_bytes=max(T // 4, 1) * 4 * V).backward()
     ours = (h.grad, w.grad)
-    h.grad = w.grad = None
     hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = linear_cross_entropy_reference(hr, wr, y)
     ref.backward()
@@ -196,9 +195,8 @@ def main(argv=None):
     if args.dry_run:
         models, tokens, sizes, dtype = DRY["models"], DRY["tokens"], DRY["adamw"], torch.float32
     else:
-        first = (lambda xs: xs[:1]) if args.quick else (lambda xs: xs)  # noqa: E731
-        models, tokens, dtype = LOSS_MODELS, first(TOKENS), torch.bfloat16
-        sizes = dict(first(list(ADAMW_SIZES.items())))
+        n = 1 if args.quick else None
+        models, tokens, sizes, dtype = LOSS_MODELS, TOKENS[:n], dict(list(ADAMW_SIZES.items())[:n]), torch.bfloat16
     started = time.time()
 
     def save(loss_rows, adamw_rows):
