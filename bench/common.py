@@ -93,16 +93,11 @@ def stem(kind: str, name: str) -> str:
     return f"{kind}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}"
 
 
-def meta(device, **extra) -> dict:
+def meta(device) -> dict:
     """Where and with what a result was measured."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+    return {"device": device_name(device), "torch": torch.__version__, "triton": optional("triton", "__version__"),
             "host": platform.machine(), "threads": torch.get_num_threads(),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **extra}
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
 
 
 # ---------------------------------------------------------------- timing and memory
@@ -213,7 +208,7 @@ def median_ms_and_peak(fn, timer: Timer) -> tuple[float, int]:
 
 
 def optional(module: str, name: str):
-    """module.name when that package is installed (Liger-Kernel's ops), else None."""
+    """module.name when that package is installed (Liger-Kernel's ops, triton), else None."""
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
