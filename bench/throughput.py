@@ -128,7 +128,9 @@ def poem_examples(vocab_size: int, seed: int = 0) -> list[Example]:
 def padded(batch: PackedBatch, device):
     """The packed batch's sequences right-padded to the longest: (input_ids, attention_mask, labels) [B, L]."""
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
-    pad = lambda t, value: pad_sequence(t.split(lengths), batch_first=True, padding_value=value).to(device)  # noqa: E731
+
+    def pad(t, value):
+        return pad_sequence(t.split(lengths), batch_first=True, padding_value=value).to(device)
     return pad(batch.input_ids, 0), pad(torch.ones_like(batch.input_ids), 0), pad(batch.labels, -100)
 
 
