@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402  (first: it sets the interpreter up for --dry-run)
-from kernels.attention import cu_seqlens, triton_attention  # noqa: E402
+from kernels.attention import cu_seqlens, flash_attn_attention, flash_attn_varlen_func, triton_attention  # noqa: E402
 from kernels.decode_attention import decode_attention, decode_attention_reference, decode_num_splits  # noqa: E402
 from kernels.dispatch import backend  # noqa: E402
 from models import REGISTRY, ModelConfig  # noqa: E402
@@ -65,18 +65,11 @@ def poem_lengths(budget: int, generator) -> list[int]:
     return [n for n in lengths if n > 0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Varlen training attention
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- varlen training attention
 
-def pad(x, lengths, l_max):
+def pad(x, lengths):
     """[T, H, D] -> [B, H, L_max, D] (zeros after each sequence's end)."""
-    out = x.new_zeros(len(lengths), l_max, *x.shape[1:])
-    start = 0
-    for b, n in enumerate(lengths):
-        out[b, :n] = x[start:start + n]
-        start += n
-    return out.transpose(1, 2).contiguous()
+    return torch.nn.utils.rnn.pad_sequence(x.split(lengths), batch_first=True).transpose(1, 2).contiguous()
 
 
 def unpad(x, lengths):
@@ -87,9 +80,9 @@ def sdpa_padded(q, k, v, lengths, l_max, slopes):
     """-> (run, its leaf inputs, out -> packed): padded SDPA on copies of q, k, v [T, H*, D]."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     group = q.shape[1] // k.shape[1]
-    qp = pad(q.detach(), lengths, l_max).requires_grad_()
-    kp = pad(k.detach().repeat_interleave(group, 1), lengths, l_max).requires_grad_()
-    vp = pad(v.detach().repeat_interleave(group, 1), lengths, l_max).requires_grad_()
+    qp = pad(q.detach(), lengths).requires_grad_()
+    kp = pad(k.detach().repeat_interleave(group, 1), lengths).requires_grad_()
+    vp = pad(v.detach().repeat_interleave(group, 1), lengths).requires_grad_()
     if slopes is None:
         backends, bias = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], None
     else:
@@ -145,36 +138,27 @@ def bench_training(model, budget, generator, timer, strict):
     reference = ours().detach()
     record("ours (triton)", lambda: {**time_fwd_bwd(timer, ours, (q, k, v), dout), "rel_err_vs_ours": 0.0})
 
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except (ImportError, OSError):
-        flash_attn_varlen_func = None
     if flash_attn_varlen_func is not None and device.type == "cuda":
         def flash():
-            kwargs = {"alibi_slopes": slopes} if slopes is not None else {}
-            return flash_attn_varlen_func(q, k, v, cu, cu, l_max, l_max, causal=True, **kwargs)
+            return flash_attn_attention(q, k, v, cu, l_max, slopes)
         record("flash-attn", lambda: {**time_fwd_bwd(timer, flash, (q, k, v), dout),
                                       "rel_err_vs_ours": common.rel_err(flash(), reference)})
 
     def sdpa():
         run, inputs, to_packed = sdpa_padded(q, k, v, lengths, l_max, slopes)
-        return {**time_fwd_bwd(timer, run, inputs, pad(dout, lengths, l_max)),
+        return {**time_fwd_bwd(timer, run, inputs, pad(dout, lengths)),
                 "rel_err_vs_ours": common.rel_err(to_packed(run()), reference)}
     record("sdpa (padded)", sdpa)
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Decode attention
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- decode attention
 
 def bench_decode(model, batch, s_max, generator, timer, strict):
     n_heads, n_kv, head_dim, alibi = heads(model)
     device, dtype = timer.device, dtype_on(timer.device)
     lengths = torch.randint(s_max // 5, 4 * s_max // 5, (batch,), generator=generator, dtype=torch.int32).to(device)
-    cache_shape = (batch, n_kv, s_max, head_dim)
-    k_cache = torch.randn(cache_shape, device=device, dtype=dtype)
-    v_cache = torch.randn(cache_shape, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(batch, n_kv, s_max, head_dim, device=device, dtype=dtype) for _ in range(2))
     slot_ids = torch.randperm(batch, generator=generator).to(device)
     q = torch.randn(batch, n_heads, head_dim, device=device, dtype=dtype)
     slopes = alibi_slopes(n_heads).to(device) if alibi else None
@@ -196,9 +180,7 @@ def bench_decode(model, batch, s_max, generator, timer, strict):
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- report
 
 def dtype_on(device) -> torch.dtype:
     """bf16 on the GPU; fp32 under the CPU dry run (torch's CPU SDPA and the interpreter)."""

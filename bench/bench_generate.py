@@ -9,16 +9,17 @@ max_new_tokens, in three workloads: no EOS (prompts x max_new_tokens tokens each
 the model emits (outputs of varied length), and 'recitation': each prompt has its own cap, the
 token length of a real poem target + 16 (as the memorization eval asks), which transformers'
 batched generate cannot express, so it runs to the batch's largest cap and the rows are cut;
-transformers gets the prompts left-padded with an attention mask, in one batch. The CPU mode uses one thread on both sides by default: timings
-with 2 OpenMP threads on a shared machine swing by 10x. Reported: tokens/s of each, the ratio, the share
-of identical outputs, and for ours the achieved memory bandwidth: per decode step the weights
-plus every live sequence's cached keys and values are read once. Results go to
-generate-<device>.{json,md} under --out (default bench/results/).
+transformers gets the prompts left-padded with an attention mask, in one batch. The CPU mode uses
+one thread on both sides by default: timings with 2 OpenMP threads on a shared machine swing by
+10x. Reported: tokens/s of each, the ratio, the share of identical outputs, and for ours the
+achieved memory bandwidth: per decode step the weights plus every live sequence's cached keys and
+values are read once. Results go to generate-<device>.{json,md} under --out (default bench/results/).
 """
 from __future__ import annotations
 
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -86,10 +87,7 @@ def recitation_caps(n: int, seed: int = 0) -> list[int]:
 
 def common_token(outputs: list[list[int]]) -> int:
     """The token found in the most outputs after their first position: as EOS it ends them at varied steps."""
-    counts: dict[int, int] = {}
-    for row in outputs:
-        for t in set(row[1:]):
-            counts[t] = counts.get(t, 0) + 1
+    counts = Counter(t for row in outputs for t in set(row[1:]))
     return max(counts, key=counts.get)
 
 
@@ -103,19 +101,16 @@ def bytes_read(model, prompts, outputs, steps: int) -> int:
 
 def bench_one(name: str, model, prompts, max_new_tokens: int, hf_batch: int, max_cap: int | None = None,
               **generate_kwargs) -> list[dict]:
-    """Three workloads: 'fixed' (no EOS: every sequence makes max_new_tokens), 'eos' (an EOS id
-    the model emits, so outputs end at different steps) and 'recitation' (per-prompt caps, at
-    most `max_cap`)."""
+    """The three workloads' rows (the module's docstring); recitation caps at most `max_cap`."""
     hf = hf_twin(model)
     greedy_generate(model, prompts[:4], 4, [], **generate_kwargs)                # warm-up (kernels, graphs)
     hf_generate(hf, prompts[:4], 4, 4)
-    rows, eos = [], None
+    rows, eos, timer = [], None, common.Timer(model.device)
     for workload in ("fixed", "eos", "recitation"):
         eos_ids = [eos] if workload == "eos" else []
         caps = recitation_caps(len(prompts)) if workload == "recitation" else [max_new_tokens] * len(prompts)
         caps = [min(c, max_cap or c) for c in caps]
         stats = {}
-        timer = common.Timer(model.device)
         ours, ours_s = timer.seconds(lambda: greedy_generate(model, prompts, caps, eos_ids, stats=stats,
                                                              **generate_kwargs))
         theirs, theirs_s = timer.seconds(lambda: hf_generate(hf, prompts, max(caps), hf_batch,

@@ -45,20 +45,24 @@ EPS, THETA, SEQ_LEN = 1e-6, 1e6, 512  # rope positions restart every SEQ_LEN tok
 
 @dataclass
 class Case:
-    """One op at one shape: `make(dtype, device)` builds fresh inputs (the float ones require grad);
-    traffic: tensor elements the forward and the backward must at least read plus write."""
+    """One op at one shape. tensors: (shape, scale) of each float input, standard normal times scale;
+    rope_dim: rope's head_dim (its positions, cos and sin follow the tensors); traffic: tensor elements
+    the forward and the backward must at least read plus write."""
     op: str
     shape: str
-    make: Callable[[torch.dtype, torch.device], tuple]
+    tensors: list[tuple[tuple[int, ...], float]]
     traffic: tuple[int, int]
+    rope_dim: int = 0
 
-
-def _randn(*shape, dtype, device, grad=True, scale=1.0):
-    return (scale * torch.randn(*shape, device=device)).to(dtype).requires_grad_(grad)
-
-
-def _positions(t, device):
-    return torch.arange(t, device=device) % SEQ_LEN
+    def make(self, dtype: torch.dtype, device) -> tuple:
+        """Fresh inputs; the float ones require grad."""
+        floats = tuple((scale * torch.randn(*shape, device=device)).to(dtype).requires_grad_()
+                       for shape, scale in self.tensors)
+        if not self.rope_dim:
+            return floats
+        positions = torch.arange(floats[0].shape[0], device=device) % SEQ_LEN
+        cos, sin = rope_cos_sin(positions, self.rope_dim, THETA)  # for Liger, made once per step as in HF
+        return (*floats, positions, cos[None], sin[None])
 
 
 def shapes(qwen: tuple[str, ...], bloom: tuple[str, ...]) -> dict[str, list]:
@@ -79,71 +83,58 @@ def cases(quick: bool, dry_run: bool) -> list[Case]:
     out = []
     for t in tokens:
         for h in sizes["hidden"]:
-            def norm_in(dt, dev, t=t, h=h):
-                return _randn(t, h, dtype=dt, device=dev), _randn(h, dtype=dt, device=dev)
-
-            def residual_in(dt, dev, t=t, h=h):
-                return _randn(t, h, dtype=dt, device=dev), *norm_in(dt, dev, t, h)
-
-            def layer_norm_in(dt, dev, t=t, h=h):
-                return *norm_in(dt, dev, t, h), _randn(h, dtype=dt, device=dev, scale=0.1)
-            out.append(Case("rms_norm", f"T={t} H={h}", norm_in, (2 * t * h, 3 * t * h)))
-            out.append(Case("rms_norm_residual", f"T={t} H={h}", residual_in, (4 * t * h, 4 * t * h)))
-            out.append(Case("layer_norm", f"T={t} H={h}", layer_norm_in, (2 * t * h, 3 * t * h)))
+            x, w = ((t, h), 1.0), ((h,), 1.0)
+            out.append(Case("rms_norm", f"T={t} H={h}", [x, w], (2 * t * h, 3 * t * h)))
+            out.append(Case("rms_norm_residual", f"T={t} H={h}", [x, x, w], (4 * t * h, 4 * t * h)))
+            out.append(Case("layer_norm", f"T={t} H={h}", [x, w, ((h,), 0.1)], (2 * t * h, 3 * t * h)))
         for model, hq, hkv, d in sizes["rope"]:
-            def rope_in(dt, dev, t=t, hq=hq, hkv=hkv, d=d):
-                cos, sin = rope_cos_sin(_positions(t, dev), d, THETA)  # for Liger, made once per step as in HF
-                return (_randn(t, hq, d, dtype=dt, device=dev), _randn(t, hkv, d, dtype=dt, device=dev),
-                        _positions(t, dev), cos[None], sin[None])
             n = 2 * t * (hq + hkv) * d
-            out.append(Case("rope", f"T={t} {model} {hq}/{hkv}x{d}", rope_in, (n, n)))
+            out.append(Case("rope", f"T={t} {model} {hq}/{hkv}x{d}", [((t, hq, d), 1.0), ((t, hkv, d), 1.0)], (n, n),
+                            rope_dim=d))
         for i in sizes["intermediate"]:
-            out.append(Case("swiglu", f"T={t} I={i}",
-                            lambda dt, dev, t=t, i=i: (_randn(t, i, dtype=dt, device=dev, scale=2.0),
-                                                       _randn(t, i, dtype=dt, device=dev)),
-                            (3 * t * i, 5 * t * i)))
+            out.append(Case("swiglu", f"T={t} I={i}", [((t, i), 2.0), ((t, i), 1.0)], (3 * t * i, 5 * t * i)))
         for i in sizes["bloom_mlp"]:
-            out.append(Case("gelu", f"T={t} 4H={i}",
-                            lambda dt, dev, t=t, i=i: (_randn(t, i, dtype=dt, device=dev, scale=2.0),),
-                            (2 * t * i, 3 * t * i)))
+            out.append(Case("gelu", f"T={t} 4H={i}", [((t, i), 2.0)], (2 * t * i, 3 * t * i)))
     return out
 
 
-def _liger(module: str, name: str):
-    try:
-        return getattr(__import__(f"liger_kernel.ops.{module}", fromlist=[name]), name)
-    except (ImportError, AttributeError):
-        return None
+def _rms_norm_residual_reference(x, r, w):
+    s = x + r
+    return rms_norm_reference(s, w, EPS), s
 
 
-def _eager_ops() -> dict[str, Callable]:
-    def rms_residual(x, r, w):
-        s = x + r
-        return rms_norm_reference(s, w, EPS), s
-
-    return {
-        "rms_norm": lambda x, w: rms_norm_reference(x, w, EPS),
-        "rms_norm_residual": rms_residual,
-        "layer_norm": lambda x, w, b: layer_norm_reference(x, w, b, 1e-5),
-        "rope": lambda q, k, pos, cos, sin: rope_reference(q, k, pos, THETA),
-        "swiglu": swiglu_reference,
-        "gelu": gelu_reference,
-    }
+OURS = {
+    "rms_norm": lambda x, w: rms_norm(x, w, EPS),
+    "rms_norm_residual": lambda x, r, w: rms_norm(x, w, EPS, residual=r),
+    "layer_norm": lambda x, w, b: layer_norm(x, w, b, 1e-5),
+    "rope": lambda q, k, pos, cos, sin: rope(q, k, pos, THETA),
+    "swiglu": swiglu,
+    "gelu": gelu,
+}
+EAGER = {
+    "rms_norm": lambda x, w: rms_norm_reference(x, w, EPS),
+    "rms_norm_residual": _rms_norm_residual_reference,
+    "layer_norm": lambda x, w, b: layer_norm_reference(x, w, b, 1e-5),
+    "rope": lambda q, k, pos, cos, sin: rope_reference(q, k, pos, THETA),
+    "swiglu": swiglu_reference,
+    "gelu": gelu_reference,
+}
 
 
 def _liger_ops() -> dict[str, Callable]:
+    liger = lambda module, name: common.optional(f"liger_kernel.ops.{module}", name)  # noqa: E731
     ops = {}
-    if (rms := _liger("rms_norm", "LigerRMSNormFunction")) is not None:
+    if (rms := liger("rms_norm", "LigerRMSNormFunction")) is not None:
         ops["rms_norm"] = lambda x, w: rms.apply(x, w, EPS, 0.0, "llama", False)
-    if (add_rms := _liger("fused_add_rms_norm", "LigerFusedAddRMSNormFunction")) is not None:
+    if (add_rms := liger("fused_add_rms_norm", "LigerFusedAddRMSNormFunction")) is not None:
         ops["rms_norm_residual"] = lambda x, r, w: add_rms.apply(x, r, w, EPS, 0.0, "llama", False)
-    if (ln := _liger("layer_norm", "LigerLayerNormFunction")) is not None:
+    if (ln := liger("layer_norm", "LigerLayerNormFunction")) is not None:
         ops["layer_norm"] = lambda x, w, b: ln.apply(x, w, b, 1e-5)
-    if (rope_fn := _liger("rope", "LigerRopeFunction")) is not None:
+    if (rope_fn := liger("rope", "LigerRopeFunction")) is not None:
         # Liger wants [1, heads, T, D] views of [T, heads, D] storage and rotates in place.
         ops["rope"] = lambda q, k, pos, cos, sin: rope_fn.apply(q[None].transpose(1, 2), k[None].transpose(1, 2),
                                                                 cos, sin)[:2]
-    if (silu_mul := _liger("swiglu", "LigerSiLUMulFunction")) is not None:
+    if (silu_mul := liger("swiglu", "LigerSiLUMulFunction")) is not None:
         ops["swiglu"] = silu_mul.apply
     return ops
 
@@ -151,20 +142,12 @@ def _liger_ops() -> dict[str, Callable]:
 def implementations(compile_peers: bool = True) -> dict[str, dict[str, Callable]]:
     """op -> implementation name -> callable on a Case's inputs. `compile_peers=False` leaves
     torch.compile out (--dry-run: compiling on the CPU takes minutes and measures nothing)."""
-    ours = {
-        "rms_norm": lambda x, w: rms_norm(x, w, EPS),
-        "rms_norm_residual": lambda x, r, w: rms_norm(x, w, EPS, residual=r),
-        "layer_norm": lambda x, w, b: layer_norm(x, w, b, 1e-5),
-        "rope": lambda q, k, pos, cos, sin: rope(q, k, pos, THETA),
-        "swiglu": swiglu,
-        "gelu": gelu,
-    }
-    eager, liger = _eager_ops(), _liger_ops()
+    liger = _liger_ops()
     impls = {}
-    for op in ours:
-        impls[op] = {"ours": ours[op], "torch_eager": eager[op]}
+    for op, ours in OURS.items():
+        impls[op] = {"ours": ours, "torch_eager": EAGER[op]}
         if compile_peers:
-            impls[op]["torch_compile"] = torch.compile(eager[op], dynamic=True)
+            impls[op]["torch_compile"] = torch.compile(EAGER[op], dynamic=True)
         if op in liger:
             impls[op]["liger"] = liger[op]
     return impls
@@ -174,16 +157,20 @@ def _outputs(result) -> tuple:
     return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
+def forward_backward(impl, inputs) -> tuple:
+    """Outputs and input gradients of one call, each output's gradient all ones."""
+    outs = _outputs(impl(*inputs))
+    leaves = [x for x in inputs if x.requires_grad]
+    return (*outs, *torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs]))
+
+
 def mode_fn(impl, inputs, mode: str) -> Callable[[], object]:
     """A closure running one mode; gradients come from torch.autograd.grad (nothing accumulates)."""
     leaves = [x for x in inputs if x.requires_grad]
     if mode == "forward":
         return lambda: impl(*inputs)
     if mode == "full":
-        def full():
-            outs = _outputs(impl(*inputs))
-            return torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
-        return full
+        return lambda: forward_backward(impl, inputs)
     outs = _outputs(impl(*inputs))
     grads = [torch.randn_like(o) for o in outs]
     return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
@@ -192,12 +179,9 @@ def mode_fn(impl, inputs, mode: str) -> Callable[[], object]:
 def measure(impl, case: Case, mode: str, timer: common.Timer) -> dict:
     """Median ms, GB/s over the minimum traffic and peak MiB allocated above the inputs."""
     inputs = case.make(torch.bfloat16, timer.device)
-    fn = mode_fn(impl, inputs, mode)
-    fn()  # compile / autotune outside the memory window
-    with common.PeakMemory(timer.device) as mem:
-        ms = timer.median_ms(fn)
+    ms, peak = common.median_ms_and_peak(mode_fn(impl, inputs, mode), timer)
     elems = {"forward": case.traffic[0], "backward": case.traffic[1], "full": sum(case.traffic)}[mode]
-    return {"ms": round(ms, 4), "GBps": round(2 * elems / ms / 1e6, 1), "peak_mib": round(mem.bytes / common.MiB, 1)}
+    return {"ms": round(ms, 4), "GBps": round(2 * elems / ms / 1e6, 1), "peak_mib": round(peak / common.MiB, 1)}
 
 
 def check_correctness(impls, all_cases: list[Case], device) -> dict:
@@ -209,13 +193,8 @@ def check_correctness(impls, all_cases: list[Case], device) -> dict:
             continue
         torch.manual_seed(0)
         inputs = case.make(torch.float32, device)
-        results = []
-        for name in ("ours", "torch_eager"):
-            outs = _outputs(impls[case.op][name](*inputs))
-            leaves = [x for x in inputs if x.requires_grad]
-            grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
-            results.append([*outs, *grads])
-        errors[case.op] = max(common.rel_err(a, b) for a, b in zip(*results))
+        ours, eager = (forward_backward(impls[case.op][name], inputs) for name in ("ours", "torch_eager"))
+        errors[case.op] = max(common.rel_err(a, b) for a, b in zip(ours, eager))
     return errors
 
 

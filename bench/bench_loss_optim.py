@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402  (first: it sets the interpreter up for --dry-run)
 from kernels.adamw import adamw_step  # noqa: E402
 from kernels.dispatch import backend  # noqa: E402
-from kernels.linear_cross_entropy import LOGITS_BUDGET_BYTES, chunk_plan, linear_cross_entropy  # noqa: E402
+from kernels.linear_cross_entropy import (LOGITS_BUDGET_BYTES, chunk_plan, linear_cross_entropy,  # noqa: E402
+                                         linear_cross_entropy_reference)
 from models import REGISTRY, ModelConfig  # noqa: E402
 
 LOSS_MODELS = ("qwen2-0.5b", "qwen2-1.5b", "bloom-1b7")   # (H, V) = (896, 151936), (1536, 151936), (2048, 250880)
@@ -47,23 +48,8 @@ def head_shape(model: str) -> tuple[int, int]:
 
 
 def measure(fn, timer: common.Timer) -> dict:
-    """Median ms of fn() and the peak memory it allocates above what was live before (MiB)."""
-    fn()  # warm-up outside the memory window: compilation, lazy optimizer state
-    with common.PeakMemory(timer.device) as mem:
-        ms = timer.median_ms(fn)
-    return {"ms": round(ms, 3), "peak_mib": round(mem.bytes / MiB, 1)}
-
-
-def liger_loss():
-    try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-    except ImportError:
-        return None
-
-    def loss(h, w, y):
-        out = LigerFusedLinearCrossEntropyFunction.apply(h, w, y)
-        return out[0] if isinstance(out, tuple) else out
-    return loss
+    ms, peak = common.median_ms_and_peak(fn, timer)
+    return {"ms": round(ms, 3), "peak_mib": round(peak / MiB, 1)}
 
 
 def eager_loss(h, w, y):
@@ -73,13 +59,16 @@ def eager_loss(h, w, y):
 def loss_impls(compile_peers: bool = True) -> dict:
     """`compile_peers=False` leaves torch.compile out (--dry-run: minutes of compiling on the CPU)."""
     impls = {
-        "ours": lambda h, w, y: linear_cross_entropy(h, w, y),
+        "ours": linear_cross_entropy,
         "ours_1.5GiB": lambda h, w, y: linear_cross_entropy(h, w, y, budget_bytes=1536 * MiB),
         "torch_eager": eager_loss,
     }
-    liger = liger_loss()
+    liger = common.optional("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
     if liger is not None:
-        impls["liger"] = liger
+        def liger_loss(h, w, y):
+            out = liger.apply(h, w, y)
+            return out[0] if isinstance(out, tuple) else out
+        impls["liger"] = liger_loss
     if compile_peers:                            # last: a cold compile is the slowest row
         impls["torch_compile"] = torch.compile(eager_loss, dynamic=True)
     return impls
@@ -112,9 +101,8 @@ def check_correctness(model: str, T: int, device, dtype) -> dict:
     h, w, y = loss_inputs(T, H, V, device, dtype, seed=1)
     linear_cross_entropy(h, w, y, budget_bytes=max(T // 4, 1) * 4 * V).backward()
     ours = (h.grad, w.grad)
-    h.grad = w.grad = None
     hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    ref = F.cross_entropy(hr @ wr.t(), y)
+    ref = linear_cross_entropy_reference(hr, wr, y)
     ref.backward()
     loss = linear_cross_entropy(h.detach(), w.detach(), y)
     return {"loss_abs_err": abs(loss.item() - ref.item()), "grad_hidden_rel_err": common.rel_err(ours[0], hr.grad),
@@ -207,13 +195,12 @@ def main(argv=None):
     if args.dry_run:
         models, tokens, sizes, dtype = DRY["models"], DRY["tokens"], DRY["adamw"], torch.float32
     else:
-        first = (lambda xs: xs[:1]) if args.quick else (lambda xs: xs)  # noqa: E731
-        models, tokens, dtype = LOSS_MODELS, first(TOKENS), torch.bfloat16
-        sizes = dict(first(list(ADAMW_SIZES.items())))
+        n = 1 if args.quick else None
+        models, tokens, sizes, dtype = LOSS_MODELS, TOKENS[:n], dict(list(ADAMW_SIZES.items())[:n]), torch.bfloat16
     started = time.time()
 
-    def save(loss_rows, adamw_rows=()):
-        result = {"meta": common.meta(device), "correctness": check, "loss": loss_rows, "adamw": list(adamw_rows),
+    def save(loss_rows, adamw_rows):
+        result = {"meta": common.meta(device), "correctness": check, "loss": loss_rows, "adamw": adamw_rows,
                   "seconds": round(time.time() - started, 1)}
         return common.write_results(args.out, common.stem("loss_optim", common.device_name(device)), result,
                                     markdown(device, check, loss_rows, adamw_rows))

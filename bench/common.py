@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import platform
@@ -72,7 +73,7 @@ def start(p: argparse.ArgumentParser, argv=None, needs_cuda: bool = False, warmu
     """Parse the arguments and pick the device: (args, device, its Timer)."""
     args = p.parse_args(argv)
     device = pick_device(args, p, needs_cuda)
-    return args, device, Timer.for_args(device, args, warmup, reps)
+    return args, device, Timer(device, 0, 1) if args.dry_run else Timer(device, warmup, reps)
 
 
 def device_name(device) -> str:
@@ -92,16 +93,11 @@ def stem(kind: str, name: str) -> str:
     return f"{kind}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}"
 
 
-def meta(device, **extra) -> dict:
+def meta(device) -> dict:
     """Where and with what a result was measured."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+    return {"device": device_name(device), "torch": torch.__version__, "triton": optional("triton", "__version__"),
             "host": platform.machine(), "threads": torch.get_num_threads(),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **extra}
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
 
 
 # ---------------------------------------------------------------- timing and memory
@@ -118,10 +114,6 @@ class Timer:
     device: torch.device
     warmup: int = 3
     reps: int = 20
-
-    @classmethod
-    def for_args(cls, device, args, warmup: int = 3, reps: int = 20) -> "Timer":
-        return cls(torch.device(device), 0, 1) if args.dry_run else cls(torch.device(device), warmup, reps)
 
     def median_ms(self, fn) -> float:
         for _ in range(self.warmup):
@@ -204,6 +196,23 @@ class PeakMemory:
     @property
     def bytes(self) -> int:
         return self.peak - self.base
+
+
+def median_ms_and_peak(fn, timer: Timer) -> tuple[float, int]:
+    """(median ms of fn(), peak bytes it allocates above what was live before); one untimed call
+    first, outside the memory window (compilation, autotuning, lazy optimizer state)."""
+    fn()
+    with PeakMemory(timer.device) as mem:
+        ms = timer.median_ms(fn)
+    return ms, mem.bytes
+
+
+def optional(module: str, name: str):
+    """module.name when that package is installed (Liger-Kernel's ops, triton), else None."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

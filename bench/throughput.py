@@ -3,29 +3,38 @@
     python bench/throughput.py --quick                        # CPU: tiny shapes, a few minutes
     python bench/throughput.py --out "$OUT" --time-budget 200 # GPU: the paper's models
 
-For each model at its real shape with random weights:
-  ours    packed padding-free batches of the frozen CN poems (engine.packing), engine.train.train_step
-          (fused kernels on the GPU, fp32 master weights, our AdamW), greedy_generate (KV cache,
-          CUDA graphs) for evaluation;
+For each model at its real shape with random weights, on the 2,000 frozen CN poems in the plain
+format (tiny-tokenizer ids for the tiny presets; random ids of the same lengths and prompt/target
+split for real vocabularies):
+  ours    packed padding-free batches (engine.packing: 16,384 tokens a step on a GPU, 512 on the CPU),
+          engine.train.train_step (fused kernels on the GPU, fp32 master weights, our AdamW, clipping),
+          greedy_generate with no EOS (KV cache, CUDA graphs) for evaluation;
   theirs  transformers' AutoModelForCausalLM from the same config (bf16 on the GPU, fp32 on the CPU,
-          its default attention: sdpa, eager for BLOOM), the same examples per step padded to the longest (attention mask,
-          labels -100 on pads and prompts), torch.optim.AdamW (fused on CUDA), clip_grad_norm_;
-          evaluation with model.generate on the left-padded prompts;
-  liger   theirs with liger_kernel's apply_liger_kernel_to_qwen2 (GPU, Qwen2 only, when importable).
+          its default attention: sdpa, eager for BLOOM), the same examples per step right-padded to
+          the longest (attention mask, labels -100 on pads and prompts; split into micro-batches when
+          it does not fit), torch.optim.AdamW (fused on CUDA, states in the parameters' dtype),
+          clip_grad_norm_; evaluation with model.generate on the left-padded prompts. Also timed on
+          shuffled batches (the same sequences per step in random order, what a shuffling DataLoader
+          gives), because our best-fit packer groups similar lengths, so our batches carry little padding;
+  liger   theirs with liger_kernel's apply_liger_kernel_to_qwen2 (GPU, Qwen2 only, when importable),
+          after every plain baseline: it patches transformers' classes for the whole process.
 
 Reported: training tokens/s (real tokens, pads not counted; median over steps), MFU (FLOPs per
-token = 6N + 12 L H ctx, N = non-embedding parameters + the output matrix, ctx = the mean causal
-context a token attends to) against the datasheet bf16 peak and against a bf16 matmul ceiling
-measured in the same run, the step split into forward / backward / optimizer (a separate pass
-with a device sync around each phase; our "forward" also computes the output layer's gradients,
-which the fused cross-entropy does in its forward), peak memory (GPU: max_memory_allocated;
-CPU: peak resident memory above the process before the model was built, sampled every 2 ms),
-evaluation tokens/s (new tokens, prefill included) and its achieved GB/s (weights once per decode
-step plus the KV cache read). Token ids: the tiny tokenizer's for the tiny presets, random ids with
-the same poem lengths and prompt/target split for real vocabularies.
+token from engine.costs = 6N + 12 L H ctx, N = the matmul parameters with a tied output matrix
+once, ctx = the mean causal context a token attends to) against the datasheet bf16 peak (null on
+the CPU) and against a matmul ceiling measured in the same run (bf16 8192^3; fp32 1024^3 on the
+CPU), the step split into forward / backward / optimizer (a separate pass with a device sync
+around each phase; our "forward" also computes the output layer's gradients, which the fused
+cross-entropy does in its forward), peak memory (GPU: max_memory_allocated; CPU: peak resident
+memory above the process before the model was built, sampled every 2 ms), evaluation tokens/s
+(new tokens, prefill included) and its achieved GB/s (weights once per decode step plus the KV
+cache read; prefill included, so a lower bound of the decode loop's).
 
-Writes throughput-<device>.json (the schema cli.py profile reads), throughput-<device>.md and
-throughput-<device>-detail.json (per-step times, liger, MFU vs the matmul ceiling) under --out.
+Writes under --out throughput-<device>.json (the schema cli.py profile reads: device, peak_tflops,
+matmul_tflops, models.{name}.{params, train_tokens_per_second, mfu, step_seconds.{forward,
+backward, optimizer}, peak_memory_bytes, eval_tokens_per_second, eval_gb_per_second, baseline,
+ratio.{train, eval}}), throughput-<device>.md and throughput-<device>-detail.json (per-step times,
+FLOPs/token, shuffled baseline, Liger, MFU vs the matmul ceiling, errors, skipped models).
 """
 from __future__ import annotations
 
@@ -36,10 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bench_generate, common  # noqa: E402
+from engine.costs import train_flops  # noqa: E402
 from engine.data import Example, encode_examples, load_poems  # noqa: E402
 from engine.generate import greedy_generate  # noqa: E402
 from engine.optim import AdamW, parameter_groups  # noqa: E402
@@ -83,9 +94,7 @@ def hf_config_dict(name: str) -> dict:
     """The registry's config.json keys for `name` (or a SMALL variant), dtype keys left out."""
     base, override = SMALL.get(name, (name, {}))
     raw = {**REGISTRY[base].config, **override}
-    for key in ("torch_dtype", "dtype", "architectures"):
-        raw.pop(key, None)
-    return raw
+    return {k: v for k, v in raw.items() if k not in ("torch_dtype", "dtype", "architectures")}
 
 
 def build_ours(raw: dict, device, dtype):
@@ -97,7 +106,7 @@ def build_theirs(raw: dict, device, dtype, liger: bool = False):
     config = transformers.AutoConfig.for_model(**raw)
     torch.manual_seed(0)
     with torch.device(device):                 # initialize on the device: a 1.7B init on the host takes many seconds
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)   # default attention: sdpa; BLOOM eager
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)   # attention: sdpa; BLOOM eager
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
         apply_liger_kernel_to_qwen2(model=model)
@@ -118,14 +127,11 @@ def poem_examples(vocab_size: int, seed: int = 0) -> list[Example]:
 
 def padded(batch: PackedBatch, device):
     """The packed batch's sequences right-padded to the longest: (input_ids, attention_mask, labels) [B, L]."""
-    bounds = batch.cu_seqlens.tolist()
-    rows = [(batch.input_ids[a:b], batch.labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    ids = torch.zeros(len(rows), batch.max_seqlen, dtype=torch.int64)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for r, (x, y) in enumerate(rows):
-        ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = x, y, 1
-    return ids.to(device), mask.to(device), labels.to(device)
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+
+    def pad(t, value):
+        return pad_sequence(t.split(lengths), batch_first=True, padding_value=value).to(device)
+    return pad(batch.input_ids, 0), pad(torch.ones_like(batch.input_ids), 0), pad(batch.labels, -100)
 
 
 def shuffled_batches(examples: list[Example], batches: list[PackedBatch], seed: int = 0) -> list[PackedBatch]:
@@ -137,13 +143,9 @@ def shuffled_batches(examples: list[Example], batches: list[PackedBatch], seed: 
 
 
 def flops_per_token(model, batches: list[PackedBatch]) -> float:
-    """6N + 12 L H ctx: N counts the output matrix (tied or not) and not the input embedding."""
-    c = model.config
-    embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    n = model.num_parameters() - embedding.weight.numel() + (embedding.weight.numel() if c.tie_word_embeddings else 0)
+    """engine.costs' training FLOPs over these batches' sequences per token: 6N + 12 L H ctx."""
     lengths = [L for b in batches for L in (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()]
-    ctx = sum(L * (L + 1) / 2 for L in lengths) / sum(lengths)
-    return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * ctx
+    return train_flops(model.config, model.num_parameters(), lengths) / sum(lengths)
 
 
 # ---------------------------------------------------------------- timing
@@ -272,19 +274,13 @@ def eval_theirs(model, prompts: list[list[int]], s: Settings, device) -> dict:
 # ---------------------------------------------------------------- one model, the run
 
 def liger_available(device, raw) -> bool:
-    if device.type != "cuda" or raw["model_type"] != "qwen2":
-        return False
-    try:
-        import liger_kernel.transformers  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return (device.type == "cuda" and raw["model_type"] == "qwen2"
+            and common.optional("liger_kernel.transformers", "apply_liger_kernel_to_qwen2") is not None)
 
 
 def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[dict, dict]:
     raw = hf_config_dict(name)
-    config = ModelConfig.from_dict(raw, name)
-    examples = poem_examples(config.vocab_size)
+    examples = poem_examples(raw["vocab_size"])
     batches = pack(examples, s.batch_tokens, seed=0, epoch=0)
     need = s.warmup + max(s.steps, s.phase_steps)
     batches = (batches * (-(-need // len(batches))))[:need]
@@ -318,11 +314,11 @@ def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[di
         "ratio": {"train": ours["tokens_per_second"] / theirs["tokens_per_second"],
                   "eval": ours_eval["tokens_per_second"] / theirs_eval["tokens_per_second"]},
     }
-    detail = {"flops_per_token": fpt, "achieved_tflops": achieved, "mfu_vs_matmul": achieved / matmul if matmul else None,
+    detail = {"flops_per_token": fpt, "achieved_tflops": achieved,
+              "mfu_vs_matmul": achieved / matmul if matmul else None,
               "baseline_mfu": theirs["tokens_per_second"] * fpt / 1e12 / peak if peak else None,
               "train": ours, "eval": ours_eval, "baseline_train": theirs, "baseline_eval": theirs_eval,
-              "baseline_shuffled_train": shuffled,
-              "settings": s.__dict__}
+              "baseline_shuffled_train": shuffled, "settings": s.__dict__}
     return entry, detail
 
 
@@ -373,7 +369,7 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
             common.free(device)
             continue
         details["models"][model]["bench_seconds"] = time.perf_counter() - t0
-        print(row(model, result["models"][model], details["models"][model]), flush=True)
+        print(common.table(COLUMNS, [row(model, result["models"][model], details["models"][model])])[-1], flush=True)
         write(out, result, details)
     for model in models:
         if model in result["models"] and liger_available(device, hf_config_dict(model)):
@@ -397,41 +393,48 @@ def write(out: Path, result: dict, details: dict) -> None:
     common.write_json(out / f"{name}-detail.json", details)
 
 
-def row(name: str, m: dict, d: dict) -> str:
+COLUMNS = ["model", "params", "train tok/s ours", "theirs", "ratio", "MFU (peak)", "MFU (matmul)", "fwd / bwd / opt ms",
+           "peak mem", "eval tok/s ours", "theirs", "ratio", "eval GB/s"]
+
+
+def row(name: str, m: dict, d: dict) -> list[str]:
+    """One model's cells of the main table (COLUMNS)."""
     b, st = m["baseline"], m["step_seconds"]
     pct = lambda x: f"{100 * x:.1f}%" if x is not None else "-"  # noqa: E731
-    return (f"| {name} | {m['params'] / 1e6:.1f}M | {m['train_tokens_per_second']:,.0f} | "
-            f"{b['train_tokens_per_second']:,.0f} | **{m['ratio']['train']:.2f}x** | {pct(m['mfu'])} | "
-            f"{pct(d['mfu_vs_matmul'])} | {st['forward'] * 1e3:.0f} / {st['backward'] * 1e3:.0f} / "
-            f"{st['optimizer'] * 1e3:.0f} | {m['peak_memory_bytes'] / 2**30:.2f} / {b['peak_memory_bytes'] / 2**30:.2f} | "
-            f"{m['eval_tokens_per_second']:,.0f} | {b['eval_tokens_per_second']:,.0f} | **{m['ratio']['eval']:.2f}x** | "
-            f"{m['eval_gb_per_second']:.1f} |")
+    return [name, f"{m['params'] / 1e6:.1f}M", f"{m['train_tokens_per_second']:,.0f}",
+            f"{b['train_tokens_per_second']:,.0f}", f"**{m['ratio']['train']:.2f}x**", pct(m["mfu"]),
+            pct(d["mfu_vs_matmul"]), " / ".join(f"{st[k] * 1e3:.0f}" for k in ("forward", "backward", "optimizer")),
+            f"{m['peak_memory_bytes'] / 2**30:.2f} / {b['peak_memory_bytes'] / 2**30:.2f}",
+            f"{m['eval_tokens_per_second']:,.0f}", f"{b['eval_tokens_per_second']:,.0f}",
+            f"**{m['ratio']['eval']:.2f}x**", f"{m['eval_gb_per_second']:.1f}"]
+
+
+def padding(r: dict) -> str:
+    micro = f" ({r['micro_batches']} micro-batches)" if r["micro_batches"] > 1 else ""
+    return f"{100 * (1 - r['real_tokens'] / r['padded_tokens']):.0f}%{micro}"
 
 
 def markdown(result: dict, details: dict) -> str:
-    matmul = result["matmul_tflops"]
-    lines = [f"# Throughput on {result['device']} (torch {details['torch']}, {details['dtype']})", "",
-             f"Matmul ceiling measured: {matmul:.3g} TFLOP/s; datasheet bf16 peak: {result['peak_tflops'] or '-'}. "
-             "Training: real tokens/s (median step), ours packed vs transformers padded. "
-             "Step split (ms): forward / backward / optimizer. Memory GiB: ours / theirs.", "",
-             "| model | params | train tok/s ours | theirs | ratio | MFU (peak) | MFU (matmul) | fwd / bwd / opt ms | "
-             "peak mem | eval tok/s ours | theirs | ratio | eval GB/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [row(n, m, details["models"][n]) for n, m in result["models"].items()]
-    lines += ["", "Theirs on our batches (same examples per step: our packer groups similar lengths, so little "
-              "padding) and on shuffled batches (what a shuffling DataLoader gives: same sequences per step, "
-              "lengths mixed):", "", "| model | theirs, our batches: tok/s | padding | theirs, shuffled: tok/s | padding "
-              "| ours / shuffled |", "|---|---:|---:|---:|---:|---:|"]
+    main = [row(n, m, details["models"][n]) for n, m in result["models"].items()]
+    shuffled = []
     for n, d in details["models"].items():
         t, u = d["baseline_train"], d["baseline_shuffled_train"]
-        waste = lambda r: f"{100 * (1 - r['real_tokens'] / r['padded_tokens']):.0f}%" + (  # noqa: E731
-            f" ({r['micro_batches']} micro-batches)" if r["micro_batches"] > 1 else "")
-        lines.append(f"| {n} | {t['tokens_per_second']:,.0f} | {waste(t)} | {u['tokens_per_second']:,.0f} | {waste(u)} | "
-                     f"{result['models'][n]['train_tokens_per_second'] / u['tokens_per_second']:.2f}x |")
+        shuffled.append([n, f"{t['tokens_per_second']:,.0f}", padding(t), f"{u['tokens_per_second']:,.0f}", padding(u),
+                         f"{result['models'][n]['train_tokens_per_second'] / u['tokens_per_second']:.2f}x"])
+    lines = [f"# Throughput on {result['device']} (torch {details['torch']}, {details['dtype']})", "",
+             f"Matmul ceiling measured: {result['matmul_tflops']:.3g} TFLOP/s; datasheet bf16 peak: "
+             f"{result['peak_tflops'] or '-'}. Training: real tokens/s (median step), ours packed vs transformers "
+             "padded. Step split (ms): forward / backward / optimizer. Memory GiB: ours / theirs.", "",
+             *common.table(COLUMNS, main, "l" + "r" * 12), "",
+             "Theirs on our batches (same examples per step: our packer groups similar lengths, so little "
+             "padding) and on shuffled batches (what a shuffling DataLoader gives: same sequences per step, "
+             "lengths mixed):", "",
+             *common.table(["model", "theirs, our batches: tok/s", "padding", "theirs, shuffled: tok/s", "padding",
+                            "ours / shuffled"], shuffled, "lrrrrr")]
     for n, r in details["liger"].items():
-        ours = result["models"][n]["train_tokens_per_second"]
-        lines.append(f"\n{n} + Liger: {r['tokens_per_second']:,.0f} tok/s, peak {r['peak_memory_bytes'] / 2**30:.2f} GiB "
-                     f"(ours / liger = {ours / r['tokens_per_second']:.2f}x)")
+        ratio = result["models"][n]["train_tokens_per_second"] / r["tokens_per_second"]
+        lines.append(f"\n{n} + Liger: {r['tokens_per_second']:,.0f} tok/s, "
+                     f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB (ours / liger = {ratio:.2f}x)")
     for n, d in details["models"].items():
         if d["train"]["host_syncs"]:
             lines.append(f"\n{n}: {len(d['train']['host_syncs'])} host syncs in one training step: "
