@@ -168,16 +168,6 @@ def all_gather(value, world: int) -> list:
     return values
 
 
-def gather_in_order(mine: list, world: int, rank: int) -> list | None:
-    """The inverse of items[rank::world] over all ranks, on rank 0 (None elsewhere)."""
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    if rank != 0:
-        return None
-    n = sum(len(p) for p in parts)
-    return [parts[i % world][i // world] for i in range(n)]
-
-
 def evaluate_sharded(model, tokenizer, poems, lang: str, fmt: str, world: int, rank: int,
                      **evaluate_kwargs) -> tuple[dict | None, list[dict] | None]:
     """engine.evaluate.evaluate with each rank reciting poems[rank::world]: rank 0 returns the
@@ -186,14 +176,14 @@ def evaluate_sharded(model, tokenizer, poems, lang: str, fmt: str, world: int, r
     from engine.evaluate import evaluate, summarize
     if world == 1:
         return evaluate(model, tokenizer, poems, lang, fmt, **evaluate_kwargs)
-    summary, records = evaluate(model, tokenizer, poems[rank::world], lang, fmt, **evaluate_kwargs)
-    summaries = [None] * world if rank == 0 else None
-    dist.gather_object(summary, summaries, dst=0)
-    records = gather_in_order(records, world, rank)
+    parts = [None] * world if rank == 0 else None          # each rank's (summary, records)
+    dist.gather_object(evaluate(model, tokenizer, poems[rank::world], lang, fmt, **evaluate_kwargs), parts, dst=0)
     if rank != 0:
         return None, None
+    summaries, shares = zip(*parts)
+    records = [shares[i % world][i // world] for i in range(sum(map(len, shares)))]    # poems[rank::world] undone
     seconds = max(s["eval_seconds"] for s in summaries)
     total = {key: sum(s[key] for s in summaries) for key in ("prompt_tokens", "generated_tokens", "decode_batches")}
-    return {**summary, **summarize(records), **total, "eval_seconds": seconds,
+    return {**summaries[0], **summarize(records), **total, "eval_seconds": seconds,
             "tokens_per_second": total["generated_tokens"] / seconds if seconds else 0.0,
             "decode_steps": max(s["decode_steps"] for s in summaries)}, records
