@@ -77,17 +77,17 @@ REFUSED = {"file": "is a file", "model": "is a model folder", "eval": "holds an 
            "other": "is not empty and holds no run"}
 
 
-def refuse_foreign(out: Path) -> None:
-    """memorize writes only into a new or empty folder, or into its own run's folder."""
+def refuse_foreign(out: Path) -> str:
+    """memorize writes only into a new or empty folder, or into its own run's folder; returns its kind."""
     kind = folder_kind(out)
     if kind in REFUSED:
         raise TrainingError(f"{out} {REFUSED[kind]}: memorize writes only into a new or empty folder (or continues "
                             "its own run there with --resume): pass another --out")
+    return kind
 
 
 def check_output(out: Path, resume: bool) -> None:
-    refuse_foreign(out)
-    kind = folder_kind(out)
+    kind = refuse_foreign(out)
     if resume and kind != "run":
         raise TrainingError(f"--resume: {out} holds no run to continue: leave out --resume to start one there")
     if not resume and kind == "run":
@@ -115,8 +115,7 @@ def claimed(out: Path, resume: bool):
         raise TrainingError(f"{out} is in use by another run (PID {holder}): wait for it to end, or pass "
                             "another --out") from None
     try:
-        lock.seek(0)
-        lock.truncate()
+        lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         check_output(out, resume)      # under the lock: no other run changes the folder meanwhile
