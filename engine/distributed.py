@@ -2,9 +2,8 @@
 
     rank, world, device = init_distributed(device)         # (0, 1, device) without torchrun
     sync = GradSync(opt) if world > 1 else None             # after the optimizer: hooks on its buffers
-    mine = shard_step(step_batches, world, rank, micro_batch_tokens)   # each step: the same batches on every rank
-    engine.train.train_step(model, opt, mine, step_target_tokens, device, sync, max_grad_norm)
-        # backward of each micro-batch (all but the last under sync.no_sync()), sync.wait(loss_sum), clip, step
+    mine = shard_step(step_batches, world, rank, micro_batch_tokens)    # each step (the same batches on every rank)
+    train_step(model, opt, mine, step_target_tokens, device, sync, ...)  # engine/train.py: backwards, sync.wait, step
     summary, records = evaluate_sharded(model, tokenizer, poems, lang, fmt, world, rank)  # rank 0 gets them
 
 One step is the same global step as in one process: every rank sees the whole step (the data
@@ -165,8 +164,8 @@ def all_gather(value, world: int) -> list:
     return values
 
 
-def evaluate_sharded(model, tokenizer, poems, lang: str, fmt: str, world: int,
-                     rank: int) -> tuple[dict | None, list[dict] | None]:
+def evaluate_sharded(model, tokenizer, poems, lang: str, fmt: str,
+                     world: int, rank: int) -> tuple[dict | None, list[dict] | None]:
     """engine.evaluate.evaluate with each rank reciting poems[rank::world]: rank 0 returns the
     summary and records of all poems in their original order (the 1-rank evaluation's records);
     the other ranks return (None, None). Speed fields: the slowest rank's seconds, summed tokens."""

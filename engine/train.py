@@ -283,10 +283,11 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
 
 def train(run: Run, metrics: Metrics, progress: bool) -> None:
     """The epochs left: each trained, evaluated every eval_every and checkpointed every checkpoint_every."""
-    config = run.config
     from tqdm import tqdm
-    with tqdm(total=run.total_steps, initial=run.step, disable=not progress, desc=f"{Path(config.model).name} "
-              f"{config.lang}", unit="step", dynamic_ncols=True) as bar:
+    config = run.config
+    desc = f"{Path(config.model).name} {config.lang}"
+    with tqdm(total=run.total_steps, initial=run.step, disable=not progress, desc=desc, unit="step",
+              dynamic_ncols=True) as bar:
         while run.epoch < config.epochs:
             record = train_epoch(run, metrics, bar)
             if run.due(config.eval_every):

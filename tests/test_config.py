@@ -27,7 +27,8 @@ def test_every_field_has_a_flag_with_its_help():
                          ids=list(CHANGED) + ["all"])
 def test_config_to_flags_to_config_is_the_identity(changed):
     config = TrainConfig(**changed)
-    assert from_flags(parser().parse_args(cli_arguments(config))) == config          # betas too: a list from argparse would not compare equal
+    # betas too: a list from argparse would not compare equal
+    assert from_flags(parser().parse_args(cli_arguments(config))) == config
 
 
 def test_presets_and_pretrained_models_read_the_same_defaults():
