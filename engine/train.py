@@ -185,7 +185,8 @@ def config_flags(config: TrainConfig) -> list[str]:
     for name, spec in FIELDS.items():
         value = getattr(config, name)
         if value != spec.default:
-            args += [flag(name)] + ([] if value is True else list(map(str, value if isinstance(value, tuple) else [value])))
+            values = [] if value is True else value if isinstance(value, tuple) else [value]
+            args += [flag(name), *map(str, values)]
     return args
 
 
