@@ -16,12 +16,11 @@ SWEEP_FLAGS = ("epochs", "poems", "lr", "batch_tokens")
 
 def cmd_memorize(args) -> None:
     from engine.train import from_flags, memorize
-    config = from_flags(args)
-    results = memorize(config)
-    if results:
+    results = memorize(from_flags(args))
+    if results:                 # rank 0's
         print(f"exact recitation: {100 * results['accuracy']:.2f}% of {results['n_poems']} poems "
               f"({results['train_seconds']:.0f} s training, {results['eval_seconds']:.0f} s evaluation) -> "
-              f"{config.resolved().out}/report.md")
+              f"{results['config']['out']}/report.md")
 
 
 def cmd_eval(args) -> None:

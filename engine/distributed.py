@@ -2,12 +2,8 @@
 
     rank, world, device = init_distributed(device)         # (0, 1, device) without torchrun
     sync = GradSync(opt) if world > 1 else None             # after the optimizer: hooks on its buffers
-    for each optimizer step (the same list of micro-batches on every rank):
-        mine = shard_step(step_batches, world, rank, micro_batch_tokens)
-        for i, batch in enumerate(mine):
-            with sync.no_sync() if i < len(mine) - 1 else nullcontext():
-                (model.loss(...) / global_target_tokens).backward()
-        sync.wait(loss_sum)                                  # before clipping; sums loss_sum too
+    mine = shard_step(step_batches, world, rank, micro_batch_tokens)    # each step (the same batches on every rank)
+    train_step(model, opt, mine, step_target_tokens, device, sync, ...)  # engine/train.py: backwards, sync.wait, step
     summary, records = evaluate_sharded(model, tokenizer, poems, lang, fmt, world, rank)  # rank 0 gets them
 
 One step is the same global step as in one process: every rank sees the whole step (the data
@@ -39,7 +35,7 @@ TIMEOUT = timedelta(hours=1)
 BUCKET_BYTES = 25 * 2 ** 20     # torch DDP's default bucket size
 
 
-def init_distributed(device: str, timeout: timedelta = TIMEOUT) -> tuple[int, int, str]:
+def init_distributed(device: str) -> tuple[int, int, str]:
     """(rank, world size, device) from torchrun's environment; (0, 1, device) without it.
     On GPUs each rank takes cuda:LOCAL_RANK."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -49,7 +45,7 @@ def init_distributed(device: str, timeout: timedelta = TIMEOUT) -> tuple[int, in
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -104,8 +100,8 @@ class GradSync:
     sequences) and waits for all. Inside no_sync() the hooks only accumulate (all micro-batches
     of a step but the last)."""
 
-    def __init__(self, opt, bucket_bytes: int = BUCKET_BYTES, group=None):
-        self.group, self.syncing = group, True
+    def __init__(self, opt, bucket_bytes: int = BUCKET_BYTES):
+        self.syncing = True
         self.buckets: list[torch.Tensor] = []
         self.sizes: list[int] = []                  # parameters per bucket
         bucket_of: dict[int, int] = {}
@@ -135,7 +131,7 @@ class GradSync:
             self._launch()
 
     def _launch(self) -> None:
-        self.works.append(dist.all_reduce(self.buckets[self.launched], group=self.group, async_op=True))
+        self.works.append(dist.all_reduce(self.buckets[self.launched], async_op=True))
         self.launched += 1
 
     @contextlib.contextmanager
@@ -153,7 +149,7 @@ class GradSync:
         for work in self.works:
             work.wait()
         for t in tensors:
-            dist.all_reduce(t, group=self.group)
+            dist.all_reduce(t)
         self._reset()
 
 
@@ -168,32 +164,22 @@ def all_gather(value, world: int) -> list:
     return values
 
 
-def gather_in_order(mine: list, world: int, rank: int) -> list | None:
-    """The inverse of items[rank::world] over all ranks, on rank 0 (None elsewhere)."""
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    if rank != 0:
-        return None
-    n = sum(len(p) for p in parts)
-    return [parts[i % world][i // world] for i in range(n)]
-
-
-def evaluate_sharded(model, tokenizer, poems, lang: str, fmt: str, world: int, rank: int,
-                     **evaluate_kwargs) -> tuple[dict | None, list[dict] | None]:
+def evaluate_sharded(model, tokenizer, poems, lang: str, fmt: str,
+                     world: int, rank: int) -> tuple[dict | None, list[dict] | None]:
     """engine.evaluate.evaluate with each rank reciting poems[rank::world]: rank 0 returns the
     summary and records of all poems in their original order (the 1-rank evaluation's records);
     the other ranks return (None, None). Speed fields: the slowest rank's seconds, summed tokens."""
     from engine.evaluate import evaluate, summarize
     if world == 1:
-        return evaluate(model, tokenizer, poems, lang, fmt, **evaluate_kwargs)
-    summary, records = evaluate(model, tokenizer, poems[rank::world], lang, fmt, **evaluate_kwargs)
-    summaries = [None] * world if rank == 0 else None
-    dist.gather_object(summary, summaries, dst=0)
-    records = gather_in_order(records, world, rank)
+        return evaluate(model, tokenizer, poems, lang, fmt)
+    parts = [None] * world if rank == 0 else None          # each rank's (summary, records)
+    dist.gather_object(evaluate(model, tokenizer, poems[rank::world], lang, fmt), parts, dst=0)
     if rank != 0:
         return None, None
+    summaries, shares = zip(*parts)
+    records = [shares[i % world][i // world] for i in range(sum(map(len, shares)))]    # poems[rank::world] undone
     seconds = max(s["eval_seconds"] for s in summaries)
     total = {key: sum(s[key] for s in summaries) for key in ("prompt_tokens", "generated_tokens", "decode_batches")}
-    return {**summary, **summarize(records), **total, "eval_seconds": seconds,
+    return {**summaries[0], **summarize(records), **total, "eval_seconds": seconds,
             "tokens_per_second": total["generated_tokens"] / seconds if seconds else 0.0,
             "decode_steps": max(s["decode_steps"] for s in summaries)}, records

@@ -23,7 +23,7 @@ on stale or zero gradients:
     by autograd after `model.zero_grad()` set it to None) is the parameter's whole gradient, as
     in torch.optim: it replaces the parameter's slice of the buffer, and `p.grad` points at the
     buffer again (fp32) or is freed (bf16);
-  - fp32: a `.grad` of None when step(), grad_norm() or clipping runs (model.zero_grad() and no
+  - fp32: a `.grad` of None when step() or clipping runs (model.zero_grad() and no
     backward reached the parameter since) raises GradientError: torch.optim would skip that
     parameter, a flat-buffer step cannot;
   - step() consumes the gradients: it zeroes the buffer after the update, so every step starts
@@ -110,11 +110,6 @@ class _Group:
                 main_grad.copy_(grad)
                 p.grad = main_grad if self.views_grad else None
 
-    def discard_grads(self) -> None:
-        self.grad.zero_()
-        for p, (_, main_grad) in zip(self.params, self.slices):
-            p.grad = main_grad if self.views_grad else None
-
 
 class AdamW:
     """AdamW(params_or_groups, lr, betas, eps, weight_decay), the update of torch.optim.AdamW.
@@ -160,19 +155,16 @@ class AdamW:
     def zero_grad(self) -> None:
         """Discard the gradients accumulated so far (step() already leaves them zero)."""
         for g in self.groups:
-            g.discard_grads()
-
-    @torch.no_grad()
-    def grad_norm(self) -> torch.Tensor:
-        """The global L2 norm of all gradients (a device tensor: no host sync)."""
-        self.collect_grads()
-        return torch.stack([torch.linalg.vector_norm(g.grad) for g in self.groups]).norm()
+            g.grad.zero_()
+            for p in g.params:
+                p.grad = p.main_grad if g.views_grad else None
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale all gradients by min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_
         does; returns the norm before clipping, without a host sync."""
-        norm = self.grad_norm()
+        self.collect_grads()
+        norm = torch.stack([torch.linalg.vector_norm(g.grad) for g in self.groups]).norm()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in self.groups:
             g.grad.mul_(scale)

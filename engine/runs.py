@@ -77,17 +77,17 @@ REFUSED = {"file": "is a file", "model": "is a model folder", "eval": "holds an 
            "other": "is not empty and holds no run"}
 
 
-def refuse_foreign(out: Path) -> None:
-    """memorize writes only into a new or empty folder, or into its own run's folder."""
+def refuse_foreign(out: Path) -> str:
+    """memorize writes only into a new or empty folder, or into its own run's folder; returns its kind."""
     kind = folder_kind(out)
     if kind in REFUSED:
         raise TrainingError(f"{out} {REFUSED[kind]}: memorize writes only into a new or empty folder (or continues "
                             "its own run there with --resume): pass another --out")
+    return kind
 
 
 def check_output(out: Path, resume: bool) -> None:
-    refuse_foreign(out)
-    kind = folder_kind(out)
+    kind = refuse_foreign(out)
     if resume and kind != "run":
         raise TrainingError(f"--resume: {out} holds no run to continue: leave out --resume to start one there")
     if not resume and kind == "run":
@@ -115,8 +115,7 @@ def claimed(out: Path, resume: bool):
         raise TrainingError(f"{out} is in use by another run (PID {holder}): wait for it to end, or pass "
                             "another --out") from None
     try:
-        lock.seek(0)
-        lock.truncate()
+        lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         check_output(out, resume)      # under the lock: no other run changes the folder meanwhile
@@ -127,23 +126,6 @@ def claimed(out: Path, resume: bool):
         raise
     finally:
         lock.close()                   # closing the file releases the lock
-
-
-def resume_differences(saved: dict, new: dict, free: set[str]) -> list[str]:
-    """What a resume would change in the run's meaning: every field outside `free` that differs
-    (epochs may grow: the run is extended)."""
-    differences = []
-    for name, value in json.loads(json.dumps(new)).items():
-        old = saved.get(name)
-        if name in free or value == old or (name == "format" and value is None) or (name == "epochs" and value > old):
-            continue
-        flag = "--" + name.replace("_", "-")
-        differences.append(f"{flag} {_shown(value)} (the run: {_shown(old)})")
-    return differences
-
-
-def _shown(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -168,7 +150,7 @@ def save_checkpoint(out: Path, model, tokenizer, opt, epoch: int, step: int, tot
     except OSError as e:
         raise TrainingError(f"cannot write the checkpoint {final} ({e.strerror or e}): free disk space or fix the "
                             f"permissions of {out}, then continue with --resume (earlier checkpoints are intact)") from None
-    kept = [path for path in checkpoints(out, newest_first=True) if _epoch(path) <= epoch][:keep]
+    kept = [path for path in checkpoints(out) if _epoch(path) <= epoch][:keep]
     for old in out.glob("checkpoint-*"):
         if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
@@ -184,26 +166,22 @@ def _epoch(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
 
 
-def checkpoints(out, newest_first: bool = True) -> list[Path]:
-    """The complete checkpoint folders (a temporary one is not), by epoch."""
+def checkpoints(out) -> list[Path]:
+    """The complete checkpoint folders (a temporary one is not), newest first."""
     found = [path for path in Path(out).glob("checkpoint-*") if path.is_dir() and path.name.split("-")[1].isdigit()]
-    return sorted(found, key=_epoch, reverse=newest_first)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = Path(out) / "latest"
-    return Path(out) / pointer.read_text().strip() if pointer.is_file() else None
+    return sorted(found, key=_epoch, reverse=True)
 
 
 def resume_candidates(out: Path) -> list[Path]:
     """The checkpoint `latest` names, then the older complete ones, newest first."""
-    latest, found = latest_checkpoint(out), checkpoints(out)
-    if latest is not None and latest in found:
-        return [latest] + [path for path in found if _epoch(path) < _epoch(latest)]
-    if latest is not None:
-        named = (out / "latest").read_text().strip()
-        print(f"warning: {out / 'latest'} names no checkpoint folder ({named!r}): trying the newest complete "
-              "checkpoint instead", file=sys.stderr)
+    found, pointer = checkpoints(out), out / "latest"
+    if not pointer.is_file():
+        return found
+    named = pointer.read_text().strip()
+    if out / named in found:
+        return [out / named] + [path for path in found if _epoch(path) < _epoch(out / named)]
+    print(f"warning: {pointer} names no checkpoint folder ({named!r}): trying the newest complete checkpoint instead",
+          file=sys.stderr)
     return found
 
 
@@ -230,8 +208,6 @@ def restore_newest(out: Path, model, opt) -> tuple[Path | None, tuple]:
 def restore(checkpoint: Path, model, opt) -> tuple[int, int, dict]:
     """Load model weights, optimizer and RNG state; returns (epochs done, steps done, running totals).
     TrainingError names the file that cannot be read."""
-    if not checkpoint.is_dir():
-        raise TrainingError(f"{checkpoint.parent / 'latest'} names {checkpoint.name}, which does not exist")
     params = dict(model.named_parameters())
     try:
         with torch.no_grad():

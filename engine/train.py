@@ -41,8 +41,8 @@ from engine.evaluate import resolve_device
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
-from engine.runs import (Metrics, TrainingError, claimed, keep_last_finite, read_jsonl, restore_newest,
-                         resume_differences, run_dir, save_checkpoint, saved_config)
+from engine.runs import (Metrics, TrainingError, claimed, keep_last_finite, read_jsonl, restore_newest, run_dir,
+                         save_checkpoint, saved_config)
 from engine.scoring import SCORE_BATCH_TOKENS, bits_summary, poem_bits
 from models import load_model, load_tokenizer
 
@@ -103,10 +103,9 @@ class TrainConfig:
     def default(name: str, tiny: bool = False, length: int = 256):
         """The value a field takes when not given: `resolved()`'s choice for a pretrained model or a tiny
         preset (a preset's budget grows with the length bin, so that its longest poem fits)."""
-        spec = FIELDS[name]
-        meta = spec.metadata
+        meta = FIELDS[name].metadata
         if meta.get("full") is None:
-            return spec.default
+            return FIELDS[name].default
         value = meta["tiny"] if tiny else meta["full"]
         return value[length] if isinstance(value, dict) else value
 
@@ -115,8 +114,8 @@ class TrainConfig:
         for name in FIELDS:
             check_value(name, getattr(self, name))
         tiny = self.model.startswith("tiny-")
-        filled = replace(self, **{name: self.default(name, tiny, self.length) for name, spec in FIELDS.items()
-                                  if spec.metadata.get("full") is not None and getattr(self, name) is None})
+        filled = replace(self, **{name: self.default(name, tiny, self.length) for name in FIELDS
+                                  if getattr(self, name) is None})
         if filled.micro_batch_tokens is None:
             filled.micro_batch_tokens = filled.batch_tokens
         filled.out = self.out or str(run_dir("runs", self.model, self.lang, self.length))
@@ -137,9 +136,9 @@ def check_value(name: str, value) -> None:
     """ConfigError naming the flag and its allowed range when `value` is outside it (other names pass)."""
     spec = FIELDS.get(name)
     test, allowed = (spec.metadata.get("valid") if spec else None) or (None, None)
-    values = list(value) if isinstance(value, (tuple, list)) else [value]
+    values = value if isinstance(value, (tuple, list)) else [value]
     if test is not None and value is not None and not all(map(test, values)):
-        raise ConfigError(f"{flag(name)} must be {allowed} (got {' '.join(map(str, values))})")
+        raise ConfigError(f"{flag(name)} must be {allowed} (got {shown(value)})")
 
 
 # ---------------------------------------------------------------- the config as command-line flags
@@ -148,16 +147,23 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def shown(value) -> str:
+    """A value as its flag's arguments on the command line (a pair: `0.9 0.95`)."""
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 def add_flags(parser: argparse.ArgumentParser, names=None, defaults=None) -> None:
     """One flag per TrainConfig field (or the named ones); `defaults` overrides a field's default."""
     for name in names or FIELDS:
         spec, meta = FIELDS[name], FIELDS[name].metadata
         default = (defaults or {}).get(name, None if spec.default is MISSING else spec.default)
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         tiny = meta.get("tiny")
         tiny = ", ".join(f"{v} at --length {k}" for k, v in tiny.items()) if isinstance(tiny, dict) else tiny
-        text = meta["help"] + (f" (default {meta['full']}; for tiny presets {tiny})" if meta.get("full")
-                               and default is None else "" if default is None or default is False else f" (default {shown})")
+        text = meta["help"]
+        if meta.get("full") is not None and default is None:
+            text += f" (default {meta['full']}; for tiny presets {tiny})"
+        elif default is not None and default is not False:
+            text += f" (default {shown(default)})"
         if isinstance(default, bool):
             parser.add_argument(flag(name), action="store_true", help=text)
         elif isinstance(default, tuple):
@@ -179,7 +185,8 @@ def config_flags(config: TrainConfig) -> list[str]:
     for name, spec in FIELDS.items():
         value = getattr(config, name)
         if value != spec.default:
-            args += [flag(name)] + ([] if value is True else list(map(str, value if isinstance(value, tuple) else [value])))
+            values = [] if value is True else value if isinstance(value, tuple) else [value]
+            args += [flag(name), *map(str, values)]
     return args
 
 
@@ -277,8 +284,11 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
 
 def train(run: Run, metrics: Metrics, progress: bool) -> None:
     """The epochs left: each trained, evaluated every eval_every and checkpointed every checkpoint_every."""
+    from tqdm import tqdm
     config = run.config
-    with _progress(run.total_steps, run.step, progress, f"{Path(config.model).name} {config.lang}") as bar:
+    desc = f"{Path(config.model).name} {config.lang}"
+    with tqdm(total=run.total_steps, initial=run.step, disable=not progress, desc=desc, unit="step",
+              dynamic_ncols=True) as bar:
         while run.epoch < config.epochs:
             record = train_epoch(run, metrics, bar)
             if run.due(config.eval_every):
@@ -299,7 +309,13 @@ def check_resume(config: TrainConfig) -> None:
     saved = saved_config(config.out)
     if saved is None:
         return
-    differences = resume_differences(saved, asdict(config), FREE_ON_RESUME)
+    differences = []
+    for name, value in json.loads(json.dumps(asdict(config))).items():      # tuples as lists, as in config.json
+        old = saved.get(name)
+        if (name in FREE_ON_RESUME or value == old or (name == "format" and value is None)
+                or (name == "epochs" and value > old)):        # epochs may grow: the run is extended
+            continue
+        differences.append(f"{flag(name)} {shown(value)} (the run: {shown(old)})")
     if differences:
         raise TrainingError(f"--resume: {config.out} was trained with other settings: {'; '.join(differences)}. "
                             "Resume with the run's own settings, or start a new run with another --out")
@@ -476,7 +492,3 @@ def _finite(loss: torch.Tensor, run: Run) -> float:
                         f"weights, kept as {run.out / 'latest'}; {advice} (its weights can seed one: --model "
                         f"{kept / 'model'})")
 
-
-def _progress(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)

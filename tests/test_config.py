@@ -15,10 +15,6 @@ CHANGED = dict(model="runs/some model/model", lang="en", length=512, poems=7, ep
                format="plain", source="poems.jsonl", device="cuda:1", log_every=1, keep_checkpoints=3)
 
 
-def parsed(config: TrainConfig) -> TrainConfig:
-    return from_flags(parser().parse_args(cli_arguments(config)))
-
-
 def test_every_field_has_a_flag_with_its_help():
     assert CHANGED.keys() == FIELDS.keys()
     assert all(CHANGED[name] != TrainConfig.default(name) for name in FIELDS if name != "model")
@@ -31,7 +27,8 @@ def test_every_field_has_a_flag_with_its_help():
                          ids=list(CHANGED) + ["all"])
 def test_config_to_flags_to_config_is_the_identity(changed):
     config = TrainConfig(**changed)
-    assert parsed(config) == config          # betas too: a list from argparse would not compare equal
+    # betas too: a list from argparse would not compare equal
+    assert from_flags(parser().parse_args(cli_arguments(config))) == config
 
 
 def test_presets_and_pretrained_models_read_the_same_defaults():

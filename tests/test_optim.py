@@ -8,6 +8,7 @@ from engine.optim import AdamW, GradientError, lr_at, parameter_groups
 from models import build_model, load_model
 from models.config import ModelConfig
 from models.registry import REGISTRY
+from tests.helpers import rel_err
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), (1,)]
 TINY = {**REGISTRY["tiny-qwen2"].config, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
@@ -37,6 +38,16 @@ def loss_of(model, seqs, n_targets):
     labels = ids.roll(-1)
     labels[cu[1:].long() - 1] = -100
     return model.loss(ids, labels, cu, reduction="sum") / n_targets
+
+
+def gradient(model, opt, micro_batches, n_targets):
+    """The fp32 buffers' gradient after one backward per micro-batch (a list of sequences each),
+    which opt.zero_grad() then discards."""
+    for seqs in micro_batches:
+        loss_of(model, seqs, n_targets).backward()
+    grad = torch.cat([g.grad.clone() for g in opt.groups])
+    opt.zero_grad()
+    return grad
 
 
 @pytest.mark.parametrize("chunk", [None, 5])      # 5: the CPU step in several slices, the last one short
@@ -107,11 +118,8 @@ def test_model_zero_grad_mid_accumulation_discards_like_torch(one_thread):
     opt = AdamW(parameter_groups(model, 0.0), lr=1e-2)
     loss_of(model, sequences([20, 11], seed=1), 29).backward()
     model.zero_grad()
-    loss_of(model, sequences([14, 25], seed=2), 37).backward()
-    ours = torch.cat([g.grad.clone() for g in opt.groups])
-    opt.zero_grad()
-    loss_of(model, sequences([14, 25], seed=2), 37).backward()
-    assert torch.equal(ours, torch.cat([g.grad for g in opt.groups]))
+    ours = gradient(model, opt, [sequences([14, 25], seed=2)], 37)
+    assert torch.equal(ours, gradient(model, opt, [sequences([14, 25], seed=2)], 37))
 
 
 def test_a_lost_gradient_is_an_error():
@@ -174,27 +182,16 @@ def test_bf16_micro_batches_accumulate_in_fp32(one_thread):
     opt = AdamW(parameter_groups(model, 0.0), lr=1e-3)
     micro = [sequences([37, 50, 23], seed=k) for k in range(4)]
     n_targets = sum(len(s) - 1 for seqs in micro for s in seqs)
-
-    def gradient(*micro_batches):
-        for seqs in micro_batches:
-            loss_of(model, seqs, n_targets).backward()
-        grad = torch.cat([g.grad.clone() for g in opt.groups])
-        opt.zero_grad()
-        return grad
-
-    accumulated = gradient(*micro)
-    each = [gradient(seqs) for seqs in micro]
+    accumulated = gradient(model, opt, micro, n_targets)
+    each = [gradient(model, opt, [seqs], n_targets) for seqs in micro]
     exact = torch.stack(each).double().sum(0)
     bf16_sum = each[0].bfloat16()
     for grad in each[1:]:
         bf16_sum = bf16_sum + grad.bfloat16()
-    whole = gradient([s for seqs in micro for s in seqs])
-
-    def rel(a):
-        return ((a.double() - exact).norm() / exact.norm()).item()
+    whole = gradient(model, opt, [[s for seqs in micro for s in seqs]], n_targets)
     assert all(p.grad is None for p in model.parameters())
-    assert rel(accumulated) < 1e-6 < 1e-4 < rel(bf16_sum)
-    assert rel(whole) < 1e-2
+    assert rel_err(accumulated, exact) < 1e-6 < 1e-4 < rel_err(bf16_sum, exact)
+    assert rel_err(whole, exact) < 1e-2
 
 
 def test_fp32_micro_batches_equal_one_micro_batch(one_thread):
@@ -202,13 +199,9 @@ def test_fp32_micro_batches_equal_one_micro_batch(one_thread):
     opt = AdamW(parameter_groups(model, 0.0), lr=1e-3)
     micro = [sequences([37, 50, 23], seed=k) for k in range(4)]
     n_targets = sum(len(s) - 1 for seqs in micro for s in seqs)
-    for seqs in micro:
-        loss_of(model, seqs, n_targets).backward()
-    accumulated = torch.cat([g.grad.clone() for g in opt.groups])
-    opt.zero_grad()
-    loss_of(model, [s for seqs in micro for s in seqs], n_targets).backward()
-    whole = torch.cat([g.grad for g in opt.groups])
-    assert ((accumulated - whole).norm() / whole.norm()).item() < 1e-5
+    accumulated = gradient(model, opt, micro, n_targets)
+    whole = gradient(model, opt, [[s for seqs in micro for s in seqs]], n_targets)
+    assert rel_err(accumulated, whole) < 1e-5
 
 
 def test_state_dict_round_trip():
