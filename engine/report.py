@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from itertools import accumulate
 from pathlib import Path
 
 from engine import dynamics
@@ -61,7 +62,10 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, legend_ax=None) -> Path:
+    """Writes the figure (with legend_ax's legend in small print, if given) and closes it."""
+    if legend_ax is not None:
+        legend_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
@@ -69,18 +73,15 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def plot_run(out: Path, title: str) -> Path:
-    plt = pyplot()
     epochs, evals = epoch_curve(read_jsonl(out / "metrics.jsonl"))
-    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    fig, loss_ax = pyplot().subplots(figsize=(7, 4))
     loss_ax.plot([m["epoch"] for m in epochs], [m["epoch_loss"] for m in epochs], color="tab:blue", label="loss")
-    loss_ax.set_xlabel("epoch")
+    loss_ax.set(title=title, xlabel="epoch", yscale="log")
     loss_ax.set_ylabel("training loss (mean CE per target token)", color="tab:blue")
-    loss_ax.set_yscale("log")
     acc_ax = loss_ax.twinx()
     acc_ax.plot([m["epoch"] for m in evals], [100 * m["accuracy"] for m in evals], "o-", color="tab:red")
-    acc_ax.set_ylabel("exact recitation accuracy (%)", color="tab:red")
+    acc_ax.set_ylabel(ACCURACY_LABEL, color="tab:red")
     acc_ax.set_ylim(0, 100)
-    loss_ax.set_title(title)
     return save_figure(fig, out / "curve.png")
 
 
@@ -118,51 +119,37 @@ def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-
 PERCENT_LIMITS = (-2, 102)      # 0% and 100% lines stay visible inside the frame
+ACCURACY_LABEL = "exact recitation accuracy (%)"
 
 
-def percent_figure(title: str, xlabel: str, ylabel: str = "exact recitation accuracy (%)"):
+def percent_figure(title: str, xlabel: str, ylabel: str = ACCURACY_LABEL):
     """A figure with one axis of percentages (the accuracy plots of a run and of a report)."""
     fig, ax = pyplot().subplots(figsize=(7, 4))
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(*PERCENT_LIMITS)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=PERCENT_LIMITS)
     return fig, ax
-
-
-def save_with_legend(fig, ax, path: Path) -> Path:
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
 
 
 def plot_bits_and_accuracy(path: Path, bits_curve: list[dict], accuracy_curve: list[dict], title: str) -> Path:
     """bits_curve: [{"epoch", "bits"}] (epoch 0 = base model); accuracy_curve: [{"epoch", "n", "correct"}]."""
-    plt = pyplot()
-    fig, (bits_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (bits_ax, acc_ax) = pyplot().subplots(1, 2, figsize=(11, 4))
     bits_ax.plot([m["epoch"] for m in bits_curve], [m["bits"] / 1000 for m in bits_curve], "o-", color="tab:purple")
     if bits_curve and bits_curve[0]["epoch"] == 0:
         base = bits_curve[0]["bits"] / 1000
         bits_ax.axhline(base, ls="--", color="gray", lw=1)
         bits_ax.annotate(f"base model: {base:,.1f} kbit", (0, base), textcoords="offset points", xytext=(8, -14),
                          color="gray", fontsize=8)
-    bits_ax.set_xlabel("epoch")
-    bits_ax.set_ylabel("NLL of the training poems' targets (kbit)")
-    bits_ax.set_ylim(bottom=0)
-    bits_ax.set_title("information left to learn")
+    bits_ax.set(title="information left to learn", xlabel="epoch", ylabel="NLL of the training poems' targets (kbit)",
+                ylim=(0, None))
     epochs = [m["epoch"] for m in accuracy_curve]
     bands = [wilson_interval(m["correct"], m["n"]) for m in accuracy_curve]
     acc_ax.fill_between(epochs, [100 * lo for lo, _ in bands], [100 * hi for _, hi in bands], color="tab:red",
                         alpha=0.2, lw=0, label="95% Wilson interval")
     acc_ax.plot(epochs, [100 * m["correct"] / m["n"] for m in accuracy_curve], "o-", color="tab:red",
                 label="exact recitation")
-    acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel("accuracy (%)")
-    acc_ax.set_ylim(*PERCENT_LIMITS)
-    acc_ax.set_xlim(bits_ax.get_xlim())
+    acc_ax.set(title="poems recited exactly", xlabel="epoch", ylabel="accuracy (%)", ylim=PERCENT_LIMITS,
+               xlim=bits_ax.get_xlim())
     acc_ax.legend(loc="upper left", fontsize=8)      # accuracy climbs from the lower left
-    acc_ax.set_title("poems recited exactly")
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -173,20 +160,18 @@ def plot_length_curves(path: Path, by_length: dict[str, list[dict]], title: str)
     for bucket, curve in by_length.items():
         ax.plot([m["epoch"] for m in curve], [100 * m["accuracy"] for m in curve], "o-", ms=3,
                 label=f"{bucket} chars (n={curve[0]['n']})")
-    return save_with_legend(fig, ax, path)
+    return save_figure(fig, path, legend_ax=ax)
 
 
 def plot_first_recited(path: Path, first_by_length: dict[str, dict], evaluation_epochs: list[int], title: str) -> Path:
     """first_by_length: engine.dynamics.first_recited_by_length; evaluation_epochs: every evaluation's epoch."""
     fig, ax = percent_figure(title, "epoch", "poems first recited exactly by then (%)")
     for bucket, counts in first_by_length.items():
-        shares, done = [0.0], 0                  # none recited before training
-        for epoch in evaluation_epochs:
-            done += counts["epochs"].get(epoch, 0)
-            shares.append(100 * done / counts["n"])
+        done = accumulate(counts["epochs"].get(epoch, 0) for epoch in evaluation_epochs)
+        shares = [0.0] + [100 * recited / counts["n"] for recited in done]       # none recited before training
         ax.step([0, *evaluation_epochs], shares, where="post",
                 label=f"{bucket} chars (n={counts['n']}, never: {counts['never']})")
-    return save_with_legend(fig, ax, path)
+    return save_figure(fig, path, legend_ax=ax)
 
 
 def write_run_plots(out: Path, metrics: list[dict], lines: list[dict], title: str) -> list[Path]:
@@ -352,8 +337,6 @@ def cost_table(runs: list[dict]) -> str:
                            "device-s per kbit gained"], body)
 
 
-
-
 def _label(run: dict) -> str:
     return f"{display_name(run['model'])} {run['lang']}-{run['length']}"
 
@@ -364,32 +347,23 @@ def plot_curves(runs: list[dict], path: Path) -> Path:
     for run in runs:
         _, evals = epoch_curve(read_jsonl(Path(run["run_dir"]) / "metrics.jsonl"))
         ax.plot([m["epoch"] for m in evals], [100 * m["accuracy"] for m in evals], "o-", markersize=3, label=_label(run))
-    return save_with_legend(fig, ax, path)
-
-
-def accuracy_by_length(run: dict) -> list[dict]:
-    """The evaluator's accuracy per bucket of poem characters: results.json's by_length, else
-    recomputed from generations.jsonl."""
-    return run.get("by_length") or summarize(read_jsonl(Path(run["run_dir"]) / "generations.jsonl"))["by_length"]
+    return save_figure(fig, path, legend_ax=ax)
 
 
 def plot_by_length(runs: list[dict], path: Path) -> Path:
     labels = [length_bucket(edge) for edge in LENGTH_EDGES] + [length_bucket(LENGTH_EDGES[-1] + 1)]
     fig, ax = percent_figure("Accuracy by poem length", "poem length (characters)")
-    for run in runs:
-        buckets = accuracy_by_length(run)
+    for run in runs:        # results.json's accuracy per length bucket, else recomputed from generations.jsonl
+        buckets = run.get("by_length") or summarize(read_jsonl(Path(run["run_dir"]) / "generations.jsonl"))["by_length"]
         ax.plot([labels.index(b["chars"]) for b in buckets], [100 * b["accuracy"] for b in buckets], "o-",
                 label=_label(run))
     ax.set_xticks(range(len(labels)), labels)
-    return save_with_legend(fig, ax, path)
+    return save_figure(fig, path, legend_ax=ax)
 
 
 def seed_groups(runs: list[dict]) -> dict[tuple, list[dict]]:
     """{(model, lang, length): its runs} in first-seen order; several runs are several seeds."""
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        groups.setdefault((run["model"], run["lang"], run["length"]), []).append(run)
-    return groups
+    return dynamics.group_by(runs, lambda run: (run["model"], run["lang"], run["length"]))
 
 
 def pooled(runs: list[dict]) -> tuple[int, int]:
@@ -441,7 +415,7 @@ def ranking_table(runs: list[dict]) -> str:
         k, n = pooled(group)
         per_param = [r["memorization"]["bits_per_parameter"] for r in group if r.get("memorization")]
         by_set.setdefault((lang, length), []).append(
-            {"model": model, "correct": k, "n": n, "seeds": len(group),
+            {"model": model, "correct": k, "n": n,
              "bits_per_parameter": sum(per_param) / len(per_param) if per_param else None})
     for (lang, length), entries in by_set.items():
         ranked = rank_by_accuracy(entries)
