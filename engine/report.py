@@ -1,19 +1,8 @@
-"""Everything rendered for a reader: a run's report (results.json, generations.jsonl, a plot of
-loss and recitation accuracy per epoch, report.md), the data statistics of `cli.py data`, and the
-paper's Tables 1 and 2 beside our runs (`cli.py report`).
-
-The memorization view of a run (from metrics.jsonl and evals.jsonl, engine/dynamics.py):
-  bits.png             bits of the training poems under the model at each evaluation (epoch 0:
-                       the base model, the data's information) beside the accuracy with its 95%
-                       Wilson band;
-  accuracy_by_length_curve.png   accuracy against epoch per length bucket;
-  first_recited.png    per length bucket, the cumulative share of poems recited exactly for the
-                       first time by each epoch (it stops below 100% by the share never recited);
-and in report.md the accuracy with its interval, bits gained per parameter and per memorized
-poem, forgetting, accuracy per length bucket with intervals. Across runs (`cli.py report`): the
-paper's figures marked inside or outside our intervals, mean and spread across seeds, and the
-memorization-ability ranking (accuracy with a two-proportion test between neighbours, and bits
-per parameter).
+"""Everything rendered for a reader: a run's report (results.json, generations.jsonl, report.md with
+curve.png, loss and accuracy per epoch, and the memorization view from evals.jsonl: bits.png,
+accuracy_by_length_curve.png, first_recited.png), the data statistics of `cli.py data`, and the
+paper's Tables 1 and 2 beside our runs, with the spread across seeds and the memorization-ability
+ranking (`cli.py report`).
 
     write_run_report(out, results, records)        # memorize, at the end of a run
     print(describe("cn", 256, tokenizer, 8192))   # cli.py data
@@ -47,6 +36,10 @@ PAPER_ACCURACY = {
 
 
 # ---------------------------------------------------------------- one run's report
+
+PERCENT_LIMITS = (-2, 102)      # 0% and 100% lines stay visible inside the frame
+ACCURACY_LABEL = "exact recitation accuracy (%)"
+
 
 def epoch_curve(metrics: list[dict]) -> tuple[list[dict], list[dict]]:
     """(per-epoch loss records, per-epoch accuracy records) from metrics.jsonl."""
@@ -119,10 +112,6 @@ def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-PERCENT_LIMITS = (-2, 102)      # 0% and 100% lines stay visible inside the frame
-ACCURACY_LABEL = "exact recitation accuracy (%)"
-
-
 def percent_figure(title: str, xlabel: str, ylabel: str = ACCURACY_LABEL):
     """A figure with one axis of percentages (the accuracy plots of a run and of a report)."""
     fig, ax = pyplot().subplots(figsize=(7, 4))
@@ -131,7 +120,9 @@ def percent_figure(title: str, xlabel: str, ylabel: str = ACCURACY_LABEL):
 
 
 def plot_bits_and_accuracy(path: Path, bits_curve: list[dict], accuracy_curve: list[dict], title: str) -> Path:
-    """bits_curve: [{"epoch", "bits"}] (epoch 0 = base model); accuracy_curve: [{"epoch", "n", "correct"}]."""
+    """The training poems' bits at each evaluation (epoch 0: the base model, the data's information) beside
+    the accuracy with its 95% Wilson band.
+    bits_curve: [{"epoch", "bits"}] (epoch 0 = base model); accuracy_curve: [{"epoch", "n", "correct"}]."""
     fig, (bits_ax, acc_ax) = pyplot().subplots(1, 2, figsize=(11, 4))
     bits_ax.plot([m["epoch"] for m in bits_curve], [m["bits"] / 1000 for m in bits_curve], "o-", color="tab:purple")
     if bits_curve and bits_curve[0]["epoch"] == 0:
@@ -164,7 +155,9 @@ def plot_length_curves(path: Path, by_length: dict[str, list[dict]], title: str)
 
 
 def plot_first_recited(path: Path, first_by_length: dict[str, dict], evaluation_epochs: list[int], title: str) -> Path:
-    """first_by_length: engine.dynamics.first_recited_by_length; evaluation_epochs: every evaluation's epoch."""
+    """Per length bucket, the cumulative share of poems first recited exactly by each epoch (short of 100%
+    by those never recited). first_by_length: engine.dynamics.first_recited_by_length; evaluation_epochs:
+    every evaluation's epoch."""
     fig, ax = percent_figure(title, "epoch", "poems first recited exactly by then (%)")
     for bucket, counts in first_by_length.items():
         done = accumulate(counts["epochs"].get(epoch, 0) for epoch in evaluation_epochs)
