@@ -83,12 +83,11 @@ def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
     write_results(out, results, records)
     title = f"{results['model']} {results['lang']}-{results['length']}: {results['n_poems']} poems"
     plot_run(out, title)
-    categories = results.get("categories", {})
     lines = [
         f"# {title}",
         "",
         f"- exact recitation accuracy: **{100 * results['accuracy']:.2f}%** after {results['epochs']} epochs",
-        "- errors: " + ", ".join(f"{name} {count}" for name, count in categories.items()),
+        "- errors: " + ", ".join(f"{name} {count}" for name, count in results.get("categories", {}).items()),
         f"- trained tokens: {results['train_tokens']:,} in {results['train_seconds']:.1f} s "
         f"({results['tokens_per_second']:,.0f} tokens/s) on {results['device']}; evaluation {results['eval_seconds']:.1f} s",
         f"- peak memory: {results['peak_memory_bytes'] / 2**30:.2f} GiB; parameters: {results['parameters']:,}",
@@ -169,7 +168,6 @@ def plot_first_recited(path: Path, first_by_length: dict[str, dict], evaluation_
 
 def write_run_plots(out: Path, metrics: list[dict], lines: list[dict], title: str) -> list[Path]:
     """bits.png, accuracy_by_length_curve.png and first_recited.png of one run folder."""
-    out = Path(out)
     bits = [{"epoch": m["epoch"], "bits": m["bits"]} for m in metrics if "bits" in m]
     curve = dynamics.accuracy_curve(lines)
     return [plot_bits_and_accuracy(out / "bits.png", bits, curve, title),
@@ -223,11 +221,10 @@ def memorization_section(results: dict) -> list[str]:
         total = measured + results["train_seconds"]
         lines.append(f"- measuring it: evaluation {results['eval_seconds']:.1f} s + scoring {results['score_seconds']:.1f} s"
                      f" = {100 * measured / total:.1f}% of the run's {total:.0f} s of training and measurement")
-    buckets = results.get("by_length") or []
-    if buckets:
+    if results.get("by_length"):
         lines += ["", markdown_table(["poem characters", "poems", "correct", "accuracy %", "95% interval"],
                                      [[b["chars"], b["n"], b["correct"], f"{100 * b['accuracy']:.2f}",
-                                       interval_text(b["correct"], b["n"])] for b in buckets])]
+                                       interval_text(b["correct"], b["n"])] for b in results["by_length"]])]
     lines += ["", "![bits and accuracy per epoch](bits.png)", "",
               "![accuracy per epoch by poem length](accuracy_by_length_curve.png)", "",
               "![first recited epoch by poem length](first_recited.png)"]
