@@ -54,10 +54,6 @@ def group_by(items, key) -> dict:
     return groups
 
 
-def _by_epoch(lines: list[dict]) -> dict[int, list[dict]]:
-    return group_by(sorted(lines, key=lambda line: line["epoch"]), lambda line: line["epoch"])
-
-
 def _by_length(items: list[dict]) -> dict[str, list[dict]]:
     """{length bucket: its items}, buckets from short to long."""
     return group_by(sorted(items, key=lambda item: item["chars"]), lambda item: length_bucket(item["chars"]))
@@ -70,7 +66,8 @@ def _accuracy(lines: list[dict]) -> dict:
 
 def accuracy_curve(lines: list[dict]) -> list[dict]:
     """[{"epoch", "n", "correct", "accuracy"}] per evaluation, in epoch order."""
-    return [{"epoch": epoch, **_accuracy(group)} for epoch, group in _by_epoch(lines).items()]
+    by_epoch = group_by(sorted(lines, key=lambda line: line["epoch"]), lambda line: line["epoch"])
+    return [{"epoch": epoch, **_accuracy(group)} for epoch, group in by_epoch.items()]
 
 
 def accuracy_by_length(lines: list[dict]) -> dict[str, list[dict]]:
@@ -118,7 +115,7 @@ def dynamics_summary(lines: list[dict]) -> dict:
     poems = poem_dynamics(lines)
     first = sorted(p["first_recited"] for p in poems if p["first_recited"] is not None)
     return {
-        "evaluations": len(_by_epoch(lines)),
+        "evaluations": len({line["epoch"] for line in lines}),
         "poems": len(poems),
         "ever_recited": len(first),
         "stayed": sum(p["stayed"] for p in poems),

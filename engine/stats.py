@@ -12,10 +12,6 @@ import statistics
 ALPHA = 0.05          # significance level of the tests; 95% intervals
 
 
-def _z(confidence: float) -> float:
-    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-
-
 def _check_counts(k: int, n: int) -> None:
     if n <= 0 or not 0 <= k <= n:
         raise ValueError(f"a proportion needs 0 <= successes <= trials and trials > 0, got {k} of {n}")
@@ -26,7 +22,7 @@ def wilson_interval(k: int, n: int, confidence: float = 1 - ALPHA) -> tuple[floa
     Unlike the normal approximation p +- z sqrt(p(1-p)/n) it stays inside [0, 1] and keeps its
     coverage near 0% and 100%, where memorization runs end up."""
     _check_counts(k, n)
-    z = _z(confidence)
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     p = k / n
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
