@@ -125,12 +125,11 @@ def this_device() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def load_bench(bench_dir, device: str | None = None) -> dict | None:
+def load_bench(bench_dir) -> dict | None:
     """The throughput benchmark (bench/throughput.py's JSON) recorded on this device, if any."""
-    device = device or this_device()
     for path in sorted(Path(bench_dir).glob("throughput-*.json")):
         bench = json.loads(path.read_text()) if not path.name.endswith("-detail.json") else {}
-        if bench.get("device") == device and "models" in bench:
+        if bench.get("device") == this_device() and "models" in bench:
             return {**bench, "path": str(path)}
     return None
 
