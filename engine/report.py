@@ -250,7 +250,7 @@ def histogram(values: list[int], bins: int = 8, width: int = 40) -> str:
     counts = Counter((v - lo) // step for v in values)
     top = max(counts.values())
     return "\n".join(f"  {lo + b * step:>6}-{lo + (b + 1) * step - 1:<6} {counts[b]:>5} {'#' * round(width * counts[b] / top)}"
-                     for b in range(-(-(hi - lo + 1) // step)))
+                     for b in range(max(counts) + 1))
 
 
 def describe(lang: str, length: int, tokenizer, budget_tokens: int, source=None, n: int | None = 2000,
