@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from engine.data import encode_examples, load_poems, model_format
-from engine.report import PAPER_ACCURACY, duration, markdown_table, pyplot, save_figure
+from engine.report import (ACCURACY_LABEL, PAPER_ACCURACY, duration, markdown_table, pooled, pyplot, save_figure,
+                           seed_groups)
 from engine.runs import find_runs, run_gpu_seconds
 from engine.train import TrainConfig
 from kernels.hardware import PROJECTION
@@ -111,26 +112,24 @@ def projected_eval_seconds(config: ModelConfig, parameters: int, prompt_tokens: 
 # ---------------------------------------------------------------- inputs: tokens and benchmarks
 
 def model_tokenizer(name: str):
-    """(tokenizer, note): the model's own when its files are local, else the tiny tokenizer as a proxy."""
+    """(tokenizer, note): the model's own when its files are local (a preset's own is the tiny one), else the
+    tiny tokenizer as a proxy."""
     spec = REGISTRY.get(name)
     directory = Path(name) if Path(name).is_dir() else (cached_snapshot(spec.repo) if spec and spec.repo else None)
     if directory is not None and (directory / "tokenizer.json").is_file():
         return read_tokenizer_dir(directory), "own"
-    if spec is not None and spec.repo is None:
-        return read_tokenizer_dir(TINY_TOKENIZER), "own"
-    return read_tokenizer_dir(TINY_TOKENIZER), "tiny proxy"
+    return read_tokenizer_dir(TINY_TOKENIZER), "own" if spec is not None and spec.repo is None else "tiny proxy"
 
 
 def this_device() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def load_bench(bench_dir, device: str | None = None) -> dict | None:
+def load_bench(bench_dir) -> dict | None:
     """The throughput benchmark (bench/throughput.py's JSON) recorded on this device, if any."""
-    device = device or this_device()
     for path in sorted(Path(bench_dir).glob("throughput-*.json")):
         bench = json.loads(path.read_text()) if not path.name.endswith("-detail.json") else {}
-        if bench.get("device") == device and "models" in bench:
+        if bench.get("device") == this_device() and "models" in bench:
             return {**bench, "path": str(path)}
     return None
 
@@ -148,10 +147,7 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
     models = models or PAPER_MODELS
     poems = load_poems(lang, length, n_poems, seed, source)
     bench = load_bench(bench_dir)
-    matching: dict[str, list[dict]] = {}
-    for run in find_runs(runs):
-        if (run["lang"], run["length"]) == (lang, length):
-            matching.setdefault(run["model"], []).append(run)
+    finished = seed_groups(find_runs(runs))
     encoded, rows = {}, []
     for name in models:
         config = model_config(name)
@@ -167,11 +163,10 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
         measured = (bench or {}).get("models", {}).get(name)
         measured = measured if measured and "train_tokens_per_second" in measured else None
         epoch_s, eval_s, basis = seconds_per_epoch_and_eval(config, params, examples, flops, measured, bench)
-        evals = math.ceil(epochs / eval_every)
         row = {"model": name, "parameters": params, "tokenizer": tokenizer_note, "format": fmt, "poems": len(examples),
                "tokens_per_epoch": sum(lengths), "flops_per_epoch": flops, "flops_total": flops * epochs,
                "epoch_seconds": epoch_s, "eval_seconds": eval_s,
-               "gpu_hours": (epochs * epoch_s + evals * eval_s) / 3600, "basis": basis,
+               "gpu_hours": (epochs * epoch_s + math.ceil(epochs / eval_every) * eval_s) / 3600, "basis": basis,
                "projected": not measured, "memory": memory_split(config, params, micro_batch_tokens),
                "measured_peak_memory_bytes": measured.get("peak_memory_bytes") if measured else None,
                "paper_accuracy": PAPER_ACCURACY.get((lang, length), {}).get(name)}
@@ -180,7 +175,7 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
             run_poems = load_poems(lang, length, run["n_poems"], run["config"]["seed"], run["config"].get("source"))
             lengths = [len(example) for example in encode_examples(run_poems, tokenizer, lang, fmt)]
             return train_flops(config, params, lengths) * run["epochs"]
-        row.update(information_view(row, matching.get(name, []), run_flops))
+        row.update(information_view(row, finished.get((name, lang, length), []), run_flops))
         rows.append(row)
     table = profile_table(rows, lang, length, epochs, eval_every, micro_batch_tokens) + "\n\n" + information_table(rows)
     if out is not None:
@@ -199,7 +194,7 @@ def information_view(row: dict, runs: list[dict], run_flops) -> dict:
         return {"cost_basis": "projected from the paper's accuracy" if memorized else None,
                 "flops_per_poem": row["flops_total"] / memorized if memorized else None,
                 "gpu_seconds_per_poem": row["gpu_hours"] * 3600 / memorized if memorized else None}
-    memorized, n = sum(run["correct"] for run in runs), sum(run["n"] for run in runs)
+    memorized, n = pooled(runs)
     flops, seconds = sum(run_flops(run) for run in runs), sum(run_gpu_seconds(run) for run in runs)
     scored = [run["memorization"] for run in runs if "memorization" in run]
     kbit = sum(bits["bits_gained"] for bits in scored) / 1000 if len(scored) == len(runs) else None
@@ -282,8 +277,7 @@ def plot_profile(rows: list[dict], path: Path, title: str) -> Path:
     cost_ax.plot(sizes, [row["gpu_hours"] for row in rows], "s-", color="tab:blue")
     for x, row in zip(sizes, rows):
         cost_ax.annotate(row["model"], (x, row["gpu_hours"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    cost_ax.set_xscale("log")
-    cost_ax.set_xlabel("parameters (millions)")
+    cost_ax.set(title=f"Cost of memorization by model size ({title})", xscale="log", xlabel="parameters (millions)")
     cost_ax.set_ylabel("GPU-hours, training + evaluation", color="tab:blue")
     acc_ax = cost_ax.twinx()
     for key, marker, label in (("accuracy", "o", "ours"), ("paper_accuracy", "^", "paper")):
@@ -292,8 +286,7 @@ def plot_profile(rows: list[dict], path: Path, title: str) -> Path:
             acc_ax.scatter(*zip(*points), marker=marker, color="tab:red", label=f"accuracy ({label})",
                            facecolors="none" if label == "paper" else "tab:red")
     acc_ax.set_ylim(0, 100)
-    acc_ax.set_ylabel("exact recitation accuracy (%)", color="tab:red")
+    acc_ax.set_ylabel(ACCURACY_LABEL, color="tab:red")
     if acc_ax.get_legend_handles_labels()[0]:
         acc_ax.legend(loc="lower right", fontsize=8)
-    cost_ax.set_title(f"Cost of memorization by model size ({title})")
     return save_figure(fig, path)

@@ -5,14 +5,9 @@ The record (evals.jsonl in a run folder): one line per (evaluation epoch, traini
      "bits": 12.7}
 `poem` is the poem's index in the run's poem list (the same at every evaluation), `chars` its
 length in characters (engine/evaluate.py buckets accuracy by it), `bits` (when scored) its
-target's NLL under the model at that epoch (engine/scoring.py). From these lines:
-  accuracy_curve        accuracy per evaluation epoch (what metrics.jsonl's accuracy says);
-  accuracy_by_length    the same per length bucket: the paper's length effect over training;
-  poem_dynamics         per poem: the epoch it was first recited exactly, whether it stayed
-                        correct at every later evaluation, its forgetting events (correct at one
-                        evaluation, wrong at the next) and relearning events (correct again after
-                        a forgetting);
-  first_recited_by_length   per bucket, how many poems were first recited at each epoch.
+target's NLL under the model at that epoch (engine/scoring.py). From these lines come the
+accuracy curves (overall and per length bucket: the paper's length effect over training) and
+each poem's history: when it was first recited exactly, and whether it was forgotten and relearned.
 """
 from __future__ import annotations
 
@@ -51,11 +46,17 @@ def keep_evals_until(path: Path, epoch: int) -> None:
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def _by_epoch(lines: list[dict]) -> dict[int, list[dict]]:
-    epochs: dict[int, list[dict]] = {}
-    for line in sorted(lines, key=lambda line: line["epoch"]):
-        epochs.setdefault(line["epoch"], []).append(line)
-    return epochs
+def group_by(items, key) -> dict:
+    """{key(item): [its items]}, keys in the order they first appear."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
+def _by_length(items: list[dict]) -> dict[str, list[dict]]:
+    """{length bucket: its items}, buckets from short to long."""
+    return group_by(sorted(items, key=lambda item: item["chars"]), lambda item: length_bucket(item["chars"]))
 
 
 def _accuracy(lines: list[dict]) -> dict:
@@ -65,22 +66,18 @@ def _accuracy(lines: list[dict]) -> dict:
 
 def accuracy_curve(lines: list[dict]) -> list[dict]:
     """[{"epoch", "n", "correct", "accuracy"}] per evaluation, in epoch order."""
-    return [{"epoch": epoch, **_accuracy(group)} for epoch, group in _by_epoch(lines).items()]
+    by_epoch = group_by(sorted(lines, key=lambda line: line["epoch"]), lambda line: line["epoch"])
+    return [{"epoch": epoch, **_accuracy(group)} for epoch, group in by_epoch.items()]
 
 
 def accuracy_by_length(lines: list[dict]) -> dict[str, list[dict]]:
     """{length bucket: accuracy_curve of its poems}, buckets from short to long."""
-    buckets: dict[str, list[dict]] = {}
-    for line in sorted(lines, key=lambda line: line["chars"]):
-        buckets.setdefault(length_bucket(line["chars"]), []).append(line)
-    return {name: accuracy_curve(group) for name, group in buckets.items()}
+    return {name: accuracy_curve(group) for name, group in _by_length(lines).items()}
 
 
 def poem_dynamics(lines: list[dict]) -> list[dict]:
     """Per poem (by index): chars, first_recited (epoch or None), stayed, forgotten, relearned, final."""
-    histories: dict[int, list[dict]] = {}
-    for line in sorted(lines, key=lambda line: line["epoch"]):
-        histories.setdefault(line["poem"], []).append(line)
+    histories = group_by(sorted(lines, key=lambda line: line["epoch"]), lambda line: line["poem"])
     poems = []
     for poem, history in sorted(histories.items()):
         marks = [line["correct"] for line in history]
@@ -107,13 +104,10 @@ def transitions(marks: list[bool]) -> tuple[int, int]:
 
 def first_recited_by_length(lines: list[dict]) -> dict[str, dict]:
     """{length bucket: {"n", "never", "epochs": {epoch: poems first recited then}}}, short to long."""
-    buckets: dict[str, list[dict]] = {}
-    for poem in sorted(poem_dynamics(lines), key=lambda p: p["chars"]):
-        buckets.setdefault(length_bucket(poem["chars"]), []).append(poem)
     return {name: {"n": len(poems), "never": sum(p["first_recited"] is None for p in poems),
                    "epochs": dict(sorted(Counter(p["first_recited"] for p in poems
                                                  if p["first_recited"] is not None).items()))}
-            for name, poems in buckets.items()}
+            for name, poems in _by_length(poem_dynamics(lines)).items()}
 
 
 def dynamics_summary(lines: list[dict]) -> dict:
@@ -121,7 +115,7 @@ def dynamics_summary(lines: list[dict]) -> dict:
     poems = poem_dynamics(lines)
     first = sorted(p["first_recited"] for p in poems if p["first_recited"] is not None)
     return {
-        "evaluations": len(_by_epoch(lines)),
+        "evaluations": len({line["epoch"] for line in lines}),
         "poems": len(poems),
         "ever_recited": len(first),
         "stayed": sum(p["stayed"] for p in poems),

@@ -1,19 +1,8 @@
-"""Everything rendered for a reader: a run's report (results.json, generations.jsonl, a plot of
-loss and recitation accuracy per epoch, report.md), the data statistics of `cli.py data`, and the
-paper's Tables 1 and 2 beside our runs (`cli.py report`).
-
-The memorization view of a run (from metrics.jsonl and evals.jsonl, engine/dynamics.py):
-  bits.png             bits of the training poems under the model at each evaluation (epoch 0:
-                       the base model, the data's information) beside the accuracy with its 95%
-                       Wilson band;
-  accuracy_by_length_curve.png   accuracy against epoch per length bucket;
-  first_recited.png    per length bucket, the cumulative share of poems recited exactly for the
-                       first time by each epoch (it stops below 100% by the share never recited);
-and in report.md the accuracy with its interval, bits gained per parameter and per memorized
-poem, forgetting, accuracy per length bucket with intervals. Across runs (`cli.py report`): the
-paper's figures marked inside or outside our intervals, mean and spread across seeds, and the
-memorization-ability ranking (accuracy with a two-proportion test between neighbours, and bits
-per parameter).
+"""Everything rendered for a reader: a run's report (results.json, generations.jsonl, report.md with
+curve.png, loss and accuracy per epoch, and the memorization view from evals.jsonl: bits.png,
+accuracy_by_length_curve.png, first_recited.png), the data statistics of `cli.py data`, and the
+paper's Tables 1 and 2 beside our runs, with the spread across seeds and the memorization-ability
+ranking (`cli.py report`).
 
     write_run_report(out, results, records)        # memorize, at the end of a run
     print(describe("cn", 256, tokenizer, 8192))   # cli.py data
@@ -23,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from itertools import accumulate
 from pathlib import Path
 
 from engine import dynamics
@@ -47,6 +37,10 @@ PAPER_ACCURACY = {
 
 # ---------------------------------------------------------------- one run's report
 
+PERCENT_LIMITS = (-2, 102)      # 0% and 100% lines stay visible inside the frame
+ACCURACY_LABEL = "exact recitation accuracy (%)"
+
+
 def epoch_curve(metrics: list[dict]) -> tuple[list[dict], list[dict]]:
     """(per-epoch loss records, per-epoch accuracy records) from metrics.jsonl."""
     epochs = [m for m in metrics if "epoch_loss" in m]
@@ -61,7 +55,10 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, legend_ax=None) -> Path:
+    """Writes the figure (with legend_ax's legend in small print, if given) and closes it."""
+    if legend_ax is not None:
+        legend_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
@@ -69,18 +66,15 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def plot_run(out: Path, title: str) -> Path:
-    plt = pyplot()
     epochs, evals = epoch_curve(read_jsonl(out / "metrics.jsonl"))
-    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    fig, loss_ax = pyplot().subplots(figsize=(7, 4))
     loss_ax.plot([m["epoch"] for m in epochs], [m["epoch_loss"] for m in epochs], color="tab:blue", label="loss")
-    loss_ax.set_xlabel("epoch")
+    loss_ax.set(title=title, xlabel="epoch", yscale="log")
     loss_ax.set_ylabel("training loss (mean CE per target token)", color="tab:blue")
-    loss_ax.set_yscale("log")
     acc_ax = loss_ax.twinx()
     acc_ax.plot([m["epoch"] for m in evals], [100 * m["accuracy"] for m in evals], "o-", color="tab:red")
-    acc_ax.set_ylabel("exact recitation accuracy (%)", color="tab:red")
+    acc_ax.set_ylabel(ACCURACY_LABEL, color="tab:red")
     acc_ax.set_ylim(0, 100)
-    loss_ax.set_title(title)
     return save_figure(fig, out / "curve.png")
 
 
@@ -89,12 +83,11 @@ def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
     write_results(out, results, records)
     title = f"{results['model']} {results['lang']}-{results['length']}: {results['n_poems']} poems"
     plot_run(out, title)
-    categories = results.get("categories", {})
     lines = [
         f"# {title}",
         "",
         f"- exact recitation accuracy: **{100 * results['accuracy']:.2f}%** after {results['epochs']} epochs",
-        "- errors: " + ", ".join(f"{name} {count}" for name, count in categories.items()),
+        "- errors: " + ", ".join(f"{name} {count}" for name, count in results.get("categories", {}).items()),
         f"- trained tokens: {results['train_tokens']:,} in {results['train_seconds']:.1f} s "
         f"({results['tokens_per_second']:,.0f} tokens/s) on {results['device']}; evaluation {results['eval_seconds']:.1f} s",
         f"- peak memory: {results['peak_memory_bytes'] / 2**30:.2f} GiB; parameters: {results['parameters']:,}",
@@ -118,51 +111,35 @@ def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-
-PERCENT_LIMITS = (-2, 102)      # 0% and 100% lines stay visible inside the frame
-
-
-def percent_figure(title: str, xlabel: str, ylabel: str = "exact recitation accuracy (%)"):
+def percent_figure(title: str, xlabel: str, ylabel: str = ACCURACY_LABEL):
     """A figure with one axis of percentages (the accuracy plots of a run and of a report)."""
     fig, ax = pyplot().subplots(figsize=(7, 4))
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(*PERCENT_LIMITS)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=PERCENT_LIMITS)
     return fig, ax
 
 
-def save_with_legend(fig, ax, path: Path) -> Path:
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
 def plot_bits_and_accuracy(path: Path, bits_curve: list[dict], accuracy_curve: list[dict], title: str) -> Path:
-    """bits_curve: [{"epoch", "bits"}] (epoch 0 = base model); accuracy_curve: [{"epoch", "n", "correct"}]."""
-    plt = pyplot()
-    fig, (bits_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    """The training poems' bits at each evaluation (epoch 0: the base model, the data's information) beside
+    the accuracy with its 95% Wilson band.
+    bits_curve: [{"epoch", "bits"}] (epoch 0 = base model); accuracy_curve: [{"epoch", "n", "correct"}]."""
+    fig, (bits_ax, acc_ax) = pyplot().subplots(1, 2, figsize=(11, 4))
     bits_ax.plot([m["epoch"] for m in bits_curve], [m["bits"] / 1000 for m in bits_curve], "o-", color="tab:purple")
     if bits_curve and bits_curve[0]["epoch"] == 0:
         base = bits_curve[0]["bits"] / 1000
         bits_ax.axhline(base, ls="--", color="gray", lw=1)
         bits_ax.annotate(f"base model: {base:,.1f} kbit", (0, base), textcoords="offset points", xytext=(8, -14),
                          color="gray", fontsize=8)
-    bits_ax.set_xlabel("epoch")
-    bits_ax.set_ylabel("NLL of the training poems' targets (kbit)")
-    bits_ax.set_ylim(bottom=0)
-    bits_ax.set_title("information left to learn")
+    bits_ax.set(title="information left to learn", xlabel="epoch", ylabel="NLL of the training poems' targets (kbit)",
+                ylim=(0, None))
     epochs = [m["epoch"] for m in accuracy_curve]
     bands = [wilson_interval(m["correct"], m["n"]) for m in accuracy_curve]
     acc_ax.fill_between(epochs, [100 * lo for lo, _ in bands], [100 * hi for _, hi in bands], color="tab:red",
                         alpha=0.2, lw=0, label="95% Wilson interval")
     acc_ax.plot(epochs, [100 * m["correct"] / m["n"] for m in accuracy_curve], "o-", color="tab:red",
                 label="exact recitation")
-    acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel("accuracy (%)")
-    acc_ax.set_ylim(*PERCENT_LIMITS)
-    acc_ax.set_xlim(bits_ax.get_xlim())
+    acc_ax.set(title="poems recited exactly", xlabel="epoch", ylabel="accuracy (%)", ylim=PERCENT_LIMITS,
+               xlim=bits_ax.get_xlim())
     acc_ax.legend(loc="upper left", fontsize=8)      # accuracy climbs from the lower left
-    acc_ax.set_title("poems recited exactly")
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -173,25 +150,24 @@ def plot_length_curves(path: Path, by_length: dict[str, list[dict]], title: str)
     for bucket, curve in by_length.items():
         ax.plot([m["epoch"] for m in curve], [100 * m["accuracy"] for m in curve], "o-", ms=3,
                 label=f"{bucket} chars (n={curve[0]['n']})")
-    return save_with_legend(fig, ax, path)
+    return save_figure(fig, path, legend_ax=ax)
 
 
 def plot_first_recited(path: Path, first_by_length: dict[str, dict], evaluation_epochs: list[int], title: str) -> Path:
-    """first_by_length: engine.dynamics.first_recited_by_length; evaluation_epochs: every evaluation's epoch."""
+    """Per length bucket, the cumulative share of poems first recited exactly by each epoch (short of 100%
+    by those never recited). first_by_length: engine.dynamics.first_recited_by_length; evaluation_epochs:
+    every evaluation's epoch."""
     fig, ax = percent_figure(title, "epoch", "poems first recited exactly by then (%)")
     for bucket, counts in first_by_length.items():
-        shares, done = [0.0], 0                  # none recited before training
-        for epoch in evaluation_epochs:
-            done += counts["epochs"].get(epoch, 0)
-            shares.append(100 * done / counts["n"])
+        done = accumulate(counts["epochs"].get(epoch, 0) for epoch in evaluation_epochs)
+        shares = [0.0] + [100 * recited / counts["n"] for recited in done]       # none recited before training
         ax.step([0, *evaluation_epochs], shares, where="post",
                 label=f"{bucket} chars (n={counts['n']}, never: {counts['never']})")
-    return save_with_legend(fig, ax, path)
+    return save_figure(fig, path, legend_ax=ax)
 
 
 def write_run_plots(out: Path, metrics: list[dict], lines: list[dict], title: str) -> list[Path]:
     """bits.png, accuracy_by_length_curve.png and first_recited.png of one run folder."""
-    out = Path(out)
     bits = [{"epoch": m["epoch"], "bits": m["bits"]} for m in metrics if "bits" in m]
     curve = dynamics.accuracy_curve(lines)
     return [plot_bits_and_accuracy(out / "bits.png", bits, curve, title),
@@ -245,11 +221,10 @@ def memorization_section(results: dict) -> list[str]:
         total = measured + results["train_seconds"]
         lines.append(f"- measuring it: evaluation {results['eval_seconds']:.1f} s + scoring {results['score_seconds']:.1f} s"
                      f" = {100 * measured / total:.1f}% of the run's {total:.0f} s of training and measurement")
-    buckets = results.get("by_length") or []
-    if buckets:
+    if results.get("by_length"):
         lines += ["", markdown_table(["poem characters", "poems", "correct", "accuracy %", "95% interval"],
                                      [[b["chars"], b["n"], b["correct"], f"{100 * b['accuracy']:.2f}",
-                                       interval_text(b["correct"], b["n"])] for b in buckets])]
+                                       interval_text(b["correct"], b["n"])] for b in results["by_length"]])]
     lines += ["", "![bits and accuracy per epoch](bits.png)", "",
               "![accuracy per epoch by poem length](accuracy_by_length_curve.png)", "",
               "![first recited epoch by poem length](first_recited.png)"]
@@ -275,7 +250,7 @@ def histogram(values: list[int], bins: int = 8, width: int = 40) -> str:
     counts = Counter((v - lo) // step for v in values)
     top = max(counts.values())
     return "\n".join(f"  {lo + b * step:>6}-{lo + (b + 1) * step - 1:<6} {counts[b]:>5} {'#' * round(width * counts[b] / top)}"
-                     for b in range(-(-(hi - lo + 1) // step)))
+                     for b in range(max(counts) + 1))
 
 
 def describe(lang: str, length: int, tokenizer, budget_tokens: int, source=None, n: int | None = 2000,
@@ -352,8 +327,6 @@ def cost_table(runs: list[dict]) -> str:
                            "device-s per kbit gained"], body)
 
 
-
-
 def _label(run: dict) -> str:
     return f"{display_name(run['model'])} {run['lang']}-{run['length']}"
 
@@ -364,32 +337,23 @@ def plot_curves(runs: list[dict], path: Path) -> Path:
     for run in runs:
         _, evals = epoch_curve(read_jsonl(Path(run["run_dir"]) / "metrics.jsonl"))
         ax.plot([m["epoch"] for m in evals], [100 * m["accuracy"] for m in evals], "o-", markersize=3, label=_label(run))
-    return save_with_legend(fig, ax, path)
-
-
-def accuracy_by_length(run: dict) -> list[dict]:
-    """The evaluator's accuracy per bucket of poem characters: results.json's by_length, else
-    recomputed from generations.jsonl."""
-    return run.get("by_length") or summarize(read_jsonl(Path(run["run_dir"]) / "generations.jsonl"))["by_length"]
+    return save_figure(fig, path, legend_ax=ax)
 
 
 def plot_by_length(runs: list[dict], path: Path) -> Path:
     labels = [length_bucket(edge) for edge in LENGTH_EDGES] + [length_bucket(LENGTH_EDGES[-1] + 1)]
     fig, ax = percent_figure("Accuracy by poem length", "poem length (characters)")
-    for run in runs:
-        buckets = accuracy_by_length(run)
+    for run in runs:        # results.json's accuracy per length bucket, else recomputed from generations.jsonl
+        buckets = run.get("by_length") or summarize(read_jsonl(Path(run["run_dir"]) / "generations.jsonl"))["by_length"]
         ax.plot([labels.index(b["chars"]) for b in buckets], [100 * b["accuracy"] for b in buckets], "o-",
                 label=_label(run))
     ax.set_xticks(range(len(labels)), labels)
-    return save_with_legend(fig, ax, path)
+    return save_figure(fig, path, legend_ax=ax)
 
 
 def seed_groups(runs: list[dict]) -> dict[tuple, list[dict]]:
     """{(model, lang, length): its runs} in first-seen order; several runs are several seeds."""
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        groups.setdefault((run["model"], run["lang"], run["length"]), []).append(run)
-    return groups
+    return dynamics.group_by(runs, lambda run: (run["model"], run["lang"], run["length"]))
 
 
 def pooled(runs: list[dict]) -> tuple[int, int]:
@@ -441,7 +405,7 @@ def ranking_table(runs: list[dict]) -> str:
         k, n = pooled(group)
         per_param = [r["memorization"]["bits_per_parameter"] for r in group if r.get("memorization")]
         by_set.setdefault((lang, length), []).append(
-            {"model": model, "correct": k, "n": n, "seeds": len(group),
+            {"model": model, "correct": k, "n": n,
              "bits_per_parameter": sum(per_param) / len(per_param) if per_param else None})
     for (lang, length), entries in by_set.items():
         ranked = rank_by_accuracy(entries)

@@ -1,16 +1,8 @@
 """How sure the numbers are: intervals for an accuracy, tests between two, spread across seeds.
 
-An accuracy here is k poems recited exactly out of n, a binomial proportion:
-  wilson_interval      the 95% Wilson score interval (Wilson 1927), which unlike the normal
-                       approximation p +- z sqrt(p(1-p)/n) stays inside [0, 1] and keeps its
-                       coverage near 0% and 100%, where memorization runs end up;
-  two_proportion_test  the pooled two-sided z-test of k1/n1 against k2/n2 (equivalent to a 2x2
-                       chi-square test without continuity correction): is the gap significant?
-  spread               mean, sample standard deviation (n - 1), min and max of a metric across
-                       seeds;
-  rank_by_accuracy     models ordered by accuracy, each gap to the next one down tested (the
-                       paper's memorization-ability assessment, with the statistics it lacked).
-Only the standard library: the normal quantiles come from statistics.NormalDist.
+An accuracy here is k poems recited exactly out of n, a binomial proportion. Ranking models by it
+with a test of each gap is the paper's memorization-ability assessment, with the statistics it
+lacked. Only the standard library: the normal quantiles come from statistics.NormalDist.
 """
 from __future__ import annotations
 
@@ -20,19 +12,17 @@ import statistics
 ALPHA = 0.05          # significance level of the tests; 95% intervals
 
 
-def _z(confidence: float) -> float:
-    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-
-
 def _check_counts(k: int, n: int) -> None:
     if n <= 0 or not 0 <= k <= n:
         raise ValueError(f"a proportion needs 0 <= successes <= trials and trials > 0, got {k} of {n}")
 
 
 def wilson_interval(k: int, n: int, confidence: float = 1 - ALPHA) -> tuple[float, float]:
-    """(low, high) of the Wilson score interval for k successes in n trials, as fractions."""
+    """(low, high) of the Wilson score interval (Wilson 1927) for k successes in n trials, as fractions.
+    Unlike the normal approximation p +- z sqrt(p(1-p)/n) it stays inside [0, 1] and keeps its
+    coverage near 0% and 100%, where memorization runs end up."""
     _check_counts(k, n)
-    z = _z(confidence)
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     p = k / n
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -41,7 +31,8 @@ def wilson_interval(k: int, n: int, confidence: float = 1 - ALPHA) -> tuple[floa
 
 
 def two_proportion_test(k1: int, n1: int, k2: int, n2: int, alpha: float = ALPHA) -> dict:
-    """Pooled two-sided z-test of p1 = p2 -> {"difference", "z", "p_value", "significant"}."""
+    """Pooled two-sided z-test of p1 = p2 (a 2x2 chi-square test without continuity correction)
+    -> {"difference", "z", "p_value", "significant"}."""
     _check_counts(k1, n1)
     _check_counts(k2, n2)
     p1, p2 = k1 / n1, k2 / n2
@@ -77,8 +68,3 @@ def inside(k: int, n: int, percent: float) -> bool:
     low, high = wilson_interval(k, n)
     return low <= percent / 100 <= high
 
-
-def format_accuracy(k: int, n: int) -> str:
-    """'77.50% [75.6, 79.3]': an accuracy with its 95% Wilson interval, for reports."""
-    low, high = wilson_interval(k, n)
-    return f"{100 * k / n:.2f}% [{100 * low:.1f}, {100 * high:.1f}]"

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -44,19 +45,16 @@ def sweep(models: list[str], langs: list[str], lengths: list[int], out_root="run
         raise ValueError(f"sweep: unknown model {', '.join(unknown)}: not a folder and not one of {', '.join(REGISTRY)} "
                          "(nothing was trained)")
     pending, folders = [], []
-    for model in models:
-        for lang in langs:
-            for length in lengths:
-                for seed in seeds:
-                    out = seed_run_dir(out_root, model, lang, length, seed)
-                    folders.append(out)
-                    if (out / "results.json").is_file():
-                        print(f"sweep: {out} is finished, skipped", file=sys.stderr)
-                        continue
-                    overrides = {name: value.get(lang) if isinstance(value, dict) else value
-                                 for name, value in train_overrides.items()}
-                    pending.append(TrainConfig(model=model, lang=lang, length=length, seed=seed, out=str(out),
-                                               resume=is_run_folder(out), **overrides))
+    for model, lang, length, seed in itertools.product(models, langs, lengths, seeds):
+        out = seed_run_dir(out_root, model, lang, length, seed)
+        folders.append(out)
+        if (out / "results.json").is_file():
+            print(f"sweep: {out} is finished, skipped", file=sys.stderr)
+            continue
+        overrides = {name: value.get(lang) if isinstance(value, dict) else value
+                     for name, value in train_overrides.items()}
+        pending.append(TrainConfig(model=model, lang=lang, length=length, seed=seed, out=str(out),
+                                   resume=is_run_folder(out), **overrides))
     for config in pending:              # every setting checked before the first run trains
         config.resolved()
     gpus = torch.cuda.device_count()

@@ -10,6 +10,13 @@ from engine.data import default_format, encode_examples, load_poems
 from models import PAPER_MODELS, REGISTRY, ModelConfig, load_tokenizer, model_class
 
 
+def tiny_token_counts(n_poems: int, seed: int = 0) -> list[int]:
+    """Tokens of each of n_poems CN poems in tiny-qwen2's own format, as profile encodes them."""
+    tokenizer = load_tokenizer("tiny-qwen2")
+    fmt = default_format(tokenizer, REGISTRY["tiny-qwen2"].chat)
+    return [len(e) for e in encode_examples(load_poems("cn", 256, n_poems, seed), tokenizer, "cn", fmt)]
+
+
 def hand_count(config: ModelConfig) -> int:
     """The tensors of the config, added up by hand."""
     h, layers, vocab_matrix = config.hidden_size, config.num_layers, config.vocab_size * config.hidden_size
@@ -50,9 +57,7 @@ def test_train_flops_counts_every_matmul_of_every_token():
 def test_profile_projected_then_measured(tmp_path):
     rows, table = profile(["tiny-qwen2"], n_poems=16, bench_dir=tmp_path, runs=[], out=None)
     row = rows[0]
-    tokenizer = load_tokenizer("tiny-qwen2")
-    examples = encode_examples(load_poems("cn", 256, 16), tokenizer, "cn", default_format(tokenizer, REGISTRY["tiny-qwen2"].chat))
-    assert row["tokens_per_epoch"] == sum(len(e) for e in examples)
+    assert row["tokens_per_epoch"] == sum(tiny_token_counts(16))
     assert row["tokenizer"] == "own" and row["projected"] and "projected" in row["basis"]
     assert row["flops_total"] == 100 * row["flops_per_epoch"]
     assert row["epoch_seconds"] == pytest.approx(row["flops_per_epoch"] / (989e12 * 0.40))    # H100 bf16 at 40%
@@ -99,12 +104,8 @@ def test_information_view_from_runs_pools_seeds_and_projects_without_one(tmp_pat
     runs = [finished_run(tmp_path / "a", 0, 2, 3000.0), finished_run(tmp_path / "b", 1, 3, 5000.0)]
     rows, table = profile(["tiny-qwen2", "qwen2-0.5b"], n_poems=16, bench_dir=tmp_path, runs=runs, out=None)
     ours, projected = rows
-    tokenizer = load_tokenizer("tiny-qwen2")
-    fmt = default_format(tokenizer, REGISTRY["tiny-qwen2"].chat)
     config = model_config("tiny-qwen2")
-    flops = sum(3 * train_flops(config, count_parameters(config),
-                                [len(e) for e in encode_examples(load_poems("cn", 256, 4, seed), tokenizer, "cn", fmt)])
-                for seed in (0, 1))
+    flops = sum(3 * train_flops(config, count_parameters(config), tiny_token_counts(4, seed)) for seed in (0, 1))
     assert ours["accuracy"] == 100 * 5 / 8 and ours["seeds"] == 2 and ours["kbit_gained"] == 8.0
     assert ours["flops_per_poem"] == pytest.approx(flops / 5) and ours["flops_per_kbit"] == pytest.approx(flops / 8)
     assert ours["gpu_seconds_per_poem"] == 26.0 / 5 and ours["gpu_seconds_per_kbit"] == 26.0 / 8
