@@ -34,7 +34,8 @@ Writes under --out throughput-<device>.json (the schema cli.py profile reads: de
 matmul_tflops, models.{name}.{params, train_tokens_per_second, mfu, step_seconds.{forward,
 backward, optimizer}, peak_memory_bytes, eval_tokens_per_second, eval_gb_per_second, baseline,
 ratio.{train, eval}}), throughput-<device>.md and throughput-<device>-detail.json (per-step times,
-FLOPs/token, shuffled baseline, Liger, MFU vs the matmul ceiling, errors, skipped models).
+FLOPs/token, shuffled baseline, Liger, MFU vs the matmul ceiling, the host's time to pack an
+epoch, errors, skipped models).
 """
 from __future__ import annotations
 
@@ -318,7 +319,10 @@ def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[di
               "mfu_vs_matmul": achieved / matmul if matmul else None,
               "baseline_mfu": theirs["tokens_per_second"] * fpt / 1e12 / peak if peak else None,
               "train": ours, "eval": ours_eval, "baseline_train": theirs, "baseline_eval": theirs_eval,
-              "baseline_shuffled_train": shuffled, "settings": s.__dict__}
+              "baseline_shuffled_train": shuffled, "settings": s.__dict__,
+              # what packing an epoch of the 2,000 poems costs the host (median ms)
+              "pack_epoch_ms": common.Timer(torch.device("cpu"), 1, 5).median_ms(
+                  lambda: pack(examples, s.batch_tokens, seed=0, epoch=1))}
     return entry, detail
 
 

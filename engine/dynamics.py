@@ -11,9 +11,7 @@ each poem's history: when it was first recited exactly, and whether it was forgo
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 from engine.evaluate import length_bucket
 
@@ -31,19 +29,6 @@ def eval_lines(epoch: int, records: list[dict], bits: list[float] | None = None)
         for line, b in zip(lines, bits):
             line["bits"] = round(b, 4)
     return lines
-
-
-def append_evals(path: Path, lines: list[dict]) -> None:
-    with Path(path).open("a", encoding="utf-8") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
-
-
-def keep_evals_until(path: Path, epoch: int) -> None:
-    """On resume: drop the evaluations after `epoch` (the checkpoint's), which will be redone."""
-    path = Path(path)
-    if path.is_file():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["epoch"] <= epoch]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def group_by(items, key) -> dict:

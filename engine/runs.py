@@ -256,21 +256,33 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    with Path(path).open("a", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def keep_jsonl(path: Path, keep) -> None:
+    """On resume: drop the records `keep(record)` refuses (those after the checkpoint, to be redone);
+    no file, nothing to drop."""
+    path = Path(path)
+    if path.is_file():
+        path.write_text("".join(json.dumps(record) + "\n" for record in read_jsonl(path) if keep(record)),
+                        encoding="utf-8")
+
+
 class Metrics:
     """metrics.jsonl, appended line by line (rank 0 only)."""
 
     def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
         self.path, self.enabled = path, enabled
-        if enabled and keep_until_step is not None and path.is_file():        # resume: drop lines after the checkpoint
-            lines = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= keep_until_step]
-            path.write_text("".join(line + "\n" for line in lines))
+        if enabled and keep_until_step is not None and path.is_file():
+            keep_jsonl(path, lambda record: record.get("step", 0) <= keep_until_step)
         elif enabled:
             path.write_text("")
 
     def log(self, **record) -> None:
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.path, [record])
 
 
 RESULTS_KEYS = ("model", "lang", "length", "n_poems", "epochs", "accuracy", "train_seconds", "eval_seconds")

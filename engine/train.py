@@ -36,13 +36,13 @@ import torch.distributed as dist
 
 from engine.data import encode_examples, load_poems, model_format
 from engine.distributed import GradSync, all_gather, evaluate_sharded, init_distributed, shard_step
-from engine.dynamics import EVALS_FILE, append_evals, dynamics_summary, eval_lines, keep_evals_until
+from engine.dynamics import EVALS_FILE, dynamics_summary, eval_lines
 from engine.evaluate import resolve_device
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
-from engine.runs import (Metrics, TrainingError, claimed, keep_last_finite, read_jsonl, restore_newest, run_dir,
-                         save_checkpoint, saved_config)
+from engine.runs import (Metrics, TrainingError, append_jsonl, claimed, keep_jsonl, keep_last_finite, read_jsonl,
+                         restore_newest, run_dir, save_checkpoint, saved_config)
 from engine.scoring import SCORE_BATCH_TOKENS, bits_summary, poem_bits
 from models import load_model, load_tokenizer
 
@@ -270,13 +270,13 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
             checkpoint = resume(run)
             metrics = Metrics(run.out / "metrics.jsonl", rank == 0, run.step if checkpoint is not None else None)
             if rank == 0:
-                keep_evals_until(run.out / EVALS_FILE, run.epoch)     # a fresh run starts an empty file
+                keep_jsonl(run.out / EVALS_FILE, lambda line: line["epoch"] <= run.epoch)   # a fresh run: none kept
                 if checkpoint is None:
                     metrics.log(epoch=0, step=0, bits=sum(run.base_bits))
             train(run, metrics, progress and rank == 0)
             if run.last_eval is None:          # resumed after the last epoch's checkpoint: redo its evaluation
                 if rank == 0:
-                    keep_evals_until(run.out / EVALS_FILE, run.epoch - 1)
+                    keep_jsonl(run.out / EVALS_FILE, lambda line: line["epoch"] < run.epoch)
                 recite(run)
             tokens_per_rank = all_gather(run.rank_tokens, world)
             return finish(run, tokens_per_rank) if rank == 0 else {}
@@ -416,7 +416,7 @@ def recite(run: Run) -> dict | None:
         summary["last_eval_seconds"] = summary.pop("eval_seconds")
         run.last_bits = score(run)
         summary["bits"] = sum(run.last_bits)
-        append_evals(run.out / EVALS_FILE, eval_lines(run.epoch, records, run.last_bits))
+        append_jsonl(run.out / EVALS_FILE, eval_lines(run.epoch, records, run.last_bits))
     return summary
 
 

@@ -3,11 +3,11 @@ import random
 
 import pytest
 
-from engine.dynamics import (accuracy_by_length, accuracy_curve, append_evals, dynamics_summary, eval_lines,
-                             first_recited_by_length, keep_evals_until, poem_dynamics, transitions)
+from engine.dynamics import (accuracy_by_length, accuracy_curve, dynamics_summary, eval_lines, first_recited_by_length,
+                             poem_dynamics, transitions)
 from engine.evaluate import summarize
 from engine.report import plot_bits_and_accuracy, plot_first_recited, plot_length_curves
-from engine.runs import read_jsonl
+from engine.runs import append_jsonl, keep_jsonl, read_jsonl
 
 EPOCHS = [10, 20, 30, 40, 50]
 # Each poem's correctness at the five evaluations, and its length in characters.
@@ -97,12 +97,12 @@ def test_eval_lines_carry_each_poems_bits():
 def test_evals_file_round_trip_and_resume(tmp_path):
     path = tmp_path / "evals.jsonl"
     lines = history_lines()
-    append_evals(path, lines[:8])
-    append_evals(path, lines[8:])
+    append_jsonl(path, lines[:8])
+    append_jsonl(path, lines[8:])
     assert read_jsonl(path) == lines
-    keep_evals_until(path, 30)
+    keep_jsonl(path, lambda line: line["epoch"] <= 30)
     assert read_jsonl(path) == [line for line in lines if line["epoch"] <= 30]
-    keep_evals_until(tmp_path / "absent.jsonl", 30)       # a run without evaluations yet: nothing to drop
+    keep_jsonl(tmp_path / "absent.jsonl", lambda line: False)       # a run without evaluations yet: nothing to drop
 
 
 def test_plots_are_written(tmp_path):
