@@ -148,28 +148,11 @@ def test_folder_without_config(tmp_path):
         load_model(tmp_path)
 
 
-def test_missing_weights(tmp_path):
-    write_checkpoint(tmp_path)
-    (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="holds no weights"):
-        load_model(tmp_path)
-
-
 def test_uncached_offline_model_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="huggingface-cli download Qwen/Qwen2-0.5B-Instruct"):
         load_model("qwen2-0.5b")
-
-
-def test_malformed_config(tmp_path):
-    write_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json is not valid JSON"):
-        load_model(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": "big"}))
-    with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
-        load_model(tmp_path)
 
 
 def test_unknown_model_type():
@@ -214,21 +197,26 @@ def test_bad_tensors_are_named(tmp_path, damage, message):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_corrupt_safetensors(tmp_path, damage):
+@pytest.mark.parametrize("files, error, message", [
+    ({"model.safetensors": None}, FileNotFoundError, "holds no weights"),
+    ({"config.json": b"{not json"}, ValueError, "config.json is not valid JSON"),
+    ({"config.json": json.dumps({"model_type": "qwen2", "hidden_size": "big"}).encode()}, ValueError,
+     "hidden_size must be a positive integer"),
+    ({"model.safetensors": lambda data: data[: len(data) // 2]}, CheckpointError, "truncated or corrupt"),
+    ({"model.safetensors": b"\x00\x01garbage" * 10}, CheckpointError, "truncated or corrupt"),
+    ({"model.safetensors": None, "pytorch_model.bin": b"not a zip file"}, CheckpointError,
+     "could not be read as a PyTorch checkpoint"),
+], ids=["no-weights", "config-not-json", "config-bad-value", "truncated", "garbage", "corrupt-bin"])
+def test_damaged_files_are_named(tmp_path, files, error, message):
+    """Each file of a checkpoint replaced by new bytes (None: deleted; a function: of its old bytes)."""
     write_checkpoint(tmp_path)
-    path = tmp_path / "model.safetensors"
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00\x01garbage" * 10)
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_model(tmp_path)
-
-
-def test_corrupt_bin(tmp_path):
-    write_checkpoint(tmp_path)
-    (tmp_path / "model.safetensors").unlink()
-    (tmp_path / "pytorch_model.bin").write_bytes(b"not a zip file")
-    with pytest.raises(CheckpointError, match="could not be read as a PyTorch checkpoint"):
+    for name, content in files.items():
+        path = tmp_path / name
+        if content is None:
+            path.unlink()
+        else:
+            path.write_bytes(content(path.read_bytes()) if callable(content) else content)
+    with pytest.raises(error, match=message):
         load_model(tmp_path)
 
 
