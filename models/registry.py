@@ -87,7 +87,8 @@ def _download(repo: str) -> Path:
         return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
     except Exception as e:
         raise FileNotFoundError(
-            f"the weights of {repo} are not in the Hugging Face cache and could not be downloaded ({type(e).__name__}).\n"
+            f"the weights of {repo} are not in the Hugging Face cache and could not be downloaded "
+            f"({type(e).__name__}).\n"
             f"  online:  huggingface-cli download {repo}\n"
             f"  offline: copy the repository's files (config.json, *.safetensors or pytorch_model.bin, tokenizer.json) "
             f"to a folder and pass that folder instead of the name") from None

@@ -6,7 +6,8 @@ import torch
 
 import kernels
 from kernels.attention import cu_seqlens
-from kernels.decode_attention import decode_attention, decode_attention_reference, decode_launch_config, decode_num_splits
+from kernels.decode_attention import (decode_attention, decode_attention_reference, decode_launch_config,
+                                     decode_num_splits)
 from kernels.hardware import TARGETS
 from kernels.launch import target, tile_shared_bytes
 from models.bloom import alibi_slopes

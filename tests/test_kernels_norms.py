@@ -48,7 +48,8 @@ def check_against_reference(op, inputs, dtype, grad_outputs=None):
         assert rel_err(out, ref) < tol, f"output {i}: relative error {rel_err(out, ref):.2e}"
     for i, (leaf, ref) in enumerate(zip(leaves, ref_leaves)):
         assert leaf.grad is not None and leaf.grad.dtype == dtype, f"input {i} gradient missing or wrong dtype"
-        assert rel_err(leaf.grad, ref.grad) < tol, f"input {i} gradient: relative error {rel_err(leaf.grad, ref.grad):.2e}"
+        error = rel_err(leaf.grad, ref.grad)
+        assert error < tol, f"input {i} gradient: relative error {error:.2e}"
 
 
 # (rows, H): a single row, odd H, more rows than the backward's 8 programs (uneven chunks,
