@@ -21,17 +21,12 @@ SHAPES = {
 }
 
 
-def hf_logits_per_sequence(hf, ids, cu):
-    with torch.no_grad():
-        return torch.cat([hf(ids[a:b][None]).logits[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
-
-
-def assert_parity(directory, hf, vocab):
-    model = load_model(directory)
+def assert_parity(model, hf, vocab):
+    """Our packed logits against transformers' on each sequence alone."""
     ids, cu = packed(LENGTHS, vocab)
     with torch.no_grad():
         ours = model(ids, cu_seqlens=cu)
-    ref = hf_logits_per_sequence(hf, ids, cu)
+        ref = torch.cat([hf(ids[a:b][None]).logits[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() <= 1e-4
 
@@ -41,14 +36,14 @@ def test_packed_logits_match_transformers(tmp_path, shape):
     family, heads, kv, head_dim, extra = SHAPES[shape]
     config = hf_config(family, heads, kv, head_dim, **extra)
     hf = save_hf(config, tmp_path)
-    assert_parity(tmp_path, hf, config.vocab_size)
+    assert_parity(load_model(tmp_path), hf, config.vocab_size)
 
 
 def test_sharded_safetensors(tmp_path):
     config = hf_config("qwen2", 4, 2, 32, tied=False)
     hf = save_hf(config, tmp_path, max_shard_size="200KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    assert_parity(tmp_path, hf, config.vocab_size)
+    assert_parity(load_model(tmp_path), hf, config.vocab_size)
 
 
 def test_pytorch_bin_without_prefix(tmp_path):
@@ -58,7 +53,7 @@ def test_pytorch_bin_without_prefix(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
     torch.save({k.removeprefix("transformer."): v for k, v in state.items()}, tmp_path / "pytorch_model.bin")
-    assert_parity(tmp_path, hf, config.vocab_size)
+    assert_parity(load_model(tmp_path), hf, config.vocab_size)
 
 
 def test_dtype_cast_on_load(tmp_path):
@@ -74,12 +69,9 @@ def test_save_pretrained_round_trip(tmp_path, family):
     save_hf(config, tmp_path / "src")
     model = load_model(tmp_path / "src")
     model.save_pretrained(tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
-    assert_parity(tmp_path / "out", reloaded.eval(), config.vocab_size)
-    ids, cu = packed(LENGTHS, config.vocab_size)
-    with torch.no_grad():
-        ref = hf_logits_per_sequence(reloaded, ids, cu)
-        assert (model(ids, cu) - ref).abs().max().item() <= 1e-4
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    for ours in (load_model(tmp_path / "out"), model):       # the saved folder, and the model that saved it
+        assert_parity(ours, reloaded, config.vocab_size)
 
 
 def test_alibi_slopes_match_transformers():
