@@ -8,31 +8,31 @@ from __future__ import annotations
 
 import torch
 
-from models.base import CausalLM, KVCache
+from models.base import CausalLM, KVCache, init_weights
 from models.bloom import BloomForCausalLM
 from models.config import ModelConfig
+from models.qwen2 import Qwen2ForCausalLM
 from models.registry import PAPER_MODELS, REGISTRY, TINY_TOKENIZER, resolve
 from models.tokenizer import Tokenizer, read_tokenizer_dir
 from models.weights import CheckpointError, load_weights
 
 
-
 def model_class(config: ModelConfig) -> type[CausalLM]:
-    from models.qwen2 import Qwen2ForCausalLM
     return {"qwen2": Qwen2ForCausalLM, "bloom": BloomForCausalLM}[config.model_type]
 
 
-def default_dtype(device) -> torch.dtype:
-    """bf16 on GPUs, fp32 on the CPU."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+def empty_model(config: ModelConfig, device, dtype) -> CausalLM:
+    """The model allocated once on `device` in `dtype` (bf16 on GPUs, fp32 on the CPU when None),
+    its values not yet set: built on the meta device, where .to(dtype) allocates nothing."""
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    return model.to(dtype).to_empty(device=device)
 
 
 def build_model(config: ModelConfig, device="cpu", dtype=None, seed: int | None = None) -> CausalLM:
     """A randomly initialized model (transformers' init): tiny presets, benchmarks."""
-    from models.base import init_weights
-    with torch.device("meta"):
-        model = model_class(config)(config)
-    model.to(dtype or default_dtype(device)).to_empty(device=device)
+    model = empty_model(config, device, dtype)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.no_grad():
@@ -48,10 +48,8 @@ def load_model(name_or_path, device="cpu", dtype=None, random_init: bool = False
         model = build_model(ModelConfig.from_dict(spec.config, f"preset {spec.name}"), device, dtype, seed)
         model.source_dir = TINY_TOKENIZER if spec.repo is None else None
         return model
-    config = ModelConfig.from_file(directory / "config.json")
-    with torch.device("meta"):
-        model = model_class(config)(config)
-    load_weights(model, directory, device, dtype or default_dtype(device))
+    model = empty_model(ModelConfig.from_file(directory / "config.json"), device, dtype)
+    load_weights(model, directory)
     model.source_dir = directory
     return model
 

@@ -25,6 +25,7 @@ from kernels.layer_norm import layer_norm
 from kernels.linear_cross_entropy import linear_cross_entropy, mm_fp32
 from kernels.rms_norm import rms_norm
 from models.config import ModelConfig
+from models.weights import save_pretrained
 
 ARGMAX_TILE_BYTES = 64 << 20      # fp32 logits tile of the greedy pick: 2,048 rows x 8,192 columns
 ARGMAX_MIN_COLUMNS = 1024         # vocabulary columns per tile at least (more rows: fewer rows per tile)
@@ -171,7 +172,6 @@ class CausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, out_dir, tokenizer=None) -> None:
-        from models.weights import save_pretrained
         save_pretrained(self, out_dir, tokenizer)
 
 

@@ -74,22 +74,17 @@ class BloomBlock(nn.Module):
         return (h if self.post_ln_residual else x) + self.mlp(h)
 
 
-class BloomBody(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.word_embeddings_layernorm = LayerNorm(c.hidden_size, c.norm_eps)
-        self.h = nn.ModuleList(BloomBlock(c, i) for i in range(c.num_layers))
-        self.ln_f = LayerNorm(c.hidden_size, c.norm_eps)
-
-
 class BloomForCausalLM(CausalLM):
     body_prefix = "transformer."
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.transformer = BloomBody(config)
+        self.transformer = nn.ModuleDict(dict(
+            word_embeddings=nn.Embedding(config.vocab_size, config.hidden_size),
+            word_embeddings_layernorm=LayerNorm(config.hidden_size, config.norm_eps),
+            h=nn.ModuleList(BloomBlock(config, i) for i in range(config.num_layers)),
+            ln_f=LayerNorm(config.hidden_size, config.norm_eps)))
         self._slopes = None               # fp32 whatever the model's dtype, so not a buffer
 
     def slopes(self, device) -> torch.Tensor:

@@ -18,11 +18,9 @@ FAMILIES = ("qwen2", "bloom")
 # transformers' defaults (Qwen2Config, BloomConfig) for keys a config.json may omit
 _DEFAULTS = {
     "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "tie_word_embeddings": False, "max_position_embeddings": 32768},
+              "num_attention_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False},
     "bloom": {"vocab_size": 250880, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
-              "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True, "max_position_embeddings": None,
-              "apply_residual_connection_post_layernorm": False},
+              "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
 }
 _ALIASES = {"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
             "torch_dtype": "dtype"}
@@ -43,7 +41,6 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope_theta: float = 10000.0                       # qwen2
     residual_post_layernorm: bool = False             # bloom
-    max_position_embeddings: int | None = None
     dtype: torch.dtype = torch.float32                # the checkpoint's dtype
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -79,7 +76,6 @@ class ModelConfig:
                 tie_word_embeddings=bool(c["tie_word_embeddings"]),
                 rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
                 residual_post_layernorm=bool(c.get("apply_residual_connection_post_layernorm", False)),
-                max_position_embeddings=c.get("max_position_embeddings"),
                 dtype=_DTYPES.get(str(c.get("dtype") or "float32").replace("torch.", ""), torch.float32),
                 raw=dict(raw),
             )

@@ -64,21 +64,16 @@ class Qwen2Block(nn.Module):
         return self.mlp(h), residual
 
 
-class Qwen2Body(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Qwen2Block(c, i) for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.norm_eps)
-
-
 class Qwen2ForCausalLM(CausalLM):
     body_prefix = "model."
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = Qwen2Body(config)
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Qwen2Block(config, i) for i in range(config.num_layers)),
+            norm=RMSNorm(config.hidden_size, config.norm_eps)))
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 

@@ -19,7 +19,6 @@ TINY_TOKENIZER = ASSETS / "tiny-tokenizer"
 class ModelSpec:
     name: str
     repo: str | None                  # Hugging Face repository, None for built-in presets
-    family: str
     chat: bool = False                # instruct/chat checkpoints get the chat template by default
     # The architecture keys of the repository's config.json, so that benchmarks, profiles and
     # random-weight models need no download; a checkpoint's own config.json always wins.
@@ -45,26 +44,22 @@ def _bloom(hidden: int, vocab: int = 250880, layers: int = 24, heads: int = 16) 
 
 
 REGISTRY = {spec.name: spec for spec in [
-    ModelSpec("qwen1.5-0.5b", "Qwen/Qwen1.5-0.5B-Chat", "qwen2", True, _qwen2(1024, 2816, 24, 16, 16)),
-    ModelSpec("qwen2-0.5b", "Qwen/Qwen2-0.5B-Instruct", "qwen2", True, _qwen2(896, 4864, 24, 14, 2)),
-    ModelSpec("qwen2-1.5b", "Qwen/Qwen2-1.5B-Instruct", "qwen2", True, _qwen2(1536, 8960, 28, 12, 2)),
-    ModelSpec("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", True, _qwen2(896, 4864, 24, 14, 2)),
-    ModelSpec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2", True, _qwen2(1536, 8960, 28, 12, 2)),
-    ModelSpec("bloom-389m-zh", "Langboat/bloom-389m-zh", "bloom", config=_bloom(1024, vocab=42437)),
-    ModelSpec("bloom-1b4-zh", "Langboat/bloom-1b4-zh", "bloom", config=_bloom(2048, vocab=46145)),
-    ModelSpec("bloom-560m", "bigscience/bloom-560m", "bloom", config=_bloom(1024)),
-    ModelSpec("bloom-1b7", "bigscience/bloom-1b7", "bloom", config=_bloom(2048)),
-    ModelSpec("tiny-qwen2", None, "qwen2", config=_tiny(
+    ModelSpec("qwen1.5-0.5b", "Qwen/Qwen1.5-0.5B-Chat", True, _qwen2(1024, 2816, 24, 16, 16)),
+    ModelSpec("qwen2-0.5b", "Qwen/Qwen2-0.5B-Instruct", True, _qwen2(896, 4864, 24, 14, 2)),
+    ModelSpec("qwen2-1.5b", "Qwen/Qwen2-1.5B-Instruct", True, _qwen2(1536, 8960, 28, 12, 2)),
+    ModelSpec("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", True, _qwen2(896, 4864, 24, 14, 2)),
+    ModelSpec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", True, _qwen2(1536, 8960, 28, 12, 2)),
+    ModelSpec("bloom-389m-zh", "Langboat/bloom-389m-zh", config=_bloom(1024, vocab=42437)),
+    ModelSpec("bloom-1b4-zh", "Langboat/bloom-1b4-zh", config=_bloom(2048, vocab=46145)),
+    ModelSpec("bloom-560m", "bigscience/bloom-560m", config=_bloom(1024)),
+    ModelSpec("bloom-1b7", "bigscience/bloom-1b7", config=_bloom(2048)),
+    ModelSpec("tiny-qwen2", None, config=_tiny(
         "qwen2", intermediate_size=688, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
         max_position_embeddings=1024)),
-    ModelSpec("tiny-bloom", None, "bloom", config=_tiny("bloom", layer_norm_epsilon=1e-5)),
+    ModelSpec("tiny-bloom", None, config=_tiny("bloom", layer_norm_epsilon=1e-5)),
 ]}
 
 PAPER_MODELS = ["qwen1.5-0.5b", "qwen2-0.5b", "qwen2-1.5b", "bloom-389m-zh", "bloom-1b4-zh", "bloom-560m", "bloom-1b7"]
-
-
-def lookup(name: str) -> ModelSpec | None:
-    return REGISTRY.get(name)
 
 
 def _hub_cache_dirs() -> list[Path]:
@@ -92,7 +87,8 @@ def _download(repo: str) -> Path:
         return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
     except Exception as e:
         raise FileNotFoundError(
-            f"the weights of {repo} are not in the Hugging Face cache and could not be downloaded ({type(e).__name__}).\n"
+            f"the weights of {repo} are not in the Hugging Face cache and could not be downloaded "
+            f"({type(e).__name__}).\n"
             f"  online:  huggingface-cli download {repo}\n"
             f"  offline: copy the repository's files (config.json, *.safetensors or pytorch_model.bin, tokenizer.json) "
             f"to a folder and pass that folder instead of the name") from None
@@ -105,7 +101,7 @@ def resolve(name_or_path) -> tuple[Path | None, ModelSpec | None]:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: point at a Hugging Face model folder")
         return path, None
-    spec = lookup(str(name_or_path))
+    spec = REGISTRY.get(str(name_or_path))
     if spec is None:
         known = ", ".join(REGISTRY)
         raise ValueError(f"unknown model {name_or_path!r}: not a folder and not one of the short names ({known})")

@@ -62,9 +62,8 @@ def iter_tensors(path: Path):
     yield from state.items()
 
 
-def load_weights(model, directory: Path, device, dtype) -> None:
-    """Fill `model` (on the meta device) from the checkpoint in `directory`."""
-    model.to(dtype).to_empty(device=device)                 # on meta, .to(dtype) allocates nothing
+def load_weights(model, directory: Path) -> None:
+    """Fill `model` (allocated, in its dtype) from the checkpoint in `directory`."""
     expected = dict(model.named_parameters())
     prefix = model.body_prefix
     loaded = set()

@@ -1,6 +1,7 @@
 """Where and how the kernels run: interpreter or compiled, the torch floor, and every launch on
 its inputs' device (kernels.launch.on_device)."""
 import contextlib
+import importlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 import kernels
 from kernels import launch
+from kernels.attention import cu_seqlens
 from kernels.dispatch import check_torch, version_at_least
 from tests.conftest import should_interpret
 
@@ -69,6 +71,42 @@ def test_old_torch_fails_at_import_with_what_to_do():
         check_torch("2.5.1")
     check_torch("2.8.0")
     check_torch(torch.__version__)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch reference on CPU tensors, the Triton path only where forced
+# ---------------------------------------------------------------------------------------------
+
+class TritonPathCalled(Exception):
+    pass
+
+
+def _forbidden(*args, **kwargs):
+    raise TritonPathCalled
+
+
+@pytest.mark.parametrize("module, triton_path, shape, call", [
+    ("rms_norm", "RMSNormFunction.apply", (2, 8), lambda m, x: m.rms_norm(x, torch.ones(8), 1e-6, residual=x)),
+    ("layer_norm", "LayerNormFunction.apply", (2, 8),
+     lambda m, x: m.layer_norm(x, torch.ones(8), torch.zeros(8), 1e-5)),
+    ("rope", "RopeFunction.apply", (2, 8), lambda m, x: m.rope(x.view(2, 1, 8), x.view(2, 1, 8), torch.arange(2), 1e4)),
+    ("swiglu", "SwiGLUFunction.apply", (2, 8), lambda m, x: m.swiglu(x, x)),
+    ("gelu", "GELUFunction.apply", (2, 8), lambda m, x: m.gelu(x)),
+    ("attention", "flash_attention_forward", (5, 2, 64), lambda m, q: m.attention(q, q, q, cu_seqlens([5]), 5)),
+    ("decode_attention", "triton_decode_attention", (2, 4, 64),
+     lambda m, q: m.decode_attention(q, torch.randn(2, 2, 8, 64), torch.randn(2, 2, 8, 64),
+                                     torch.tensor([1, 8], dtype=torch.int32), torch.tensor([1, 0]))),
+])
+def test_cpu_tensors_take_the_reference_unless_triton_is_forced(monkeypatch, module, triton_path, shape, call):
+    m = importlib.import_module(f"kernels.{module}")
+    owner, _, name = triton_path.rpartition(".")
+    monkeypatch.setattr(getattr(m, owner) if owner else m, name, _forbidden)
+    x = torch.randn(shape, requires_grad=True)
+    for reference in ("auto", "torch"):
+        with kernels.backend(reference):
+            call(m, x)
+    with kernels.backend("triton"), pytest.raises(TritonPathCalled):
+        call(m, x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def reference(hidden, weight, labels, reduction):
 def fused(hidden, weight, labels, reduction, chunk, backend="triton"):
     """The chunked op: Triton rows ("triton") or torch rows ("torch", fp32 only)."""
     with kernels.backend(backend):
-        loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, budget_bytes=chunk * 4 * weight.shape[0])
+        loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction,
+                                    budget_bytes=chunk * 4 * weight.shape[0])
     loss.backward()
     return loss.detach(), hidden.grad, weight.grad
 
@@ -55,7 +56,6 @@ def test_fp32_several_chunks_with_an_ignored_chunk(reduction, backend):
     assert grad_h[labels == -100].abs().max() == 0
 
 
-
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_token_losses_match_float64_reference(dtype, backend):
@@ -73,6 +73,7 @@ def test_per_token_losses_match_float64_reference(dtype, backend):
     assert got.shape == (T,) and got.dtype == torch.float32
     assert got[labels == -100].abs().max() == 0
     assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+
 
 def test_bf16_matches_float64_reference():
     T, H, V = 97, 64, 2053

@@ -21,17 +21,12 @@ SHAPES = {
 }
 
 
-def hf_logits_per_sequence(hf, ids, cu):
-    with torch.no_grad():
-        return torch.cat([hf(ids[a:b][None]).logits[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
-
-
-def assert_parity(directory, hf, vocab):
-    model = load_model(directory)
+def assert_parity(model, hf, vocab):
+    """Our packed logits against transformers' on each sequence alone."""
     ids, cu = packed(LENGTHS, vocab)
     with torch.no_grad():
         ours = model(ids, cu_seqlens=cu)
-    ref = hf_logits_per_sequence(hf, ids, cu)
+        ref = torch.cat([hf(ids[a:b][None]).logits[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() <= 1e-4
 
@@ -41,14 +36,14 @@ def test_packed_logits_match_transformers(tmp_path, shape):
     family, heads, kv, head_dim, extra = SHAPES[shape]
     config = hf_config(family, heads, kv, head_dim, **extra)
     hf = save_hf(config, tmp_path)
-    assert_parity(tmp_path, hf, config.vocab_size)
+    assert_parity(load_model(tmp_path), hf, config.vocab_size)
 
 
 def test_sharded_safetensors(tmp_path):
     config = hf_config("qwen2", 4, 2, 32, tied=False)
     hf = save_hf(config, tmp_path, max_shard_size="200KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    assert_parity(tmp_path, hf, config.vocab_size)
+    assert_parity(load_model(tmp_path), hf, config.vocab_size)
 
 
 def test_pytorch_bin_without_prefix(tmp_path):
@@ -58,7 +53,7 @@ def test_pytorch_bin_without_prefix(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
     torch.save({k.removeprefix("transformer."): v for k, v in state.items()}, tmp_path / "pytorch_model.bin")
-    assert_parity(tmp_path, hf, config.vocab_size)
+    assert_parity(load_model(tmp_path), hf, config.vocab_size)
 
 
 def test_dtype_cast_on_load(tmp_path):
@@ -74,12 +69,9 @@ def test_save_pretrained_round_trip(tmp_path, family):
     save_hf(config, tmp_path / "src")
     model = load_model(tmp_path / "src")
     model.save_pretrained(tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
-    assert_parity(tmp_path / "out", reloaded.eval(), config.vocab_size)
-    ids, cu = packed(LENGTHS, config.vocab_size)
-    with torch.no_grad():
-        ref = hf_logits_per_sequence(reloaded, ids, cu)
-        assert (model(ids, cu) - ref).abs().max().item() <= 1e-4
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    for ours in (load_model(tmp_path / "out"), model):       # the saved folder, and the model that saved it
+        assert_parity(ours, reloaded, config.vocab_size)
 
 
 def test_alibi_slopes_match_transformers():
@@ -148,28 +140,11 @@ def test_folder_without_config(tmp_path):
         load_model(tmp_path)
 
 
-def test_missing_weights(tmp_path):
-    write_checkpoint(tmp_path)
-    (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="holds no weights"):
-        load_model(tmp_path)
-
-
 def test_uncached_offline_model_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="huggingface-cli download Qwen/Qwen2-0.5B-Instruct"):
         load_model("qwen2-0.5b")
-
-
-def test_malformed_config(tmp_path):
-    write_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json is not valid JSON"):
-        load_model(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": "big"}))
-    with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
-        load_model(tmp_path)
 
 
 def test_unknown_model_type():
@@ -214,21 +189,26 @@ def test_bad_tensors_are_named(tmp_path, damage, message):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_corrupt_safetensors(tmp_path, damage):
+@pytest.mark.parametrize("files, error, message", [
+    ({"model.safetensors": None}, FileNotFoundError, "holds no weights"),
+    ({"config.json": b"{not json"}, ValueError, "config.json is not valid JSON"),
+    ({"config.json": json.dumps({"model_type": "qwen2", "hidden_size": "big"}).encode()}, ValueError,
+     "hidden_size must be a positive integer"),
+    ({"model.safetensors": lambda data: data[: len(data) // 2]}, CheckpointError, "truncated or corrupt"),
+    ({"model.safetensors": b"\x00\x01garbage" * 10}, CheckpointError, "truncated or corrupt"),
+    ({"model.safetensors": None, "pytorch_model.bin": b"not a zip file"}, CheckpointError,
+     "could not be read as a PyTorch checkpoint"),
+], ids=["no-weights", "config-not-json", "config-bad-value", "truncated", "garbage", "corrupt-bin"])
+def test_damaged_files_are_named(tmp_path, files, error, message):
+    """Each file of a checkpoint replaced by new bytes (None: deleted; a function: of its old bytes)."""
     write_checkpoint(tmp_path)
-    path = tmp_path / "model.safetensors"
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00\x01garbage" * 10)
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_model(tmp_path)
-
-
-def test_corrupt_bin(tmp_path):
-    write_checkpoint(tmp_path)
-    (tmp_path / "model.safetensors").unlink()
-    (tmp_path / "pytorch_model.bin").write_bytes(b"not a zip file")
-    with pytest.raises(CheckpointError, match="could not be read as a PyTorch checkpoint"):
+    for name, content in files.items():
+        path = tmp_path / name
+        if content is None:
+            path.unlink()
+        else:
+            path.write_bytes(content(path.read_bytes()) if callable(content) else content)
+    with pytest.raises(error, match=message):
         load_model(tmp_path)
 
 
