@@ -100,10 +100,8 @@ def load_poems(lang: str = "cn", length: int = 256, n: int | None = 2000, seed: 
 
 
 def read_records(path: Path) -> list[dict]:
-    """Rows of a local .parquet, .jsonl, .json (a list of objects) or .csv file."""
+    """Rows of a local .parquet, .jsonl (an object a line), .json (a list of objects) or .csv file."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _jsonl_records(path)
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -115,18 +113,12 @@ def read_records(path: Path) -> list[dict]:
         if suffix == ".csv":
             return list(csv.DictReader(text.splitlines(keepends=True)))
     except Exception as e:
-        raise ValueError(f"could not read {path} ({type(e).__name__}: {e}); check that the file is a valid "
-                         f"{suffix[1:]} file") from None
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .parquet, .jsonl, .json or .csv")
-
-
-def _jsonl_records(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"could not read {path} ({type(e).__name__}: {e}); check that it is a UTF-8 text file") from None
+        expected = "it is a UTF-8 text file" if suffix == ".jsonl" else f"the file is a valid {suffix[1:]} file"
+        raise ValueError(f"could not read {path} ({type(e).__name__}: {e}); check that {expected}") from None
+    if suffix != ".jsonl":
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .parquet, .jsonl, .json or .csv")
     rows = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
