@@ -31,14 +31,6 @@ SOURCES = [   # (member pattern, dynasty, title field), read in this order, file
 ]
 
 
-def sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ci_title(rhythmic: str, paragraphs: list[str]) -> str:
     first_phrase = re.split(r"[，。、；：？！,.;:?!\s]", paragraphs[0].strip(), maxsplit=1)[0] if paragraphs else ""
     return f"{rhythmic}·{first_phrase}"
@@ -90,8 +82,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if sha1(args.tarball) != SHA1:
-        raise SystemExit(f"{args.tarball}: sha1 {sha1(args.tarball)} is not {SHA1} (chinese-poetry@2.0.1); "
+    with open(args.tarball, "rb") as f:
+        sha1 = hashlib.file_digest(f, "sha1").hexdigest()
+    if sha1 != SHA1:
+        raise SystemExit(f"{args.tarball}: sha1 {sha1} is not {SHA1} (chinese-poetry@2.0.1); "
                          "fetch it again with `npm pack chinese-poetry@2.0.1`")
     stats = Counter()
     poems = read_corpus(args.tarball, stats)
