@@ -34,7 +34,9 @@ def frozen_rows(length):
 def test_frozen_files(length, lo, hi):
     import opencc
     t2s = opencc.OpenCC("t2s").convert
-    rows = frozen_rows(length)
+    lines = (ROOT / "data" / f"poems-cn-{length}.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert all(line == json.dumps(row, ensure_ascii=False, sort_keys=True) for line, row in zip(lines, rows))
     assert len(rows) == 2000
     assert all(sorted(r) == ["author", "content", "dynasty", "title"] for r in rows)
     assert len({(r["dynasty"], r["author"], r["title"]) for r in rows}) == 2000
@@ -46,11 +48,6 @@ def test_frozen_files(length, lo, hi):
         for text in (p.author, p.title, p.content):
             assert "□" not in text and t2s(text) == text
     assert load_poems("cn", length) == poems      # the frozen sample is the whole file, in file order
-
-
-def test_frozen_lines_are_canonical_json():
-    line = (ROOT / "data" / "poems-cn-256.jsonl").read_text(encoding="utf-8").splitlines()[0]
-    assert line == json.dumps(json.loads(line), ensure_ascii=False, sort_keys=True)
 
 
 @pytest.mark.skipif(not os.environ.get("CHINESE_POETRY_TGZ"), reason="set CHINESE_POETRY_TGZ to chinese-poetry-2.0.1.tgz")
@@ -99,8 +96,7 @@ def test_loaders_accept_every_alias(tmp_path, suffix, names):
                 names[2]: r["content"].split("\n") if as_lines else r["content"], "extra": 1} for r in rows]
     path = write(tmp_path / f"poems{suffix}", renamed)
     expected = [Poem("", r["author"], r["title"], r["content"]) for r in rows]
-    for length in (256, 512):
-        lo, hi = {256: (0, 256), 512: (256, 512)}[length]
+    for length, (lo, hi) in ((256, (0, 256)), (512, (256, 512))):
         assert load_poems("en", length, n=None, source=path) == [p for p in expected if lo < poem_chars(p, "en") <= hi]
 
 

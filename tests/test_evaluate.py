@@ -125,9 +125,8 @@ def test_run_eval_end_to_end(tmp_path, one_thread):
     from models import build_model
     from models.config import ModelConfig
     ps = poems()
-    char_tokenizer([f"{p.content}{p.author}{p.title}" for p in ps], tmp_path)
-    vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
-    config = ModelConfig.from_dict({"model_type": "qwen2", "vocab_size": len(vocab), "hidden_size": 32,
+    tok = char_tokenizer([f"{p.content}{p.author}{p.title}" for p in ps], tmp_path)
+    config = ModelConfig.from_dict({"model_type": "qwen2", "vocab_size": tok.vocab_size, "hidden_size": 32,
                                     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                                     "num_key_value_heads": 1, "tie_word_embeddings": True, "eos_token_id": 0})
     build_model(config, seed=0).save_pretrained(tmp_path)
