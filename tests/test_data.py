@@ -12,6 +12,7 @@ from models import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 EN_FIXTURE = ROOT / "tests" / "fixtures" / "poems-en.jsonl"
+FROZEN = {length: ROOT / "data" / f"poems-cn-{length}.jsonl" for length in (256, 512)}
 TINY = ROOT / "models" / "assets" / "tiny-tokenizer"
 
 
@@ -20,12 +21,8 @@ def tok():
     return load_tokenizer("tiny-qwen2")
 
 
-def fixture_rows():
-    return [json.loads(line) for line in EN_FIXTURE.read_text(encoding="utf-8").splitlines()]
-
-
-def frozen_rows(length):
-    return [json.loads(line) for line in (ROOT / "data" / f"poems-cn-{length}.jsonl").read_text(encoding="utf-8").splitlines()]
+def jsonl_rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 # ---------------------------------------------------------------- the frozen CN benchmark
@@ -34,7 +31,7 @@ def frozen_rows(length):
 def test_frozen_files(length, lo, hi):
     import opencc
     t2s = opencc.OpenCC("t2s").convert
-    lines = (ROOT / "data" / f"poems-cn-{length}.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = FROZEN[length].read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines]
     assert all(line == json.dumps(row, ensure_ascii=False, sort_keys=True) for line, row in zip(lines, rows))
     assert len(rows) == 2000
@@ -55,7 +52,7 @@ def test_build_cn_is_bit_identical(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "data" / "build_cn.py"), "--tarball", os.environ["CHINESE_POETRY_TGZ"],
                     "--out", str(tmp_path)], check=True, capture_output=True)
     for length in (256, 512):
-        assert (tmp_path / f"poems-cn-{length}.jsonl").read_bytes() == (ROOT / "data" / f"poems-cn-{length}.jsonl").read_bytes()
+        assert (tmp_path / f"poems-cn-{length}.jsonl").read_bytes() == FROZEN[length].read_bytes()
 
 
 # ---------------------------------------------------------------- loaders, filters, sampling
@@ -90,7 +87,7 @@ ALIAS_SETS = [("author", "title", "content"), ("poet", "poem_title", "text"), ("
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".json", ".csv"])
 @pytest.mark.parametrize("names", ALIAS_SETS, ids=lambda names: "-".join(names))
 def test_loaders_accept_every_alias(tmp_path, suffix, names):
-    rows = fixture_rows()
+    rows = jsonl_rows(EN_FIXTURE)
     as_lines = names[2] == "lines" and suffix != ".csv"       # a list column, joined with "\n"
     renamed = [{names[0]: r["author"], names[1]: r["title"],
                 names[2]: r["content"].split("\n") if as_lines else r["content"], "extra": 1} for r in rows]
@@ -102,7 +99,7 @@ def test_loaders_accept_every_alias(tmp_path, suffix, names):
 
 def test_hub_dataset_through_datasets(monkeypatch):
     import datasets
-    rows = [{"dynasty": "宋代", **r} for r in fixture_rows()]
+    rows = [{"dynasty": "宋代", **r} for r in jsonl_rows(EN_FIXTURE)]
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: calls.append(name) or datasets.Dataset.from_list(rows))
     poems = load_poems("cn", 512, n=3, source="larryvrh/Chinese-Poems")
@@ -120,7 +117,7 @@ def test_seeded_sampling():
 
 
 def test_ambiguous_prompts_and_empty_rows_are_dropped(tmp_path):
-    rows = fixture_rows()
+    rows = jsonl_rows(EN_FIXTURE)
     clash = dict(rows[0], content="another poem under the same author and title")
     path = write(tmp_path / "p.jsonl", rows + [clash, {"author": "", "title": "x", "content": "y"}])
     poems = load_poems("en", 256, n=None, source=path)
@@ -143,7 +140,7 @@ def test_errors_say_what_to_do(tmp_path):
         load_poems("cn", 300)
     with pytest.raises(ValueError, match="holds no records"):
         rows_to_poems([], "x.json")
-    rows = [json.dumps(r) for r in fixture_rows()[:3]]
+    rows = [json.dumps(r) for r in jsonl_rows(EN_FIXTURE)[:3]]
     (tmp_path / "poems.jsonl").write_text("\n".join(rows[:2] + ['{"author": "x", "title": '] + rows[2:]) + "\n")
     with pytest.raises(ValueError, match=r"poems.jsonl, line 3: not a JSON object .*fix or remove that line"):
         load_poems("en", source=tmp_path / "poems.jsonl", n=None)
@@ -156,8 +153,8 @@ def test_tiny_tokenizer(tok):
     assert [tok.token_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
     assert tok.eos_token_ids == [0]
     texts = [p.content for length in (256, 512) for p in load_poems("cn", length)]
-    texts += [prompt_text(Poem(**r), "cn") for r in frozen_rows(256)]
-    texts += [r["content"] for r in fixture_rows()] + ["  odd\tspacing\r\n ünïcode ✓ 𠜾 \n\n"]
+    texts += [prompt_text(Poem(**r), "cn") for r in jsonl_rows(FROZEN[256])]
+    texts += [r["content"] for r in jsonl_rows(EN_FIXTURE)] + ["  odd\tspacing\r\n ünïcode ✓ 𠜾 \n\n"]
     assert all(tok.decode(tok.encode(t)) == t for t in texts)
 
 
@@ -171,7 +168,7 @@ def test_tiny_tokenizer_build_is_deterministic(tmp_path):
 def test_chat_prompt_equals_transformers(tok):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(str(TINY))
-    for row in frozen_rows(256)[:5] + frozen_rows(512)[:5]:
+    for row in jsonl_rows(FROZEN[256])[:5] + jsonl_rows(FROZEN[512])[:5]:
         prompt = prompt_text(Poem(**row), "cn")
         messages = [{"role": "user", "content": prompt}]
         text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -182,7 +179,7 @@ def test_chat_prompt_equals_transformers(tok):
 
 
 def test_examples_plain_and_chat(tok):
-    poem = Poem(**frozen_rows(256)[0])
+    poem = Poem(**jsonl_rows(FROZEN[256])[0])
     plain = encode_examples([poem], tok, "cn", "plain")[0]
     assert tok.decode(plain.prompt_ids) == prompt_text(poem, "cn") + "\n"
     assert plain.target_ids[-1] == tok.eos_token_id == 0
