@@ -50,11 +50,10 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
         raise ValueError(f"max_new_tokens has {len(caps)} entries for {len(prompts)} prompts")
     if any(len(p) == 0 for p in prompts) or any(cap < 0 for cap in caps):
         raise ValueError("every prompt needs at least one token and every max_new_tokens must be >= 0")
-    device = model.device
     bytes_per_token = KVCache.bytes_per_token(model.config, model.dtype)
     if not kv_budget_bytes:
-        on_gpu = device.type == "cuda"
-        kv_budget_bytes = int(GPU_KV_SHARE * torch.cuda.mem_get_info(device)[0]) if on_gpu else CPU_KV_BUDGET
+        on_gpu = model.device.type == "cuda"
+        kv_budget_bytes = int(GPU_KV_SHARE * torch.cuda.mem_get_info(model.device)[0]) if on_gpu else CPU_KV_BUDGET
     capture = graph_recorder(model) if cuda_graphs else None
     todo = [i for i in range(len(prompts)) if caps[i] > 0]
     # a sequence needs cache rows for its prompt and all its new tokens but the last
