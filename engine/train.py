@@ -276,8 +276,8 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
             if rank == 0:                      # the lines after the checkpoint are redone; a fresh run keeps none
                 keep_jsonl(run.out / "metrics.jsonl", lambda line: resumed and line["step"] <= run.step)
                 keep_jsonl(run.out / EVALS_FILE, lambda line: line["epoch"] <= run.epoch)
-            if not resumed:
-                run.log(epoch=0, step=0, bits=sum(run.base_bits))
+                if not resumed:
+                    run.log(epoch=0, step=0, bits=sum(run.base_bits))
             train(run, progress and rank == 0)
             if run.last_eval is None:          # resumed after the last epoch's checkpoint: redo its evaluation
                 if rank == 0:
