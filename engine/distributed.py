@@ -104,20 +104,16 @@ class GradSync:
         self.syncing = True
         self.buckets: list[torch.Tensor] = []
         self.sizes: list[int] = []                  # parameters per bucket
-        bucket_of: dict[int, int] = {}
         for g in reversed(opt.groups):
             end = start = g.grad.numel()
             count = 0
             for p in reversed(g.params):
                 start, count = start - p.numel(), count + 1
-                bucket_of[id(p)] = len(self.buckets)
+                p.register_post_accumulate_grad_hook(lambda p, bucket=len(self.buckets): self._ready(bucket))
                 if 4 * (end - start) >= bucket_bytes or p is g.params[0]:
                     self.buckets.append(g.grad[start:end])
                     self.sizes.append(count)
                     end, count = start, 0
-        for g in opt.groups:
-            for p in g.params:
-                p.register_post_accumulate_grad_hook(lambda p, b=bucket_of[id(p)]: self._ready(b))
         self._reset()
 
     def _reset(self) -> None:

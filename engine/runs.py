@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.weights import checkpoint_files, iter_tensors
+from models.weights import checkpoint_files, iter_tensors, load_weights
 
 LOCK = ".lock"
 OURS = {LOCK, "memorize.log"}          # what a sweep or a lock puts into a folder before its run starts
@@ -208,12 +208,8 @@ def restore_newest(out: Path, model, opt) -> tuple[Path | None, tuple]:
 def restore(checkpoint: Path, model, opt) -> tuple[int, int, dict]:
     """Load model weights, optimizer and RNG state; returns (epochs done, steps done, running totals).
     TrainingError names the file that cannot be read."""
-    params = dict(model.named_parameters())
     try:
-        with torch.no_grad():
-            for path in checkpoint_files(checkpoint / "model"):
-                for name, tensor in iter_tensors(path):
-                    params[name].copy_(tensor)
+        load_weights(model, checkpoint / "model")
     except Exception as e:
         raise TrainingError(f"cannot read the weights in {checkpoint / 'model'} ({type(e).__name__}: {e})") from None
     try:
@@ -268,21 +264,6 @@ def keep_jsonl(path: Path, keep) -> None:
     if path.is_file():
         path.write_text("".join(json.dumps(record) + "\n" for record in read_jsonl(path) if keep(record)),
                         encoding="utf-8")
-
-
-class Metrics:
-    """metrics.jsonl, appended line by line (rank 0 only)."""
-
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
-        self.path, self.enabled = path, enabled
-        if enabled and keep_until_step is not None and path.is_file():
-            keep_jsonl(path, lambda record: record.get("step", 0) <= keep_until_step)
-        elif enabled:
-            path.write_text("")
-
-    def log(self, **record) -> None:
-        if self.enabled:
-            append_jsonl(self.path, [record])
 
 
 RESULTS_KEYS = ("model", "lang", "length", "n_poems", "epochs", "accuracy", "train_seconds", "eval_seconds")

@@ -41,8 +41,8 @@ from engine.evaluate import resolve_device
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
-from engine.runs import (Metrics, TrainingError, append_jsonl, claimed, keep_jsonl, keep_last_finite, read_jsonl,
-                         restore_newest, run_dir, save_checkpoint, saved_config)
+from engine.runs import (TrainingError, append_jsonl, claimed, keep_jsonl, keep_last_finite, read_jsonl, restore_newest,
+                         run_dir, save_checkpoint, saved_config)
 from engine.scoring import SCORE_BATCH_TOKENS, bits_summary, poem_bits
 from models import load_model, load_tokenizer
 
@@ -255,6 +255,11 @@ class Run:
         """Is the epoch just finished one of every `every`-th, or the last?"""
         return self.epoch % every == 0 or self.epoch == self.config.epochs
 
+    def log(self, **record) -> None:
+        """A metrics.jsonl line (rank 0 writes it)."""
+        if self.rank == 0:
+            append_jsonl(self.out / "metrics.jsonl", [record])
+
 
 def memorize(config: TrainConfig, progress: bool = True) -> dict:
     """Train, evaluate and write the run's folder; returns results.json's content (rank 0)."""
@@ -267,13 +272,13 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
         with cpu_threads(run.device, run.model.num_parameters()):
             if rank == 0:                      # before resume() loads trained weights
                 run.base_bits = score(run)
-            checkpoint = resume(run)
-            metrics = Metrics(run.out / "metrics.jsonl", rank == 0, run.step if checkpoint is not None else None)
-            if rank == 0:
-                keep_jsonl(run.out / EVALS_FILE, lambda line: line["epoch"] <= run.epoch)   # a fresh run: none kept
-                if checkpoint is None:
-                    metrics.log(epoch=0, step=0, bits=sum(run.base_bits))
-            train(run, metrics, progress and rank == 0)
+            resumed = resume(run) is not None
+            if rank == 0:                      # the lines after the checkpoint are redone; a fresh run keeps none
+                keep_jsonl(run.out / "metrics.jsonl", lambda line: resumed and line["step"] <= run.step)
+                keep_jsonl(run.out / EVALS_FILE, lambda line: line["epoch"] <= run.epoch)
+                if not resumed:
+                    run.log(epoch=0, step=0, bits=sum(run.base_bits))
+            train(run, progress and rank == 0)
             if run.last_eval is None:          # resumed after the last epoch's checkpoint: redo its evaluation
                 if rank == 0:
                     keep_jsonl(run.out / EVALS_FILE, lambda line: line["epoch"] < run.epoch)
@@ -282,7 +287,7 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
             return finish(run, tokens_per_rank) if rank == 0 else {}
 
 
-def train(run: Run, metrics: Metrics, progress: bool) -> None:
+def train(run: Run, progress: bool) -> None:
     """The epochs left: each trained, evaluated every eval_every and checkpointed every checkpoint_every."""
     from tqdm import tqdm
     config = run.config
@@ -290,13 +295,13 @@ def train(run: Run, metrics: Metrics, progress: bool) -> None:
     with tqdm(total=run.total_steps, initial=run.step, disable=not progress, desc=desc, unit="step",
               dynamic_ncols=True) as bar:
         while run.epoch < config.epochs:
-            record = train_epoch(run, metrics, bar)
+            record = train_epoch(run, bar)
             if run.due(config.eval_every):
                 summary = recite(run)          # every rank evaluates its share
                 if run.rank == 0:
                     record.update(accuracy=summary["accuracy"], bits=summary["bits"],
                                   bits_gained=sum(run.base_bits) - summary["bits"])
-            metrics.log(**record)
+            run.log(**record)
             if run.rank == 0 and run.due(config.checkpoint_every):
                 save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, config,
                                 config.keep_checkpoints)
@@ -360,7 +365,7 @@ def resume(run: Run) -> Path | None:
     return checkpoint
 
 
-def train_epoch(run: Run, metrics: Metrics, bar) -> dict:
+def train_epoch(run: Run, bar) -> dict:
     """One pass over the poems in the epoch's packed order; returns the epoch's metrics record."""
     config = run.config
     start = window_start = time.perf_counter()
@@ -386,9 +391,9 @@ def train_epoch(run: Run, metrics: Metrics, bar) -> dict:
         if run.step % config.log_every == 0:
             loss_value = _finite(loss, run)
             now = time.perf_counter()
-            metrics.log(epoch=run.epoch + 1, step=run.step, loss=loss_value, lr=run.opt.groups[0].lr,
-                        grad_norm=float(norm), tokens_per_second=window_tokens / (now - window_start),
-                        peak_memory_bytes=peak_memory_bytes(run.device))
+            run.log(epoch=run.epoch + 1, step=run.step, loss=loss_value, lr=run.opt.groups[0].lr,
+                    grad_norm=float(norm), tokens_per_second=window_tokens / (now - window_start),
+                    peak_memory_bytes=peak_memory_bytes(run.device))
             bar.set_postfix(loss=f"{loss_value:.4f}", epoch=run.epoch + 1)
             window_tokens, window_start = 0, now
     epoch_loss = _finite(torch.stack(losses).mean(), run)

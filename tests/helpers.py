@@ -74,3 +74,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_model(dtype=torch.float32, seed: int = 0):
+    """The model tiny_checkpoint() saves (64 hidden, 2 layers, 2 KV heads, tiny-qwen2's vocabulary), in memory."""
+    from models import build_model
+    from models.config import ModelConfig
+    from models.registry import REGISTRY
+    config = {**REGISTRY["tiny-qwen2"].config, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128}
+    return build_model(ModelConfig.from_dict(config), dtype=dtype, seed=seed)

@@ -15,13 +15,9 @@ from engine.distributed import GradSync, balanced_shares, evaluate_sharded, exam
 from engine.evaluate import evaluate
 from engine.optim import AdamW, parameter_groups
 from engine.packing import collate, pack
-from models import build_model, load_tokenizer
-from models.config import ModelConfig
-from models.registry import REGISTRY
-from tests.helpers import rel_err
+from models import load_tokenizer
+from tests.helpers import rel_err, tiny_model
 
-TINY = {**REGISTRY["tiny-qwen2"].config, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-        "num_key_value_heads": 2}
 POEMS = Path(__file__).parent / "fixtures" / "poems-en.jsonl"
 WORLD = 2
 
@@ -67,13 +63,13 @@ def train(world, rank, model, opt, sync):
 
 
 def setup():
-    model = build_model(ModelConfig.from_dict(TINY), seed=0)
+    model = tiny_model()
     return model, AdamW(parameter_groups(model, 0.01), lr=1e-3)
 
 
 def recite_setup():
     tokenizer = load_tokenizer("tiny-qwen2")
-    return build_model(ModelConfig.from_dict(TINY), seed=5), tokenizer, load_poems("en", 256, 5, 0, POEMS)
+    return tiny_model(seed=5), tokenizer, load_poems("en", 256, 5, 0, POEMS)
 
 
 def worker(rank, port, out_dir):

@@ -5,14 +5,12 @@ import torch
 
 import engine.optim
 from engine.optim import AdamW, GradientError, lr_at, parameter_groups
-from models import build_model, load_model
-from models.config import ModelConfig
+from models import load_model
 from models.registry import REGISTRY
-from tests.helpers import rel_err
+from tests.helpers import rel_err, tiny_model
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), (1,)]
-TINY = {**REGISTRY["tiny-qwen2"].config, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-        "num_key_value_heads": 2}
+VOCAB = REGISTRY["tiny-qwen2"].config["vocab_size"]
 
 
 def twin_params(seed=0):
@@ -22,13 +20,9 @@ def twin_params(seed=0):
     return ours, ref
 
 
-def tiny_model(dtype=torch.float32, seed=0):
-    return build_model(ModelConfig.from_dict(TINY), dtype=dtype, seed=seed)
-
-
 def sequences(lengths, seed):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in lengths]
+    return [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]
 
 
 def loss_of(model, seqs, n_targets):
