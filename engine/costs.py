@@ -199,10 +199,11 @@ def information_view(row: dict, runs: list[dict], run_flops) -> dict:
     scored = [run["memorization"] for run in runs if "memorization" in run]
     kbit = sum(bits["bits_gained"] for bits in scored) / 1000 if len(scored) == len(runs) else None
     per = lambda total, count: total / count if count and count > 0 else None       # noqa: E731
-    bits = bits_per_parameter(runs)
+    per_param = bits_per_parameter(runs)
     return {"accuracy": 100 * memorized / n, "run_dir": ", ".join(run["run_dir"] for run in runs),
             "run_poems": runs[0]["n_poems"], "run_epochs": runs[0]["epochs"], "seeds": len(runs),
-            "cost_basis": "measured (finished runs)", "kbit_gained": kbit, "bits_per_parameter": bits and bits["mean"],
+            "cost_basis": "measured (finished runs)", "kbit_gained": kbit,
+            "bits_per_parameter": per(sum(per_param), len(per_param)),
             "flops_per_poem": per(flops, memorized), "gpu_seconds_per_poem": per(seconds, memorized),
             "flops_per_kbit": per(flops, kbit), "gpu_seconds_per_kbit": per(seconds, kbit)}
 

@@ -355,10 +355,9 @@ def pooled(runs: list[dict]) -> tuple[int, int]:
     return sum(r["correct"] for r in runs), sum(r["n"] for r in runs)
 
 
-def bits_per_parameter(runs: list[dict]) -> dict | None:
-    """stats.spread of the scored seeds' bits gained per parameter (None: none scored)."""
-    values = [run["memorization"]["bits_per_parameter"] for run in runs if run.get("memorization")]
-    return spread(values) if values else None
+def bits_per_parameter(runs: list[dict]) -> list[float]:
+    """The bits gained per parameter of each scored seed (runs from before scoring have none)."""
+    return [run["memorization"]["bits_per_parameter"] for run in runs if run.get("memorization")]
 
 
 def accuracy_cell(runs: list[dict] | None) -> str:
@@ -385,7 +384,8 @@ def seeds_table(runs: list[dict]) -> str | None:
         if len(group) < 2:
             continue
         acc = spread([100 * r["accuracy"] for r in group])
-        bits = bits_per_parameter(group)
+        per_param = bits_per_parameter(group)
+        bits = spread(per_param) if per_param else None
         rows.append([Path(model).name, f"{lang}-{length}", ", ".join(str(r["config"]["seed"]) for r in group),
                      f"{acc['mean']:.2f} ± {acc['std']:.2f}", f"{acc['min']:.2f}-{acc['max']:.2f}",
                      f"{bits['mean']:.3g} ± {bits['std']:.2g}" if bits and bits["std"] is not None else "-"])
@@ -401,9 +401,9 @@ def ranking_table(runs: list[dict]) -> str:
     entries = []
     for (model, lang, length), group in seed_groups(runs).items():
         k, n = pooled(group)
-        bits = bits_per_parameter(group)
+        per_param = bits_per_parameter(group)
         entries.append({"model": model, "poems": f"{lang}-{length}", "correct": k, "n": n,
-                        "bits_per_parameter": bits and bits["mean"]})
+                        "bits_per_parameter": sum(per_param) / len(per_param) if per_param else None})
     sections = []
     for poems, group in dynamics.group_by(entries, lambda entry: entry["poems"]).items():
         by_bits = sorted((e for e in group if e["bits_per_parameter"] is not None),
