@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from engine.data import encode_examples, load_poems, model_format
-from engine.report import (ACCURACY_LABEL, PAPER_ACCURACY, duration, markdown_table, pooled, pyplot, save_figure,
-                           seed_groups)
+from engine.report import (ACCURACY_LABEL, PAPER_ACCURACY, bits_per_parameter, cell, duration, markdown_table, pooled,
+                           pyplot, save_figure, seed_groups)
 from engine.runs import find_runs, run_gpu_seconds
 from engine.train import TrainConfig
 from kernels.hardware import PROJECTION
@@ -199,21 +199,20 @@ def information_view(row: dict, runs: list[dict], run_flops) -> dict:
     scored = [run["memorization"] for run in runs if "memorization" in run]
     kbit = sum(bits["bits_gained"] for bits in scored) / 1000 if len(scored) == len(runs) else None
     per = lambda total, count: total / count if count and count > 0 else None       # noqa: E731
+    per_param = bits_per_parameter(runs)
     return {"accuracy": 100 * memorized / n, "run_dir": ", ".join(run["run_dir"] for run in runs),
             "run_poems": runs[0]["n_poems"], "run_epochs": runs[0]["epochs"], "seeds": len(runs),
             "cost_basis": "measured (finished runs)", "kbit_gained": kbit,
-            "bits_per_parameter": sum(b["bits_per_parameter"] for b in scored) / len(scored) if scored else None,
+            "bits_per_parameter": per(sum(per_param), len(per_param)),
             "flops_per_poem": per(flops, memorized), "gpu_seconds_per_poem": per(seconds, memorized),
             "flops_per_kbit": per(flops, kbit), "gpu_seconds_per_kbit": per(seconds, kbit)}
 
 
 def information_table(rows: list[dict]) -> str:
-    def number(value, scale=1.0, digits=3):
-        return "-" if value is None else f"{value / scale:.{digits}g}"
-    body = [[row["model"], number(row.get("accuracy"), digits=4), number(row["paper_accuracy"], digits=4),
-             number(row.get("kbit_gained")), number(row.get("bits_per_parameter")),
-             number(row.get("flops_per_poem"), 1e12), number(row.get("gpu_seconds_per_poem")),
-             number(row.get("flops_per_kbit"), 1e12), number(row.get("gpu_seconds_per_kbit")),
+    body = [[row["model"], cell(row.get("accuracy"), ".4g"), cell(row["paper_accuracy"], ".4g"),
+             cell(row.get("kbit_gained")), cell(row.get("bits_per_parameter")),
+             cell(row.get("flops_per_poem"), scale=1e12), cell(row.get("gpu_seconds_per_poem")),
+             cell(row.get("flops_per_kbit"), scale=1e12), cell(row.get("gpu_seconds_per_kbit")),
              row.get("cost_basis") or "-"] for row in rows]
     header = ["model", "acc % (ours)", "acc % (paper)", "kbit gained", "bits/parameter", "TFLOP per memorized poem",
               "GPU-s per memorized poem", "TFLOP per kbit gained", "GPU-s per kbit gained", "basis"]

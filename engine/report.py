@@ -184,10 +184,6 @@ def interval_text(k: int, n: int) -> str:
     return f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
-def p_text(p_value: float) -> str:
-    return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.3f}"
-
-
 def _bits(value: float) -> str:
     return f"{value:,.0f} bits" if abs(value) < 10_000 else f"{value / 1000:,.1f} kbit"
 
@@ -195,27 +191,22 @@ def _bits(value: float) -> str:
 def memorization_section(results: dict) -> list[str]:
     """report.md lines of one run's memorization view (results.json's fields)."""
     k, n = results["correct"], results["n"]
-    lines = ["## Memorization", "",
-             f"- exact recitation: {k} of {n} poems, {100 * k / n:.2f}% (95% Wilson interval {interval_text(k, n)})"]
-    bits = results.get("memorization")
-    if bits:
-        per_token = bits["base_bits"] / bits["target_tokens"] if bits.get("target_tokens") else None
-        lines += [
-            f"- information of the training poems under the base model: {_bits(bits['base_bits'])}"
-            + (f" ({bits['target_tokens']:,} target tokens, {per_token:.2f} bits/token)" if per_token else ""),
-            f"- bits gained by training: {_bits(bits['bits_gained'])} ({100 * bits['bits_gained_share']:.1f}% of it), "
-            f"{bits['bits_per_parameter']:.3g} bits/parameter (saturated GPT-style models hold "
-            f"~{CAPACITY_BITS_PER_PARAMETER}), "
-            + (f"{_bits(bits['bits_per_memorized_poem'])} per memorized poem" if bits["bits_per_memorized_poem"]
-               else "no poem memorized")]
-    learned = results.get("dynamics")
-    if learned:
-        lines.append(
-            f"- over {learned['evaluations']} evaluations: {learned['ever_recited']} of {learned['poems']} poems recited "
-            f"exactly at least once, {learned['stayed']} of them correct at every later evaluation; "
-            f"{learned['forgotten_poems']} forgotten ({learned['forgetting_events']} forgetting events, "
-            f"{learned['relearning_events']} relearned); median first-recited epoch: "
-            f"{learned['median_first_recited_epoch'] or '-'}")
+    bits, learned = results["memorization"], results["dynamics"]
+    lines = [
+        "## Memorization", "",
+        f"- exact recitation: {k} of {n} poems, {100 * k / n:.2f}% (95% Wilson interval {interval_text(k, n)})",
+        f"- information of the training poems under the base model: {_bits(bits['base_bits'])} "
+        f"({bits['target_tokens']:,} target tokens, {bits['base_bits'] / bits['target_tokens']:.2f} bits/token)",
+        f"- bits gained by training: {_bits(bits['bits_gained'])} ({100 * bits['bits_gained_share']:.1f}% of it), "
+        f"{bits['bits_per_parameter']:.3g} bits/parameter (saturated GPT-style models hold "
+        f"~{CAPACITY_BITS_PER_PARAMETER}), "
+        + (f"{_bits(bits['bits_per_memorized_poem'])} per memorized poem" if bits["bits_per_memorized_poem"]
+           else "no poem memorized"),
+        f"- over {learned['evaluations']} evaluations: {learned['ever_recited']} of {learned['poems']} poems recited "
+        f"exactly at least once, {learned['stayed']} of them correct at every later evaluation; "
+        f"{learned['forgotten_poems']} forgotten ({learned['forgetting_events']} forgetting events, "
+        f"{learned['relearning_events']} relearned); median first-recited epoch: "
+        f"{learned['median_first_recited_epoch'] or '-'}"]
     if "score_seconds" in results:
         measured = results["eval_seconds"] + results["score_seconds"]
         total = measured + results["train_seconds"]
@@ -237,9 +228,14 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def cell(value: float | None, spec: str = ".3g", scale: float = 1.0) -> str:
+    """A table cell: value / scale formatted by spec, '-' for no value."""
+    return "-" if value is None else format(value / scale, spec)
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+    return "\n".join(lines + ["| " + " | ".join(str(value) for value in row) + " |" for row in rows])
 
 
 # ---------------------------------------------------------------- `cli.py data`
@@ -311,17 +307,15 @@ def accuracy_tables(runs: list[dict]) -> str:
 def cost_table(runs: list[dict]) -> str:
     body = []
     for run in runs:
-        memorized = run["accuracy"] * run["n_poems"]
-        per_poem = f"{run_gpu_seconds(run) / memorized:.2f}" if memorized else "-"
+        seconds, memorized = run_gpu_seconds(run), run["accuracy"] * run["n_poems"]
         bits = run.get("memorization")
-        gained = bits["bits_gained"] if bits else None
+        kbit = bits["bits_gained"] / 1000 if bits else None
         body.append([Path(run["run_dir"]).name, display_name(run["model"]), f"{run['lang']}-{run['length']}", run["n_poems"],
                      run["epochs"], f"{100 * run['accuracy']:.2f}", duration(run["train_seconds"]),
                      duration(run["eval_seconds"]), f"{run.get('device', '?')} x{run.get('world_size', 1)}",
-                     f"{run_gpu_seconds(run) / 3600:.3g}", per_poem,
-                     "-" if gained is None else f"{gained / 1000:,.1f}",
-                     "-" if gained is None else f"{bits['bits_per_parameter']:.3g}",
-                     f"{run_gpu_seconds(run) / (gained / 1000):.3g}" if gained and gained > 0 else "-"])
+                     f"{seconds / 3600:.3g}", cell(seconds / memorized if memorized else None, ".2f"),
+                     cell(kbit, ",.1f"), cell(bits and bits["bits_per_parameter"]),
+                     cell(seconds / kbit if kbit and kbit > 0 else None)])
     return markdown_table(["run", "model", "poems", "n", "epochs", "accuracy %", "train time", "eval time", "device",
                            "device-hours", "device-s per memorized poem", "kbit gained", "bits/parameter",
                            "device-s per kbit gained"], body)
@@ -361,6 +355,11 @@ def pooled(runs: list[dict]) -> tuple[int, int]:
     return sum(r["correct"] for r in runs), sum(r["n"] for r in runs)
 
 
+def bits_per_parameter(runs: list[dict]) -> list[float]:
+    """The bits gained per parameter of each scored seed (runs from before scoring have none)."""
+    return [run["memorization"]["bits_per_parameter"] for run in runs if run.get("memorization")]
+
+
 def accuracy_cell(runs: list[dict] | None) -> str:
     """'77.50 [75.6, 79.3]' (seeds pooled), '-' without runs."""
     if not runs:
@@ -385,7 +384,7 @@ def seeds_table(runs: list[dict]) -> str | None:
         if len(group) < 2:
             continue
         acc = spread([100 * r["accuracy"] for r in group])
-        per_param = [r["memorization"]["bits_per_parameter"] for r in group if r.get("memorization")]
+        per_param = bits_per_parameter(group)
         bits = spread(per_param) if per_param else None
         rows.append([Path(model).name, f"{lang}-{length}", ", ".join(str(r["config"]["seed"]) for r in group),
                      f"{acc['mean']:.2f} ± {acc['std']:.2f}", f"{acc['min']:.2f}-{acc['max']:.2f}",
@@ -398,33 +397,34 @@ def seeds_table(runs: list[dict]) -> str | None:
 
 def ranking_table(runs: list[dict]) -> str:
     """Per poem set, models ranked by accuracy (seeds pooled) with a two-proportion test of each gap
-    to the next model down, beside their rank by bits gained per parameter."""
-    sections = []
-    by_set: dict[tuple, list[dict]] = {}
+    to the next model down, beside their rank by bits gained per parameter (mean over the seeds)."""
+    entries = []
     for (model, lang, length), group in seed_groups(runs).items():
         k, n = pooled(group)
-        per_param = [r["memorization"]["bits_per_parameter"] for r in group if r.get("memorization")]
-        by_set.setdefault((lang, length), []).append(
-            {"model": model, "correct": k, "n": n,
-             "bits_per_parameter": sum(per_param) / len(per_param) if per_param else None})
-    for (lang, length), entries in by_set.items():
-        ranked = rank_by_accuracy(entries)
-        by_bits = sorted((e for e in entries if e["bits_per_parameter"] is not None),
+        per_param = bits_per_parameter(group)
+        entries.append({"model": model, "poems": f"{lang}-{length}", "correct": k, "n": n,
+                        "bits_per_parameter": sum(per_param) / len(per_param) if per_param else None})
+    sections = []
+    for poems, group in dynamics.group_by(entries, lambda entry: entry["poems"]).items():
+        by_bits = sorted((e for e in group if e["bits_per_parameter"] is not None),
                          key=lambda e: -e["bits_per_parameter"])
-        bits_rank = {e["model"]: i + 1 for i, e in enumerate(by_bits)}
-        rows = []
-        for i, e in enumerate(ranked):
-            test = e["vs_next"]
-            gap = "-" if test is None else (f"{100 * test['difference']:+.2f} pp, {p_text(test['p_value'])}"
-                                            + (" (significant)" if test["significant"] else " (not significant)"))
-            rows.append([i + 1, Path(e["model"]).name, f"{100 * e['accuracy']:.2f} {interval_text(e['correct'], e['n'])}",
-                         f"{e['correct']}/{e['n']}", gap,
-                         "-" if e["bits_per_parameter"] is None else f"{e['bits_per_parameter']:.3g}",
-                         bits_rank.get(e["model"], "-")])
-        sections.append(f"{lang}-{length}:\n\n" + markdown_table(
+        bits_rank = {e["model"]: rank for rank, e in enumerate(by_bits, 1)}
+        rows = [[rank, Path(e["model"]).name, f"{100 * e['accuracy']:.2f} {interval_text(e['correct'], e['n'])}",
+                 f"{e['correct']}/{e['n']}", gap_text(e["vs_next"]), cell(e["bits_per_parameter"]),
+                 bits_rank.get(e["model"], "-")] for rank, e in enumerate(rank_by_accuracy(group), 1)]
+        sections.append(f"{poems}:\n\n" + markdown_table(
             ["rank", "model", "accuracy % [95%]", "correct", "gap to the next (two-proportion z-test)",
              "bits/parameter", "rank by bits/parameter"], rows))
     return "\n\n".join(sections)
+
+
+def gap_text(test: dict | None) -> str:
+    """A ranking row's two_proportion_test against the next model down ('-' for the last)."""
+    if test is None:
+        return "-"
+    p_value = "p < 0.001" if test["p_value"] < 0.001 else f"p = {test['p_value']:.3f}"
+    verdict = "significant" if test["significant"] else "not significant"
+    return f"{100 * test['difference']:+.2f} pp, {p_value} ({verdict})"
 
 
 def report(run_dirs: list[str], out=None) -> str:
