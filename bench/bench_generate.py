@@ -33,21 +33,26 @@ from models import REGISTRY, KVCache, load_model  # noqa: E402
 CPU_MODEL = "tiny-qwen2"
 
 
+def hf_model(raw: dict, device, dtype):
+    """transformers' model for these config.json keys (dtype keys left out), its random init run on
+    the device (a 1.7B init on the host takes many seconds)."""
+    import transformers
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in raw.items()
+                                                  if k not in ("torch_dtype", "dtype", "architectures")})
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def cpu_model(directory: Path):
     """A random Qwen2 of the tiny-qwen2 preset's shape, written by transformers (std 0.02 init), loaded by us."""
-    import transformers
     torch.manual_seed(0)
-    raw = {k: v for k, v in REGISTRY[CPU_MODEL].config.items() if k not in ("model_type", "torch_dtype")}
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**raw)).save_pretrained(directory)
+    hf_model(REGISTRY[CPU_MODEL].config, "cpu", torch.float32).save_pretrained(directory)
     return load_model(directory)
 
 
 def hf_twin(model):
     """The transformers model with our weights (our parameter names are transformers' own)."""
-    import transformers
-    raw = {k: v for k, v in model.config.raw.items() if k not in ("torch_dtype", "dtype", "architectures")}
-    config = transformers.AutoConfig.for_model(**raw)
-    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=model.dtype).to(model.device).eval()
+    hf = hf_model(model.config.raw, model.device, model.dtype).eval()
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any("lm_head" not in name for name in missing):
         raise RuntimeError(f"weights do not map onto transformers: missing {missing}, unexpected {unexpected}")
