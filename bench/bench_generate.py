@@ -156,16 +156,18 @@ def main(argv=None) -> None:
                         help="CPU threads for both sides (1: stable timings on a shared machine)")
     args = parser.parse_args(argv)
     device = common.pick_device(args, parser)
+    if args.models and device.type != "cuda" and not args.dry_run:
+        parser.error("--models runs registry-size models on a GPU; none is visible (run without --models on a CPU)")
+    unknown = [m for m in args.models or [] if m not in REGISTRY]
+    if unknown:
+        parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(REGISTRY)}")
     rows = []
 
     def save():                                  # after every model: a time limit keeps the finished ones
         meta = common.meta(device)
         return common.write_results(args.out, common.stem("generate", common.device_name(device)),
                                     {**meta, "results": rows}, markdown(rows, meta))
-    if args.models and (device.type == "cuda" or args.dry_run):
-        unknown = [m for m in args.models if m not in REGISTRY]
-        if unknown:
-            parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(REGISTRY)}")
+    if args.models:
         n, new = (2, 3) if args.dry_run else (args.prompts or (64 if args.quick else 512), args.max_new_tokens or 128)
         for name in args.models:
             model = load_model(name, device=device, random_init=True)
@@ -176,8 +178,6 @@ def main(argv=None) -> None:
             save()
             del model
             common.free(device)
-    elif args.models:
-        parser.error("--models runs registry-size models on a GPU; none is visible (run without --models on a CPU)")
     else:
         torch.set_num_threads(args.threads)
         n, new = args.prompts or 32, args.max_new_tokens or 64

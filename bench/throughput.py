@@ -270,11 +270,6 @@ def eval_theirs(model, prompts: list[list[int]], s: Settings, device) -> dict:
 
 # ---------------------------------------------------------------- one model, the run
 
-def liger_available(device, raw) -> bool:
-    return (device.type == "cuda" and raw["model_type"] == "qwen2"
-            and common.optional("liger_kernel.transformers", "apply_liger_kernel_to_qwen2") is not None)
-
-
 def workload(name: str, s: Settings) -> tuple[dict, list[Example], list[PackedBatch]]:
     """The model's config.json keys, its poems and enough packed batches (repeated) for every timed pass."""
     raw = hf_config_dict(name)
@@ -344,7 +339,8 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
               "matmul_tflops": matmul_tflops(device, dry_run), "models": {}}
     details = {**common.meta(device), "dtype": str(dtype), "skipped": [], "errors": {}, "liger": {}, "models": {}}
     out = Path(out_dir)
-    ligers = [m for m in models if liger_available(device, hf_config_dict(m))]
+    has_liger = device.type == "cuda" and common.optional("liger_kernel.transformers", "apply_liger_kernel_to_qwen2")
+    ligers = [m for m in models if has_liger and hf_config_dict(m)["model_type"] == "qwen2"]
     for model, liger in [(m, False) for m in models] + [(m, True) for m in ligers]:
         name = f"{model}+liger" if liger else model
         if liger and model not in result["models"]:
@@ -352,12 +348,12 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
         if time_budget and time.perf_counter() - start > time_budget:
             details["skipped"].append(name)
             continue
-        t0 = time.perf_counter()
         try:
             if liger:
                 raw, _, batches = workload(model, s)
                 details["liger"][model] = train_theirs(raw, batches, s, device, dtype, liger=True)[0]
             else:
+                t0 = time.perf_counter()
                 result["models"][model], details["models"][model] = bench_model(model, s, device, dtype,
                                                                                 result["peak_tflops"],
                                                                                 result["matmul_tflops"])
