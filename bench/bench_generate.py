@@ -33,21 +33,26 @@ from models import REGISTRY, KVCache, load_model  # noqa: E402
 CPU_MODEL = "tiny-qwen2"
 
 
+def hf_model(raw: dict, device, dtype):
+    """transformers' model for these config.json keys (dtype keys left out), its random init run on
+    the device (a 1.7B init on the host takes many seconds)."""
+    import transformers
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in raw.items()
+                                                  if k not in ("torch_dtype", "dtype", "architectures")})
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def cpu_model(directory: Path):
     """A random Qwen2 of the tiny-qwen2 preset's shape, written by transformers (std 0.02 init), loaded by us."""
-    import transformers
     torch.manual_seed(0)
-    raw = {k: v for k, v in REGISTRY[CPU_MODEL].config.items() if k not in ("model_type", "torch_dtype")}
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**raw)).save_pretrained(directory)
+    hf_model(REGISTRY[CPU_MODEL].config, "cpu", torch.float32).save_pretrained(directory)
     return load_model(directory)
 
 
 def hf_twin(model):
     """The transformers model with our weights (our parameter names are transformers' own)."""
-    import transformers
-    raw = {k: v for k, v in model.config.raw.items() if k not in ("torch_dtype", "dtype", "architectures")}
-    config = transformers.AutoConfig.for_model(**raw)
-    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=model.dtype).to(model.device).eval()
+    hf = hf_model(model.config.raw, model.device, model.dtype).eval()
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any("lm_head" not in name for name in missing):
         raise RuntimeError(f"weights do not map onto transformers: missing {missing}, unexpected {unexpected}")
@@ -151,16 +156,18 @@ def main(argv=None) -> None:
                         help="CPU threads for both sides (1: stable timings on a shared machine)")
     args = parser.parse_args(argv)
     device = common.pick_device(args, parser)
+    if args.models and device.type != "cuda" and not args.dry_run:
+        parser.error("--models runs registry-size models on a GPU; none is visible (run without --models on a CPU)")
+    unknown = [m for m in args.models or [] if m not in REGISTRY]
+    if unknown:
+        parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(REGISTRY)}")
     rows = []
 
     def save():                                  # after every model: a time limit keeps the finished ones
         meta = common.meta(device)
         return common.write_results(args.out, common.stem("generate", common.device_name(device)),
                                     {**meta, "results": rows}, markdown(rows, meta))
-    if args.models and (device.type == "cuda" or args.dry_run):
-        unknown = [m for m in args.models if m not in REGISTRY]
-        if unknown:
-            parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(REGISTRY)}")
+    if args.models:
         n, new = (2, 3) if args.dry_run else (args.prompts or (64 if args.quick else 512), args.max_new_tokens or 128)
         for name in args.models:
             model = load_model(name, device=device, random_init=True)
@@ -171,8 +178,6 @@ def main(argv=None) -> None:
             save()
             del model
             common.free(device)
-    elif args.models:
-        parser.error("--models runs registry-size models on a GPU; none is visible (run without --models on a CPU)")
     else:
         torch.set_num_threads(args.threads)
         n, new = args.prompts or 32, args.max_new_tokens or 64

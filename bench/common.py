@@ -32,13 +32,9 @@ import torch
 if "--dry-run" in sys.argv:          # @triton.jit picks interpreted vs compiled when a kernel module loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:        # scripts run as `python bench/x.py` import the project from the checkout
-    sys.path.insert(0, str(REPO))
-
 from kernels.hardware import Hardware, lookup  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1 << 20
 
 
@@ -227,14 +223,12 @@ def guarded(fn, strict: bool) -> dict:
     raises instead: there an error is a bug in the script."""
     try:
         return fn()
-    except torch.OutOfMemoryError:
-        if strict:
-            raise
-        free("cuda")
-        return {"status": "OOM"}
     except Exception as e:
         if strict:
             raise
+        if isinstance(e, torch.OutOfMemoryError):
+            free("cuda")
+            return {"status": "OOM"}
         return {"status": f"error: {type(e).__name__}: {e}"[:200]}
 
 
@@ -249,7 +243,7 @@ def table(header: list[str], rows: list[list], align: str | None = None) -> list
 
 def write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
 def write_results(out_dir, name: str, data: dict, markdown: str) -> Path:

@@ -26,7 +26,6 @@ Under TRITON_INTERPRET=1 (the tests) main() reruns itself in a subprocess withou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -35,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import common
 from kernels.hardware import TARGETS
 
 MAX_REGISTERS = 255            # per thread, on every target
@@ -224,17 +224,14 @@ Notes
 
 def table(rows: list[dict]) -> list[str]:
     """The report's markdown table: one row per launch."""
-    lines = ["| kernel | config | shape | models | regs | spills B (frame) | shared B | tensor cores | roofline us |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    def compiled(r):
         if "error" in r:
-            cells = ["-", "-", "-", "error"]
-        else:
-            cells = [str(r["registers"]), f"{r['spill_stores']} ({r['stack'] + r['local']})", str(r["shared"]),
-                     r["tensor_cores"]]
-        lines.append(f"| {r['kernel']} | `{r['config']}` | {r['shape']} | {', '.join(r['models']) or '-'} | "
-                     + " | ".join(cells) + f" | {r['roofline_us']:.1f} |")
-    return lines
+            return ["-", "-", "-", "error"]
+        return [r["registers"], f"{r['spill_stores']} ({r['stack'] + r['local']})", r["shared"], r["tensor_cores"]]
+    body = [[r["kernel"], f"`{r['config']}`", r["shape"], ", ".join(r["models"]) or "-", *compiled(r),
+             f"{r['roofline_us']:.1f}"] for r in rows]
+    return common.table(["kernel", "config", "shape", "models", "regs", "spills B (frame)", "shared B", "tensor cores",
+                         "roofline us"], body)
 
 
 def markdown(rows: list[dict], arch: int, triton_version: str) -> str:
@@ -331,14 +328,12 @@ def main(argv=None) -> int:
         print_problems(rows, arch)
         failed |= any(r["problems"] for r in rows)
         if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
             meta = {"triton": triton.__version__, "target": f"cuda sm_{arch}", "arch": arch,
                     "hardware": TARGETS[arch].name, "shared_limit": TARGETS[arch].shared_memory_per_block,
                     "tools": tool_versions(arch), "changes": changes,
                     "registry_kernels": sorted({l.name for l in everything})}
-            (args.out / f"{report_name(arch)}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1,
-                                                                           default=str))
-            (args.out / f"{report_name(arch)}.md").write_text(markdown(rows, arch, triton.__version__))
+            common.write_results(args.out, report_name(arch), {**meta, "rows": rows},
+                                 markdown(rows, arch, triton.__version__))
     return 1 if failed else 0
 
 

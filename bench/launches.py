@@ -86,13 +86,14 @@ class Launch:
     @property
     def config(self) -> str:
         """The compiled constants in short form: constexprs, then warps and stages."""
-        consts = [f"{k}={_short(v)}" for k, v in self.constexprs.items()]
+        consts = [f"{k}={str(v).replace('triton.language.', '')}" for k, v in self.constexprs.items()]
         return " ".join(consts + [f"w{self.options['num_warps']}", f"s{self.options['num_stages']}"])
 
     def key(self) -> tuple:
         """Identifies one compiled binary."""
-        return (self.kernel.__name__, tuple(self.signature.items()), tuple((k, str(v)) for k, v in self.constexprs.items()),
-                str(sorted(self.attrs.items())), tuple(sorted(self.options.items())))
+        return (self.kernel.__name__, tuple(self.signature.items()),
+                tuple((k, str(v)) for k, v in self.constexprs.items()), str(sorted(self.attrs.items())),
+                tuple(sorted(self.options.items())))
 
     def with_changes(self, **changes) -> "Launch":
         """A copy with some constexprs or options (num_warps, num_stages) replaced: what-if configs."""
@@ -106,10 +107,6 @@ class Launch:
                 raise KeyError(f"{self.name}: {k!r} is neither a constexpr ({', '.join(constexprs)}) nor an option "
                                f"({', '.join(options)})")
         return replace(self, constexprs=constexprs, options=options)
-
-
-def _short(value) -> str:
-    return str(value).replace("triton.language.", "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,12 +136,6 @@ def _captured_launches():
     finally:
         for kernel in kernels:
             del kernel.run
-
-
-def _backend(arch: int):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    return make_backend(GPUTarget("cuda", arch, 32))
 
 
 def _specialize(kernel, args, kwargs, backend):
@@ -308,7 +299,8 @@ def _attention(c: ModelConfig, dtype) -> list[Problem]:
                                                D ** -0.5)
 
     return [Problem(run, {
-        "_attn_fwd_kernel": lambda launch: Cost(shape, qkv_bytes + es * T * Hq * D + 4 * T * Hq, 4 * D * Hq * pairs, tc),
+        "_attn_fwd_kernel": lambda launch: Cost(shape, qkv_bytes + es * T * Hq * D + 4 * T * Hq,
+                                                4 * D * Hq * pairs, tc),
         "_attn_bwd_preprocess_kernel": lambda launch: Cost(shape, 2 * es * T * Hq * D + 4 * T * Hq, 2 * T * Hq * D),
         "_attn_bwd_dkdv_kernel": lambda launch: Cost(shape, qkv_bytes + es * T * D * (Hq + 2 * Hkv) + 8 * T * Hq,
                                                      8 * D * Hq * pairs, tc),
@@ -324,7 +316,8 @@ def _decode(c: ModelConfig, dtype, batch: int) -> list[Problem]:
     k_cache, v_cache = _meta(batch, Hkv, L, D, dtype=dtype), _meta(batch, Hkv, L, D, dtype=dtype)
     seqlens = _meta(batch, dtype=torch.int32)
     slopes = _meta(Hq) if c.model_type == "bloom" else None
-    shape = f"{_tag(dtype)} batch {batch} x {L} cached, {Hq}/{Hkv} heads d{D}" + (" ALiBi" if slopes is not None else "")
+    shape = (f"{_tag(dtype)} batch {batch} x {L} cached, {Hq}/{Hkv} heads d{D}"
+             + (" ALiBi" if slopes is not None else ""))
 
     def partials(splits):
         return 0 if splits == 1 else 4 * batch * Hq * splits * (D + 1)
@@ -378,7 +371,9 @@ def registry(hw: Hardware) -> list[Launch]:
     if INTERPRETING:
         raise RuntimeError("build the launch registry with TRITON_INTERPRET unset: interpreted kernels cannot be "
                            "compiled and the ops choose interpreter-only configs under it")
-    backend = _backend(hw.arch)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    backend = make_backend(GPUTarget("cuda", hw.arch, 32))
     entries: dict[tuple, Launch] = {}
     with target(hw):
         for op, model, dtype, problems in _problems():

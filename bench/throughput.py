@@ -92,10 +92,9 @@ class Settings:
 # ---------------------------------------------------------------- models and data
 
 def hf_config_dict(name: str) -> dict:
-    """The registry's config.json keys for `name` (or a SMALL variant), dtype keys left out."""
+    """The registry's config.json keys for `name` (or a SMALL variant)."""
     base, override = SMALL.get(name, (name, {}))
-    raw = {**REGISTRY[base].config, **override}
-    return {k: v for k, v in raw.items() if k not in ("torch_dtype", "dtype", "architectures")}
+    return {**REGISTRY[base].config, **override}
 
 
 def build_ours(raw: dict, device, dtype):
@@ -103,11 +102,8 @@ def build_ours(raw: dict, device, dtype):
 
 
 def build_theirs(raw: dict, device, dtype, liger: bool = False):
-    import transformers
-    config = transformers.AutoConfig.for_model(**raw)
     torch.manual_seed(0)
-    with torch.device(device):                 # initialize on the device: a 1.7B init on the host takes many seconds
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)   # attention: sdpa; BLOOM eager
+    model = bench_generate.hf_model(raw, device, dtype)         # attention: sdpa; BLOOM eager
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
         apply_liger_kernel_to_qwen2(model=model)
@@ -181,16 +177,22 @@ def matmul_tflops(device, dry_run: bool = False) -> float:
 
 # ---------------------------------------------------------------- training
 
+def time_steps(step, inputs: list, batches: list[PackedBatch], s: Settings, device) -> dict:
+    """s.warmup untimed step(input) calls, then s.steps timed ones: real tokens/s (median) and each step's seconds."""
+    for x in inputs[:s.warmup]:
+        step(x)
+    seconds = [timed(lambda: step(x), device) for x in inputs[s.warmup:s.warmup + s.steps]]
+    return {"tokens_per_second": statistics.median(b.num_tokens / t for b, t in zip(batches[s.warmup:], seconds)),
+            "step_times": seconds}
+
+
 def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
     with common.PeakMemory(device) as mem:
         model = build_ours(raw, device, dtype)
         opt = AdamW(parameter_groups(model, 0.01), lr=1e-5, weight_decay=0.01)
         step = lambda b: train_step(model, opt, [b], b.num_target_tokens, device, None, 1.0)  # noqa: E731
-        for b in batches[:s.warmup]:
-            step(b)
-        syncs = host_syncs(lambda: step(batches[0]), device)
-        timed_batches = batches[s.warmup:s.warmup + s.steps]
-        seconds = [timed(lambda: step(b), device) for b in timed_batches]
+        result = time_steps(step, batches, batches, s, device)
+        result["host_syncs"] = host_syncs(lambda: step(batches[0]), device)
     phases = {"forward": [], "backward": [], "optimizer": []}
     for b in batches[:s.phase_steps]:
         labels = b.shifted_labels().to(device)
@@ -202,9 +204,7 @@ def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
         phases["backward"].append(timed(lambda: holder["loss"].backward(), device))
         phases["optimizer"].append(timed(lambda: (opt.clip_grad_norm_(1.0), opt.step(), opt.zero_grad()), device))
     del opt
-    result = {"tokens_per_second": statistics.median(b.num_tokens / t for b, t in zip(timed_batches, seconds)),
-              "step_seconds": {k: statistics.median(v) for k, v in phases.items()},
-              "step_times": seconds, "peak_memory_bytes": mem.bytes, "host_syncs": syncs}
+    result.update(step_seconds={k: statistics.median(v) for k, v in phases.items()}, peak_memory_bytes=mem.bytes)
     return result, model
 
 
@@ -216,8 +216,8 @@ def train_theirs(raw, batches, s: Settings, device, dtype, liger: bool = False) 
         inputs = [padded(b, device) for b in batches[:s.warmup + s.steps]]
         splits = {"n": 1}
 
-        def step(ids, mask, labels):
-            while not accumulate(ids, mask, labels, splits["n"]):   # split the padded batch only if it does not fit
+        def step(x):
+            while not accumulate(*x, splits["n"]):   # split the padded batch only if it does not fit
                 opt.zero_grad(set_to_none=True)
                 common.free(device)
                 splits["n"] *= 2
@@ -235,16 +235,12 @@ def train_theirs(raw, batches, s: Settings, device, dtype, liger: bool = False) 
             except torch.OutOfMemoryError:
                 return False
 
-        for x in inputs[:s.warmup]:
-            step(*x)
-        timed_batches = list(zip(batches[s.warmup:], inputs[s.warmup:]))
-        seconds = [timed(lambda: step(*x), device) for _, x in timed_batches]
+        result = time_steps(step, inputs, batches, s, device)
     del opt
-    result = {"tokens_per_second": statistics.median(b.num_tokens / t for (b, _), t in zip(timed_batches, seconds)),
-              "step_times": seconds, "peak_memory_bytes": mem.bytes, "micro_batches": splits["n"],
-              "padded_tokens": sum(x[0].numel() for _, x in timed_batches),
-              "attention": model.config._attn_implementation,
-              "real_tokens": sum(b.num_tokens for b, _ in timed_batches)}
+    result.update(peak_memory_bytes=mem.bytes, micro_batches=splits["n"],
+                  padded_tokens=sum(x[0].numel() for x in inputs[s.warmup:]),
+                  attention=model.config._attn_implementation,
+                  real_tokens=sum(b.num_tokens for b in batches[s.warmup:s.warmup + s.steps]))
     return result, model
 
 
@@ -274,31 +270,27 @@ def eval_theirs(model, prompts: list[list[int]], s: Settings, device) -> dict:
 
 # ---------------------------------------------------------------- one model, the run
 
-def liger_available(device, raw) -> bool:
-    return (device.type == "cuda" and raw["model_type"] == "qwen2"
-            and common.optional("liger_kernel.transformers", "apply_liger_kernel_to_qwen2") is not None)
-
-
-def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[dict, dict]:
+def workload(name: str, s: Settings) -> tuple[dict, list[Example], list[PackedBatch]]:
+    """The model's config.json keys, its poems and enough packed batches (repeated) for every timed pass."""
     raw = hf_config_dict(name)
     examples = poem_examples(raw["vocab_size"])
     batches = pack(examples, s.batch_tokens, seed=0, epoch=0)
     need = s.warmup + max(s.steps, s.phase_steps)
-    batches = (batches * (-(-need // len(batches))))[:need]
-    prompts = [list(e.prompt_ids) for e in examples[:s.eval_prompts]]
+    return raw, examples, (batches * (-(-need // len(batches))))[:need]
 
+
+def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[dict, dict]:
+    raw, examples, batches = workload(name, s)
+    prompts = [list(e.prompt_ids) for e in examples[:s.eval_prompts]]
+    # each model is dropped before the next is built: PeakMemory frees memory on entry
     ours, model = train_ours(raw, batches, s, device, dtype)
     params, fpt = model.num_parameters(), flops_per_token(model, batches)
     ours_eval = eval_ours(model, prompts, s, device)
     del model
-    common.free(device)
     theirs, hf = train_theirs(raw, batches, s, device, dtype)
     theirs_eval = eval_theirs(hf, prompts, s, device)
     del hf
-    common.free(device)
-    shuffled, hf = train_theirs(raw, shuffled_batches(examples, batches), s, device, dtype)
-    del hf
-    common.free(device)
+    shuffled = train_theirs(raw, shuffled_batches(examples, batches), s, device, dtype)[0]
 
     achieved = ours["tokens_per_second"] * fpt / 1e12
     entry = {
@@ -326,21 +318,12 @@ def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[di
     return entry, detail
 
 
-def bench_liger(name: str, s: Settings, device, dtype) -> dict:
-    """Liger patches transformers' Qwen2 classes for the whole process: run after every plain baseline."""
-    raw = hf_config_dict(name)
-    batches = pack(poem_examples(raw["vocab_size"]), s.batch_tokens, seed=0, epoch=0)[:s.warmup + s.steps]
-    result, hf = train_theirs(raw, batches, s, device, dtype, liger=True)
-    del hf
-    common.free(device)
-    return result
-
-
 def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget: float | None = None,
         dry_run: bool = False) -> dict:
-    """Benchmark `models` (None: the CPU trio, or the paper's models on a GPU), write
-    throughput-<device>.json/.md under out_dir and return the JSON's content. Models left when
-    `time_budget` seconds have passed are skipped (the files are rewritten after every model).
+    """Benchmark `models` (None: the CPU trio, or the paper's models on a GPU), then each Qwen2 with Liger
+    (it patches transformers' classes for the whole process: after every plain baseline), write
+    throughput-<device>.json/.md under out_dir and return the JSON's content. Runs left when
+    `time_budget` seconds have passed are skipped (the files are rewritten after every run).
     `dry_run`: one step of each kind, and any error raises (a smoke test of this script)."""
     start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -356,34 +339,33 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
               "matmul_tflops": matmul_tflops(device, dry_run), "models": {}}
     details = {**common.meta(device), "dtype": str(dtype), "skipped": [], "errors": {}, "liger": {}, "models": {}}
     out = Path(out_dir)
-    for model in models:
-        if time_budget and time.perf_counter() - start > time_budget:
-            details["skipped"].append(model)
+    has_liger = device.type == "cuda" and common.optional("liger_kernel.transformers", "apply_liger_kernel_to_qwen2")
+    ligers = [m for m in models if has_liger and hf_config_dict(m)["model_type"] == "qwen2"]
+    for model, liger in [(m, False) for m in models] + [(m, True) for m in ligers]:
+        name = f"{model}+liger" if liger else model
+        if liger and model not in result["models"]:
             continue
-        t0 = time.perf_counter()
+        if time_budget and time.perf_counter() - start > time_budget:
+            details["skipped"].append(name)
+            continue
         try:
-            result["models"][model], details["models"][model] = bench_model(model, s, device, dtype,
-                                                                            result["peak_tflops"],
-                                                                            result["matmul_tflops"])
+            if liger:
+                raw, _, batches = workload(model, s)
+                details["liger"][model] = train_theirs(raw, batches, s, device, dtype, liger=True)[0]
+            else:
+                t0 = time.perf_counter()
+                result["models"][model], details["models"][model] = bench_model(model, s, device, dtype,
+                                                                                result["peak_tflops"],
+                                                                                result["matmul_tflops"])
+                details["models"][model]["bench_seconds"] = time.perf_counter() - t0
+                print(common.table(COLUMNS, [row(model, result["models"][model], details["models"][model])])[-1],
+                      flush=True)
         except Exception as e:                    # one model's failure (OOM, a missing shape) keeps the others
             if dry_run:
                 raise
-            details["errors"][model] = f"{type(e).__name__}: {e}"
-            print(f"{model}: {details['errors'][model]}", file=sys.stderr, flush=True)
-            common.free(device)
-            continue
-        details["models"][model]["bench_seconds"] = time.perf_counter() - t0
-        print(common.table(COLUMNS, [row(model, result["models"][model], details["models"][model])])[-1], flush=True)
+            details["errors"][name] = f"{type(e).__name__}: {e}"
+            print(f"{name}: {details['errors'][name]}", file=sys.stderr, flush=True)
         write(out, result, details)
-    for model in models:
-        if model in result["models"] and liger_available(device, hf_config_dict(model)):
-            if time_budget and time.perf_counter() - start > time_budget:
-                break
-            try:
-                details["liger"][model] = bench_liger(model, s, device, dtype)
-            except Exception as e:
-                details["errors"][f"{model}+liger"] = f"{type(e).__name__}: {e}"
-            write(out, result, details)
     write(out, result, details)
     print(markdown(result, details))
     return result
@@ -413,18 +395,17 @@ def row(name: str, m: dict, d: dict) -> list[str]:
             f"**{m['ratio']['eval']:.2f}x**", f"{m['eval_gb_per_second']:.1f}"]
 
 
-def padding(r: dict) -> str:
+def baseline_cells(r: dict) -> list[str]:
+    """tok/s and padding share (and micro-batches when split) of one transformers training run."""
     micro = f" ({r['micro_batches']} micro-batches)" if r["micro_batches"] > 1 else ""
-    return f"{100 * (1 - r['real_tokens'] / r['padded_tokens']):.0f}%{micro}"
+    return [f"{r['tokens_per_second']:,.0f}", f"{100 * (1 - r['real_tokens'] / r['padded_tokens']):.0f}%{micro}"]
 
 
 def markdown(result: dict, details: dict) -> str:
     main = [row(n, m, details["models"][n]) for n, m in result["models"].items()]
-    shuffled = []
-    for n, d in details["models"].items():
-        t, u = d["baseline_train"], d["baseline_shuffled_train"]
-        shuffled.append([n, f"{t['tokens_per_second']:,.0f}", padding(t), f"{u['tokens_per_second']:,.0f}", padding(u),
-                         f"{result['models'][n]['train_tokens_per_second'] / u['tokens_per_second']:.2f}x"])
+    shuffled = [[n, *baseline_cells(d["baseline_train"]), *baseline_cells(d["baseline_shuffled_train"]),
+                 f"{d['train']['tokens_per_second'] / d['baseline_shuffled_train']['tokens_per_second']:.2f}x"]
+                for n, d in details["models"].items()]
     lines = [f"# Throughput on {result['device']} (torch {details['torch']}, {details['dtype']})", "",
              f"Matmul ceiling measured: {result['matmul_tflops']:.3g} TFLOP/s; datasheet bf16 peak: "
              f"{result['peak_tflops'] or '-'}. Training: real tokens/s (median step), ours packed vs transformers "

@@ -110,23 +110,17 @@ def test_adamw_math_is_ieee_rounded(sm90):
 
 
 @needs_tools
-def test_check_catches_shared_memory_overflow(tmp_path):
-    """Decode attention with 512-row KV tiles in 4 pipeline stages cannot fit in 227 KB."""
-    rc, reports = compile_report(tmp_path, [90], "--only", "^decode_kernel HEAD_DIM=128", "--set", "BLOCK_N=512",
-                                 "--set", "num_stages=4")
+@pytest.mark.parametrize("launches, changes, problem", [
+    # decode attention with 512-row KV tiles in 4 pipeline stages cannot fit in 227 KB
+    ("^decode_kernel HEAD_DIM=128", ["BLOCK_N=512", "num_stages=4"], "shared memory"),
+    # a 8192-column RMSNorm row on one warp needs 256+ values per thread: it must spill
+    ("^rms_norm_forward_kernel HAS_RESIDUAL=True BLOCK=2048", ["BLOCK=8192", "num_warps=1"], "spills registers"),
+], ids=["shared_memory_overflow", "register_spills"])
+def test_check_catches(tmp_path, launches, changes, problem):
+    rc, reports = compile_report(tmp_path, [90], "--only", launches, *(arg for c in changes for arg in ("--set", c)))
     report = reports[90]
     assert rc == 1 and report["rows"]
-    assert all(any("shared memory" in p for p in r["problems"]) for r in report["rows"])
-
-
-@needs_tools
-def test_check_catches_register_spills(tmp_path):
-    """A 8192-column RMSNorm row on one warp needs 256+ values per thread: it must spill."""
-    rc, reports = compile_report(tmp_path, [90], "--only", "^rms_norm_forward_kernel HAS_RESIDUAL=True BLOCK=2048",
-                                 "--set", "BLOCK=8192", "--set", "num_warps=1")
-    report = reports[90]
-    assert rc == 1 and report["rows"]
-    assert all(any("spills registers" in p for p in r["problems"]) for r in report["rows"])
+    assert all(any(problem in p for p in r["problems"]) for r in report["rows"])
 
 
 def test_tool_failure_is_a_finding(tmp_path):
