@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.generate import graph_batch_size, greedy_generate, plan_batches
+from engine.generate import graph_batch_size, greedy_generate, plan_batches, prefill_groups
 from models import KVCache, load_model
 from models.base import greedy_tokens
 from tests.helpers import hf_config, hf_model, save_hf, single_thread
@@ -65,6 +65,10 @@ def test_matches_transformers_and_recompute(setup):
     assert max(len(set(r)) for r in reference) > 8, "degenerate model: outputs repeat one token"
     assert [hf_generate(hf, p, cap) for p, cap in zip(prompts, CAPS)] == reference
     assert greedy_generate(model, prompts, CAPS, eos_token_ids=[]) == reference
+    # prefill in several packed forwards, the longest prompt alone in its own: the same tokens
+    several = max(map(len, prompts)) - 1
+    assert greedy_generate(model, prompts, CAPS, eos_token_ids=[], prefill_tokens=several) == reference
+    assert list(prefill_groups([[1] * 3, [1] * 2, [1] * 6, [1]], 5)) == [[[1] * 3, [1] * 2], [[1] * 6], [[1]]]
 
 
 def eos_hit_by_some(reference):
