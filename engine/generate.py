@@ -135,7 +135,7 @@ def prefill_groups(prompts: list[list[int]], max_tokens: int):
 
 
 def decode_batch(step, first: torch.Tensor, lengths: list[int], caps: list[int], eos_token_ids: list[int],
-           check_every: int) -> tuple[torch.Tensor, int]:
+                 check_every: int) -> tuple[torch.Tensor, int]:
     """Decode steps until every sequence hit EOS or its cap -> (tokens [n, max cap], steps run).
 
     Row r of the output, slot r of the cache and sequence r of the batch are the same thing;

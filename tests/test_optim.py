@@ -5,6 +5,7 @@ import torch
 
 import engine.optim
 from engine.optim import AdamW, GradientError, lr_at, parameter_groups
+from kernels.attention import cu_seqlens
 from models import load_model
 from models.registry import REGISTRY
 from tests.helpers import rel_err, tiny_model
@@ -28,7 +29,7 @@ def sequences(lengths, seed):
 def loss_of(model, seqs, n_targets):
     """model.loss over the sequences packed into one micro-batch, normalized by the step's targets."""
     ids = torch.cat(seqs)
-    cu = torch.tensor([0, *torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu_seqlens([len(s) for s in seqs])
     labels = ids.roll(-1)
     labels[cu[1:].long() - 1] = -100
     return model.loss(ids, labels, cu, reduction="sum") / n_targets
