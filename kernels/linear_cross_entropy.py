@@ -23,7 +23,8 @@ grad_output (in place: backward may run once per forward).
 Why fp32 logits: a memorized token has loss ~1e-3 while its logit is ~30, where bf16 spacing
 is 0.125; bf16 logits would bury the loss curve in rounding. dz lies in [-1, 1] and feeds
 bf16 GEMMs, so bf16 is enough for it: written as bf16 into the first half of each fp32 row's
-bytes (the row stride stays 4V bytes), so it needs no memory of its own.
+bytes (the row stride stays 4V bytes), so it needs no memory of its own on a GPU (on the CPU it
+gets a dense tensor of its own: see narrow_gradient_rows).
 grad_W is accumulated in fp32 over the chunks and rounded to the weight's dtype once.
 """
 from __future__ import annotations
@@ -165,6 +166,16 @@ def _loss_scale(labels, ignore_index, reduction):
     return n_valid, torch.ones(1, dtype=torch.float32, device=labels.device)
 
 
+def narrow_gradient_rows(z, dtype):
+    """Where dz (`dtype`, narrower than fp32) lives. On a GPU, in the first bytes of each fp32 row of z
+    (row stride 4V bytes: cuBLAS reads only each row's logical extent). Elsewhere its own dense tensor: a
+    CPU BLAS (oneDNN on AMX-BF16 Xeons) may read past a row's logical end, and the padding of a view of
+    z holds fp32 bytes, NaN patterns among them, that would poison the product."""
+    if z.is_cuda:
+        return z.view(dtype)[:, :z.shape[1]]
+    return torch.empty(z.shape, dtype=dtype, device=z.device)
+
+
 def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes, need_gh, need_gw, ce_rows):
     """(loss, grad_hidden or None, grad_weight or None), gradients for grad_output = 1."""
     T, H = hidden.shape
@@ -173,7 +184,7 @@ def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes
     z = torch.empty((chunk, V), dtype=torch.float32, device=hidden.device)
     dz = None
     if need_gh or need_gw:
-        dz = z if hidden.dtype == torch.float32 else z.view(hidden.dtype)[:, :V]
+        dz = z if hidden.dtype == torch.float32 else narrow_gradient_rows(z, hidden.dtype)
     row_loss = torch.empty(T, dtype=torch.float32, device=hidden.device)
     n_valid, scale = _loss_scale(labels, ignore_index, reduction)
     grad_hidden = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device) if need_gh else None

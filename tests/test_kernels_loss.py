@@ -75,7 +75,9 @@ def test_per_token_losses_match_float64_reference(dtype, backend):
     assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
 
 
-def test_bf16_matches_float64_reference():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_matches_float64_reference(seed):
+    torch.manual_seed(seed)
     T, H, V = 97, 64, 2053
     hidden, weight, labels = make_inputs(T, H, V, torch.bfloat16)
     labels[:5] = -100
@@ -85,6 +87,28 @@ def test_bf16_matches_float64_reference():
     assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-5  # fp32 logits: the loss is not bf16-rounded
     assert rel_err(grad_h, ref_h) < TOL[torch.bfloat16]
     assert rel_err(grad_w, ref_w) < TOL[torch.bfloat16]
+
+
+def test_cpu_gemms_get_no_padded_rows(monkeypatch):
+    """Every matrix the op hands a CPU GEMM is dense: a BLAS may read past a row's logical end (oneDNN
+    on AMX-BF16 does), so padding between rows, e.g. a bf16 view of the fp32 logits, must never reach it."""
+    seen = []
+
+    def dense(t):
+        return t.is_contiguous() or t.t().is_contiguous()
+
+    def spy(gemm):
+        def checked(*args, **kwargs):
+            seen.extend(dense(a) for a in args if isinstance(a, torch.Tensor) and a.dim() == 2)
+            return gemm(*args, **kwargs)
+        return checked
+
+    monkeypatch.setattr(torch, "mm", spy(torch.mm))
+    monkeypatch.setattr(torch.Tensor, "addmm_", spy(torch.Tensor.addmm_))
+    for dtype in (torch.bfloat16, torch.float32):
+        hidden, weight, labels = make_inputs(CHUNK_MULTIPLE + 5, 32, 259, dtype)
+        fused(hidden, weight, labels, "mean", CHUNK_MULTIPLE)
+    assert len(seen) >= 12 and all(seen)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
