@@ -5,7 +5,7 @@
 
 Both sides run the same weights (ours copied into the transformers model, whose parameter
 names are ours), the same prompts (random ids of mixed lengths), greedily, the same
-max_new_tokens, in three workloads: no EOS (prompts x max_new_tokens tokens each), an EOS id
+max_new_tokens, in three workloads (transformers in a process of its own: bench/transformers_side.py): no EOS (prompts x max_new_tokens tokens each), an EOS id
 the model emits (outputs of varied length), and 'recitation': each prompt has its own cap, the
 token length of a real poem target + 16 (as the memorization eval asks), which transformers'
 batched generate cannot express, so it runs to the batch's largest cap and the rows are cut;
@@ -13,7 +13,7 @@ transformers gets the prompts left-padded with an attention mask, in one batch. 
 one thread on both sides by default: timings with 2 OpenMP threads on a shared machine swing by
 10x. Reported: tokens/s of each, the ratio, the share of identical outputs, and for ours the
 achieved memory bandwidth: per decode step the weights plus every live sequence's cached keys and
-values are read once. Results go to generate-<device>.{json,md} under --out (default bench/results/).
+values are read once. Results go to generate-<device>.{json,md} under --out (default runs/bench/).
 """
 from __future__ import annotations
 
@@ -27,59 +27,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
+from bench.transformers_side import TransformersSide  # noqa: E402
 from engine.generate import greedy_generate  # noqa: E402
 from models import REGISTRY, KVCache, load_model  # noqa: E402
 
 CPU_MODEL = "tiny-qwen2"
 
 
-def hf_model(raw: dict, device, dtype):
-    """transformers' model for these config.json keys (dtype keys left out), its random init run on
-    the device (a 1.7B init on the host takes many seconds)."""
-    import transformers
-    config = transformers.AutoConfig.for_model(**{k: v for k, v in raw.items()
-                                                  if k not in ("torch_dtype", "dtype", "architectures")})
-    with torch.device(device):
-        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
-def cpu_model(directory: Path):
+def cpu_model(directory: Path, side: TransformersSide):
     """A random Qwen2 of the tiny-qwen2 preset's shape, written by transformers (std 0.02 init), loaded by us."""
-    torch.manual_seed(0)
-    hf_model(REGISTRY[CPU_MODEL].config, "cpu", torch.float32).save_pretrained(directory)
+    side.write_from_config(REGISTRY[CPU_MODEL].config, directory)
     return load_model(directory)
 
 
-def hf_twin(model):
-    """The transformers model with our weights (our parameter names are transformers' own)."""
-    hf = hf_model(model.config.raw, model.device, model.dtype).eval()
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any("lm_head" not in name for name in missing):
-        raise RuntimeError(f"weights do not map onto transformers: missing {missing}, unexpected {unexpected}")
-    hf.generation_config.eos_token_id = None
-    return hf
+def hf_twin(model, side: TransformersSide) -> None:
+    """Our model's weights, saved in the Hugging Face format, made the transformers side's model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        side.load(tmp, model.device, model.dtype)
 
 
 def prompts_for(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(1, vocab, (length,), generator=g).tolist() for length in lengths]
-
-
-def hf_generate(hf, prompts, max_new_tokens: int, batch_size: int, eos: int | None = None) -> list[list[int]]:
-    """Left-padded batches; with `eos`, each output is cut before its first EOS (as ours are)."""
-    out = []
-    stop = {"eos_token_id": eos} if eos is not None else {"min_new_tokens": max_new_tokens}
-    for i in range(0, len(prompts), batch_size):
-        part = prompts[i:i + batch_size]
-        width = max(map(len, part))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in part], device=hf.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=hf.device)
-        with torch.inference_mode():
-            gen = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                              pad_token_id=0, **stop)
-        out += [row[:row.index(eos)] if eos in row else row for row in gen[:, width:].tolist()]
-    return out
 
 
 def recitation_caps(n: int, seed: int = 0) -> list[int]:
@@ -104,12 +75,11 @@ def bytes_read(model, prompts, outputs, steps: int) -> int:
     return steps * weights + kv
 
 
-def bench_one(name: str, model, prompts, max_new_tokens: int, hf_batch: int, max_cap: int | None = None,
-              **generate_kwargs) -> list[dict]:
+def bench_one(name: str, model, side: TransformersSide, prompts, max_new_tokens: int, hf_batch: int,
+              max_cap: int | None = None, **generate_kwargs) -> list[dict]:
     """The three workloads' rows (the module's docstring); recitation caps at most `max_cap`."""
-    hf = hf_twin(model)
+    hf_twin(model, side)
     greedy_generate(model, prompts[:4], 4, [], **generate_kwargs)                # warm-up (kernels, graphs)
-    hf_generate(hf, prompts[:4], 4, 4)
     rows, eos, timer = [], None, common.Timer(model.device)
     for workload in ("fixed", "eos", "recitation"):
         eos_ids = [eos] if workload == "eos" else []
@@ -118,9 +88,8 @@ def bench_one(name: str, model, prompts, max_new_tokens: int, hf_batch: int, max
         stats = {}
         ours, ours_s = timer.seconds(lambda: greedy_generate(model, prompts, caps, eos_ids, stats=stats,
                                                              **generate_kwargs))
-        theirs, theirs_s = timer.seconds(lambda: hf_generate(hf, prompts, max(caps), hf_batch,
-                                                             eos_ids[0] if eos_ids else None))
-        theirs = [row[:cap] for row, cap in zip(theirs, caps)]
+        hf = side.generate_timed(prompts, max(caps), hf_batch, eos_ids[0] if eos_ids else None)
+        theirs, theirs_s = [row[:cap] for row, cap in zip(hf["outputs"], caps)], hf["seconds"][0]
         tokens = stats["generated_tokens"]             # kept tokens + the EOS that ended a sequence
         rows.append({
             "model": name, "workload": workload, "dtype": str(model.dtype).removeprefix("torch."),
@@ -172,8 +141,9 @@ def main(argv=None) -> None:
         for name in args.models:
             model = load_model(name, device=device, random_init=True)
             prompts = prompts_for(n, 30, 60, model.config.vocab_size)
-            rows += bench_one(name, model, prompts, new, hf_batch=n, max_cap=new if args.dry_run else None,
-                              cuda_graphs=not args.no_cuda_graphs)
+            with TransformersSide() as side:
+                rows += bench_one(name, model, side, prompts, new, hf_batch=n,
+                                  max_cap=new if args.dry_run else None, cuda_graphs=not args.no_cuda_graphs)
             print(*rows[-3:], sep="\n", flush=True)
             save()
             del model
@@ -181,10 +151,10 @@ def main(argv=None) -> None:
     else:
         torch.set_num_threads(args.threads)
         n, new = args.prompts or 32, args.max_new_tokens or 64
-        with tempfile.TemporaryDirectory() as tmp:
-            model = cpu_model(Path(tmp))
+        with tempfile.TemporaryDirectory() as tmp, TransformersSide(threads=args.threads) as side:
+            model = cpu_model(Path(tmp), side)
             prompts = prompts_for(n, 8, 64, model.config.vocab_size)
-            rows += bench_one(f"{CPU_MODEL} shape (random)", model, prompts, new, hf_batch=n)
+            rows += bench_one(f"{CPU_MODEL} shape (random)", model, side, prompts, new, hf_batch=n)
             print(*rows[-3:], sep="\n", flush=True)
     print(f"wrote {save()}.json/.md")
 

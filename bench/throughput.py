@@ -16,8 +16,11 @@ split for real vocabularies):
           clip_grad_norm_; evaluation with model.generate on the left-padded prompts. Also timed on
           shuffled batches (the same sequences per step in random order, what a shuffling DataLoader
           gives), because our best-fit packer groups similar lengths, so our batches carry little padding;
-  liger   theirs with liger_kernel's apply_liger_kernel_to_qwen2 (GPU, Qwen2 only, when importable),
-          after every plain baseline: it patches transformers' classes for the whole process.
+  liger   theirs with liger_kernel's apply_liger_kernel_to_qwen2 (GPU, Qwen2 only, when installed), right
+          after the model's own runs.
+Transformers (and Liger, which patches its classes) run in processes of their own
+(bench/transformers_side.py): our `kernels` package is not Hugging Face's, which transformers 5
+imports, and each side's peak memory stays its own.
 
 Reported: training tokens/s (real tokens, pads not counted; median over steps), MFU (FLOPs per
 token from engine.costs = 6N + 12 L H ctx, N = the matmul parameters with a tied output matrix
@@ -39,6 +42,7 @@ epoch, errors, skipped models).
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import sys
 import time
@@ -51,6 +55,7 @@ from torch.nn.utils.rnn import pad_sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bench_generate, common  # noqa: E402
+from bench.transformers_side import TransformersSide  # noqa: E402
 from engine.costs import train_flops  # noqa: E402
 from engine.data import Example, encode_examples, load_poems  # noqa: E402
 from engine.generate import greedy_generate  # noqa: E402
@@ -99,15 +104,6 @@ def hf_config_dict(name: str) -> dict:
 
 def build_ours(raw: dict, device, dtype):
     return build_model(ModelConfig.from_dict(raw, "bench config"), device, dtype, seed=0).train()
-
-
-def build_theirs(raw: dict, device, dtype, liger: bool = False):
-    torch.manual_seed(0)
-    model = bench_generate.hf_model(raw, device, dtype)         # attention: sdpa; BLOOM eager
-    if liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-        apply_liger_kernel_to_qwen2(model=model)
-    return model.to(device).train()
 
 
 def poem_examples(vocab_size: int, seed: int = 0) -> list[Example]:
@@ -208,40 +204,12 @@ def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
     return result, model
 
 
-def train_theirs(raw, batches, s: Settings, device, dtype, liger: bool = False) -> tuple[dict, object]:
-    with common.PeakMemory(device) as mem:
-        model = build_theirs(raw, device, dtype, liger)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
-        inputs = [padded(b, device) for b in batches[:s.warmup + s.steps]]
-        splits = {"n": 1}
-
-        def step(x):
-            while not accumulate(*x, splits["n"]):   # split the padded batch only if it does not fit
-                opt.zero_grad(set_to_none=True)
-                common.free(device)
-                splits["n"] *= 2
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        def accumulate(ids, mask, labels, n) -> bool:
-            try:
-                for i in range(n):
-                    part = slice(i * len(ids) // n, (i + 1) * len(ids) // n)
-                    loss = model(input_ids=ids[part], attention_mask=mask[part], labels=labels[part]).loss
-                    (loss * (labels[part, 1:] != -100).sum() / (labels[:, 1:] != -100).sum()).backward()
-                return True
-            except torch.OutOfMemoryError:
-                return False
-
-        result = time_steps(step, inputs, batches, s, device)
-    del opt
-    result.update(peak_memory_bytes=mem.bytes, micro_batches=splits["n"],
-                  padded_tokens=sum(x[0].numel() for x in inputs[s.warmup:]),
-                  attention=model.config._attn_implementation,
-                  real_tokens=sum(b.num_tokens for b in batches[s.warmup:s.warmup + s.steps]))
-    return result, model
+def train_theirs(side: TransformersSide, raw, batches, s: Settings, device, dtype, liger: bool = False) -> dict:
+    """transformers' training steps on the same examples per step, right-padded (bench/transformers_side.py's
+    train, in its own process); the model stays there for eval_theirs."""
+    steps = batches[:s.warmup + s.steps]
+    return side.train(raw, [padded(b, "cpu") for b in steps], [b.num_tokens for b in steps], s.warmup, device, dtype,
+                      liger)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -259,12 +227,9 @@ def eval_ours(model, prompts: list[list[int]], s: Settings, device) -> dict:
             "gb_per_second": bench_generate.bytes_read(model, prompts, stats["out"], stats["steps"]) / seconds / 1e9}
 
 
-def eval_theirs(model, prompts: list[list[int]], s: Settings, device) -> dict:
-    """transformers' generate on the left-padded prompts, one batch (bench_generate.hf_generate)."""
-    model.eval()
-    bench_generate.hf_generate(model, prompts[:4], 4, 4)
-    seconds = [timed(lambda: bench_generate.hf_generate(model, prompts, s.eval_new_tokens, len(prompts)), device)
-               for _ in range(s.eval_reps)]
+def eval_theirs(side: TransformersSide, prompts: list[list[int]], s: Settings) -> dict:
+    """transformers' generate on the left-padded prompts, one batch, with the model train_theirs left."""
+    seconds = side.generate_timed(prompts, s.eval_new_tokens, len(prompts), reps=s.eval_reps)["seconds"]
     return {"tokens_per_second": len(prompts) * s.eval_new_tokens / statistics.median(seconds), "seconds": seconds}
 
 
@@ -287,10 +252,11 @@ def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[di
     params, fpt = model.num_parameters(), flops_per_token(model, batches)
     ours_eval = eval_ours(model, prompts, s, device)
     del model
-    theirs, hf = train_theirs(raw, batches, s, device, dtype)
-    theirs_eval = eval_theirs(hf, prompts, s, device)
-    del hf
-    shuffled = train_theirs(raw, shuffled_batches(examples, batches), s, device, dtype)[0]
+    common.free(device)
+    with TransformersSide(threads=torch.get_num_threads() if device.type == "cpu" else None) as side:
+        theirs = train_theirs(side, raw, batches, s, device, dtype)
+        theirs_eval = eval_theirs(side, prompts, s)
+        shuffled = train_theirs(side, raw, shuffled_batches(examples, batches), s, device, dtype)
 
     achieved = ours["tokens_per_second"] * fpt / 1e12
     entry = {
@@ -320,9 +286,9 @@ def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[di
 
 def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget: float | None = None,
         dry_run: bool = False) -> dict:
-    """Benchmark `models` (None: the CPU trio, or the paper's models on a GPU), then each Qwen2 with Liger
-    (it patches transformers' classes for the whole process: after every plain baseline), write
-    throughput-<device>.json/.md under out_dir and return the JSON's content. Runs left when
+    """Benchmark `models` (None: the CPU trio, or the paper's models on a GPU), each Qwen2 with Liger right
+    after its own run, write throughput-<device>.json/.md under out_dir and return the JSON's content and
+    the details (their "errors": each failed model's one line). Runs left when
     `time_budget` seconds have passed are skipped (the files are rewritten after every run).
     `dry_run`: one step of each kind, and any error raises (a smoke test of this script)."""
     start = time.perf_counter()
@@ -339,9 +305,10 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
               "matmul_tflops": matmul_tflops(device, dry_run), "models": {}}
     details = {**common.meta(device), "dtype": str(dtype), "skipped": [], "errors": {}, "liger": {}, "models": {}}
     out = Path(out_dir)
-    has_liger = device.type == "cuda" and common.optional("liger_kernel.transformers", "apply_liger_kernel_to_qwen2")
-    ligers = [m for m in models if has_liger and hf_config_dict(m)["model_type"] == "qwen2"]
-    for model, liger in [(m, False) for m in models] + [(m, True) for m in ligers]:
+    # looked up, not imported: Liger imports transformers, which runs only in the transformers side's processes
+    has_liger = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    for model, liger in [(m, liger) for m in models for liger in (False, True)
+                         if not liger or has_liger and hf_config_dict(m)["model_type"] == "qwen2"]:
         name = f"{model}+liger" if liger else model
         if liger and model not in result["models"]:
             continue
@@ -349,9 +316,10 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
             details["skipped"].append(name)
             continue
         try:
-            if liger:
+            if liger:                            # a process of its own: Liger patches transformers' classes
                 raw, _, batches = workload(model, s)
-                details["liger"][model] = train_theirs(raw, batches, s, device, dtype, liger=True)[0]
+                with TransformersSide() as side:
+                    details["liger"][model] = train_theirs(side, raw, batches, s, device, dtype, liger=True)
             else:
                 t0 = time.perf_counter()
                 result["models"][model], details["models"][model] = bench_model(model, s, device, dtype,
@@ -364,11 +332,12 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
             if dry_run:
                 raise
             details["errors"][name] = f"{type(e).__name__}: {e}"
-            print(f"{name}: {details['errors'][name]}", file=sys.stderr, flush=True)
+            print(f"error: {name}: {details['errors'][name]}", file=sys.stderr, flush=True)
         write(out, result, details)
     write(out, result, details)
     print(markdown(result, details))
-    return result
+    print(f"wrote {out / common.stem('throughput', details['device'])}.json/.md")
+    return result, details
 
 
 # ---------------------------------------------------------------- output
@@ -440,8 +409,9 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown model {', '.join(unknown)}: choose registry names or {', '.join(SMALL)}")
     device = common.pick_device(args, p)
-    run(args.models, args.quick, args.out, device, args.time_budget, args.dry_run)
+    errors = run(args.models, args.quick, args.out, device, args.time_budget, args.dry_run)[1]["errors"]
+    return 2 if errors else 0               # each failure's error line is printed as it happens
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,45 +1,19 @@
-"""Random Hugging Face checkpoints written by transformers itself, for parity tests."""
+"""What several test files share: transformers' side of the parity tests, small models and inputs."""
 from __future__ import annotations
+
+import functools
 
 import torch
 
+from bench.transformers_side import TransformersSide
 from kernels.attention import cu_seqlens
 
 
-def hf_config(family: str, heads: int, kv_heads: int, head_dim: int, layers: int = 2, vocab: int = 320,
-              tied: bool = True, **extra):
-    import transformers
-    if family == "qwen2":
-        return transformers.Qwen2Config(
-            vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=3 * head_dim, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied, rope_theta=10000.0,
-            max_position_embeddings=4096, eos_token_id=0, bos_token_id=0, pad_token_id=0, **extra)
-    return transformers.BloomConfig(vocab_size=vocab, hidden_size=heads * head_dim, n_layer=layers, n_head=heads,
-                                    eos_token_id=0, bos_token_id=0, pad_token_id=0, **extra)
-
-
-def hf_model(config, seed: int = 0, scale: float = 0.1):
-    """A transformers model with every parameter random, in fp32, eager attention: matrices with
-    std 1/sqrt(fan_in) (embeddings too) so activations and logits stay O(1) as in a trained model, norm weights around 1."""
-    import transformers
-    torch.manual_seed(seed)
-    cls = transformers.Qwen2ForCausalLM if config.model_type == "qwen2" else transformers.BloomForCausalLM
-    model = cls._from_config(config, attn_implementation="eager", torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_f" in name:
-                p.copy_(1 + scale * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, scale)
-            elif p.dim() == 2:
-                p.normal_(0, p.shape[1] ** -0.5)
-            else:
-                p.normal_(0, scale)
-    return model
-
-
-def save_hf(config, directory, seed: int = 0, **save_kwargs):
-    model = hf_model(config, seed)
-    model.save_pretrained(directory, **save_kwargs)
-    return model
+@functools.cache
+def transformers_side() -> TransformersSide:
+    """This test process's transformers worker (bench/transformers_side.py: transformers never runs in our
+    process, whose `kernels` is not Hugging Face's), one thread, started on its first use."""
+    return TransformersSide(threads=1)
 
 
 def packed(lengths, vocab: int, seed: int = 1):

@@ -74,3 +74,24 @@ def test_guarded_keeps_a_gpu_run_going_and_raises_in_a_dry_run():
     assert common.guarded(broken, strict=False) == {"status": "error: ValueError: no such shape"}
     with pytest.raises(ValueError):
         common.guarded(broken, strict=True)
+
+
+def test_bench_exits_2_with_a_line_per_failed_model(tmp_path, monkeypatch, capsys):
+    """The transformers side failing: each model's error line, the partial table still written, exit 2."""
+    from bench import throughput
+    from bench.transformers_side import TransformersSide
+    monkeypatch.setattr(throughput.Settings, "for_device", classmethod(lambda cls, *a: cls(256, 0, 1, 1, 2, 2, 1)))
+
+    def broken(self, op, *args, **kwargs):
+        raise RuntimeError(f"transformers side, {op}(): ImportError: broken install")
+    monkeypatch.setattr(TransformersSide, "call", broken)
+    assert throughput.main(["--quick", "--models", "tiny-qwen2", "tiny-bloom", "--out", str(tmp_path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {m}: RuntimeError: transformers side, train(): ImportError: broken install"
+                      for m in ("tiny-qwen2", "tiny-bloom")]
+    assert json.loads((tmp_path / "throughput-cpu-detail.json").read_text())["errors"].keys() == {"tiny-qwen2",
+                                                                                                   "tiny-bloom"}
+
+
+def test_results_go_to_the_users_folder_by_default():
+    assert common.parser("x").parse_args([]).out == Path("runs") / "bench"

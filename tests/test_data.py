@@ -9,6 +9,7 @@ import pytest
 from engine.data import (IGNORE, Poem, default_format, encode_examples, format_prompt,
                          load_poems, poem_chars, prompt_text, rows_to_poems, stop_token_ids, target_eos_id)
 from models import load_tokenizer
+from tests.helpers import transformers_side
 
 ROOT = Path(__file__).resolve().parent.parent
 EN_FIXTURE = ROOT / "tests" / "fixtures" / "poems-en.jsonl"
@@ -166,16 +167,11 @@ def test_tiny_tokenizer_build_is_deterministic(tmp_path):
 
 
 def test_chat_prompt_equals_transformers(tok):
-    from transformers import AutoTokenizer
-    hf = AutoTokenizer.from_pretrained(str(TINY))
     for row in jsonl_rows(FROZEN[256])[:5] + jsonl_rows(FROZEN[512])[:5]:
         prompt = prompt_text(Poem(**row), "cn")
-        messages = [{"role": "user", "content": prompt}]
-        text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        text, ids = transformers_side().chat_template(TINY, [{"role": "user", "content": prompt}])
         assert format_prompt(tok, prompt, "chat") == text
-        assert list(encode_examples([Poem(**row)], tok, "cn", "chat")[0].prompt_ids) == list(ids)
+        assert list(encode_examples([Poem(**row)], tok, "cn", "chat")[0].prompt_ids) == ids
 
 
 def test_examples_plain_and_chat(tok):

@@ -7,7 +7,7 @@ import torch
 from engine.generate import graph_batch_size, greedy_generate, plan_batches, prefill_groups
 from models import KVCache, load_model
 from models.base import greedy_tokens
-from tests.helpers import hf_config, hf_model, save_hf, single_thread
+from tests.helpers import single_thread, transformers_side
 
 VOCAB = 320
 LENGTHS = [1, 7, 23, 3, 40, 12, 64]
@@ -27,20 +27,14 @@ one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)   # hun
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def setup(request, tmp_path_factory):
+    """(our model, the folder transformers wrote it to, prompts, the no-cache reference outputs)."""
     shape, scales = FAMILIES[request.param]
-    hf = hf_model(hf_config(*shape, vocab=VOCAB))
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            for pattern, scale in scales.items():
-                if pattern in name:
-                    p.mul_(scale)
-    hf.generation_config.eos_token_id = None
     directory = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(directory)
+    transformers_side().write_random(directory, *shape, vocab=VOCAB, multiply=scales)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
     model = load_model(directory)
-    return model, hf, prompts, [recompute(model, p, cap) for p, cap in zip(prompts, CAPS)]
+    return model, directory, prompts, [recompute(model, p, cap) for p, cap in zip(prompts, CAPS)]
 
 
 def recompute(model, prompt, cap):
@@ -52,18 +46,10 @@ def recompute(model, prompt, cap):
     return ids[len(prompt):]
 
 
-def hf_generate(hf, prompt, cap, eos=None):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=cap, eos_token_id=eos,
-                          pad_token_id=0)
-    new = out[0, len(prompt):].tolist()
-    return new[:-1] if eos is not None and new and new[-1] == eos else new
-
-
 def test_matches_transformers_and_recompute(setup):
-    model, hf, prompts, reference = setup
+    model, directory, prompts, reference = setup
     assert max(len(set(r)) for r in reference) > 8, "degenerate model: outputs repeat one token"
-    assert [hf_generate(hf, p, cap) for p, cap in zip(prompts, CAPS)] == reference
+    assert transformers_side().generate(directory, prompts, CAPS) == reference
     assert greedy_generate(model, prompts, CAPS, eos_token_ids=[]) == reference
     # prefill in several packed forwards, the longest prompt alone in its own: the same tokens
     several = max(map(len, prompts)) - 1
@@ -80,7 +66,7 @@ def eos_hit_by_some(reference):
 @pytest.mark.parametrize("check_every,slots,batches", [(1, None, 1), (5, 4, 2), (16, 2, 4)])
 def test_eos_cut_batches_and_stop_checks(setup, check_every, slots, batches):
     """slots: the KV budget in slots of the longest sequence (one is the scratch slot)."""
-    model, hf, prompts, reference = setup
+    model, directory, prompts, reference = setup
     eos = eos_hit_by_some(reference)
     expected = [r[:r.index(eos)] if eos in r else r for r in reference]
     assert any(0 < len(e) < len(r) for e, r in zip(expected, reference)) and any(e == r for e, r in zip(expected, reference))
@@ -92,7 +78,7 @@ def test_eos_cut_batches_and_stop_checks(setup, check_every, slots, batches):
     assert stats["batches"] == batches
     assert stats["generated_tokens"] == sum(min(len(e) + 1, cap) for e, cap in zip(expected, CAPS))
     if check_every == 5:
-        assert [hf_generate(hf, p, cap, eos) for p, cap in zip(prompts, CAPS)] == expected
+        assert transformers_side().generate(directory, prompts, CAPS, eos) == expected
 
 
 def test_same_cap_for_all_and_zero_cap(setup):
@@ -223,7 +209,7 @@ def near_tie_rows(model, hiddens, low, high, i, j):
 def test_bf16_near_tie_is_decided_in_fp32(tmp_path):
     """A bf16 model whose top two logits round to the same bf16 value at both the prefill's and
     the decode step's decision: the greedy pick is the fp32 argmax, where bf16's is the other."""
-    save_hf(hf_config("qwen2", 4, 2, 16, tied=False), tmp_path)
+    transformers_side().write_random(tmp_path, "qwen2", 4, 2, 16, tied=False)
     model = load_model(tmp_path, dtype=torch.bfloat16)
     prompt, low, high = [5, 17, 3, 250], 7, 11
     with torch.no_grad():

@@ -39,3 +39,31 @@ def test_no_arrow_up_a_floor():
     wrong = [f"{name} imports {target}" for name, targets in graph().items() for target in targets
              if target.split(".")[0] in forbidden.get(name.split(".")[0], ())]
     assert not wrong, wrong
+
+
+def test_the_transformers_side_imports_nothing_of_ours():
+    """Its worker runs with the checkout off sys.path (where `kernels` would be ours, not Hugging Face's)."""
+    edges = graph()
+    assert edges["bench.transformers_side"] == set() and edges["bench.timing"] == set()
+    assert "bench.timing" in edges["bench.common"]
+
+
+FIND_OURS = """
+import importlib.util, pathlib, sys
+for name in ("kernels", "models", "engine", "bench", "cli"):
+    spec = importlib.util.find_spec(name)
+    if spec is not None and spec.origin and pathlib.Path(spec.origin).is_file():
+        print(name, spec.origin, pathlib.Path(spec.origin).read_bytes() == pathlib.Path(sys.argv[1]).joinpath(
+            name + ".py" if name == "cli" else name + "/__init__.py").read_bytes())
+"""
+
+
+def test_outside_the_checkout_no_name_is_ours(tmp_path):
+    """Installed editable or not (CI installs it editable), the project puts none of its top-level names
+    on another folder's sys.path: `import kernels` there is Hugging Face's package or nothing."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", FIND_OURS, str(ROOT)], cwd=tmp_path, capture_output=True, text=True,
+                          check=True, env={"PATH": "/usr/bin:/bin"})
+    ours = [line for line in done.stdout.splitlines() if line.endswith(" True")]
+    assert not ours, ours

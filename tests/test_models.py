@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from models import CheckpointError, KVCache, load_model, load_tokenizer
 from models.bloom import alibi_slopes
 from models.config import ModelConfig
-from tests.helpers import hf_config, packed, save_hf
+from tests.helpers import packed, transformers_side
 
 LENGTHS = [5, 1, 17, 9]
 
@@ -21,64 +21,68 @@ SHAPES = {
 }
 
 
-def assert_parity(model, hf, vocab):
-    """Our packed logits against transformers' on each sequence alone."""
-    ids, cu = packed(LENGTHS, vocab)
+def hf_logits(directory):
+    """transformers' logits of each LENGTHS sequence alone from the checkpoint in `directory`, concatenated."""
+    ids, cu = packed(LENGTHS, json.loads((directory / "config.json").read_text())["vocab_size"])
+    return torch.cat(transformers_side().logits(directory, [ids[a:b].tolist() for a, b in zip(cu[:-1], cu[1:])]))
+
+
+def assert_parity(model, ref):
+    """Our packed logits of the LENGTHS sequences against transformers' (hf_logits)."""
+    ids, cu = packed(LENGTHS, model.config.vocab_size)
     with torch.no_grad():
         ours = model(ids, cu_seqlens=cu)
-        ref = torch.cat([hf(ids[a:b][None]).logits[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def write_hf(directory, family, heads, kv_heads, head_dim, **kwargs):
+    transformers_side().write_random(directory, family, heads, kv_heads, head_dim, **kwargs)
+    return directory
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_packed_logits_match_transformers(tmp_path, shape):
     family, heads, kv, head_dim, extra = SHAPES[shape]
-    config = hf_config(family, heads, kv, head_dim, **extra)
-    hf = save_hf(config, tmp_path)
-    assert_parity(load_model(tmp_path), hf, config.vocab_size)
+    write_hf(tmp_path, family, heads, kv, head_dim, **extra)
+    assert_parity(load_model(tmp_path), hf_logits(tmp_path))
 
 
 def test_sharded_safetensors(tmp_path):
-    config = hf_config("qwen2", 4, 2, 32, tied=False)
-    hf = save_hf(config, tmp_path, max_shard_size="200KB")
+    write_hf(tmp_path, "qwen2", 4, 2, 32, tied=False, save={"max_shard_size": "200KB"})
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    assert_parity(load_model(tmp_path), hf, config.vocab_size)
+    assert_parity(load_model(tmp_path), hf_logits(tmp_path))
 
 
 def test_pytorch_bin_without_prefix(tmp_path):
     """Langboat's BLOOM repos ship pytorch_model.bin; bigscience's names lack 'transformer.'."""
-    config = hf_config("bloom", 4, 4, 16)
-    hf = save_hf(config, tmp_path)
+    write_hf(tmp_path, "bloom", 4, 4, 16)
+    ref = hf_logits(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
     torch.save({k.removeprefix("transformer."): v for k, v in state.items()}, tmp_path / "pytorch_model.bin")
-    assert_parity(load_model(tmp_path), hf, config.vocab_size)
+    assert_parity(load_model(tmp_path), ref)
 
 
 def test_dtype_cast_on_load(tmp_path):
-    save_hf(hf_config("qwen2", 4, 2, 32), tmp_path)
+    write_hf(tmp_path, "qwen2", 4, 2, 32)
     model = load_model(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 @pytest.mark.parametrize("family", ["qwen2", "bloom"])
 def test_save_pretrained_round_trip(tmp_path, family):
-    import transformers
-    config = hf_config(family, 4, 2 if family == "qwen2" else 4, 16)
-    save_hf(config, tmp_path / "src")
+    write_hf(tmp_path / "src", family, 4, 2 if family == "qwen2" else 4, 16)
     model = load_model(tmp_path / "src")
     model.save_pretrained(tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    reloaded = hf_logits(tmp_path / "out")                  # transformers loads what we saved
     for ours in (load_model(tmp_path / "out"), model):       # the saved folder, and the model that saved it
-        assert_parity(ours, reloaded, config.vocab_size)
+        assert_parity(ours, reloaded)
 
 
 def test_alibi_slopes_match_transformers():
-    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
     for heads in (1, 5, 12, 16, 24, 40):
-        ref = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]
-        assert torch.allclose(alibi_slopes(heads), ref, rtol=0, atol=0)
+        assert torch.allclose(alibi_slopes(heads), transformers_side().alibi_slopes(heads), rtol=0, atol=0)
 
 
 def test_tiny_presets_run():
@@ -103,12 +107,11 @@ def test_positions_restart_per_sequence(tmp_path):
 def test_prefill_then_decode_step_match_the_packed_forward(tmp_path, family):
     """Prompts prefilled into permuted cache slots, then one decode step per sequence: the logits
     of both equal those of the packed forward over the whole sequences."""
-    config = hf_config(family, 4, 2 if family == "qwen2" else 4, 16)
-    save_hf(config, tmp_path)
-    model = load_model(tmp_path)
+    model = load_model(write_hf(tmp_path, family, 4, 2 if family == "qwen2" else 4, 16))
+    vocab = model.config.vocab_size
     lengths, slots = [5, 1, 9], torch.tensor([2, 0, 3])
-    ids, cu = packed(lengths, config.vocab_size)
-    new = torch.randint(0, config.vocab_size, (3,), generator=torch.Generator().manual_seed(2))
+    ids, cu = packed(lengths, vocab)
+    new = torch.randint(0, vocab, (3,), generator=torch.Generator().manual_seed(2))
     whole = torch.cat([torch.cat([p, t[None]]) for p, t in zip(ids.split(lengths), new)])
     whole_cu = torch.tensor([0, 6, 8, 18], dtype=torch.int32)
     cache = KVCache(model.config, slots=4, max_len=12)
@@ -126,8 +129,7 @@ def test_prefill_then_decode_step_match_the_packed_forward(tmp_path, family):
 # ---- bad input -------------------------------------------------------------------------------
 
 def write_checkpoint(tmp_path):
-    save_hf(hf_config("qwen2", 4, 2, 16, tied=False), tmp_path)
-    return tmp_path
+    return write_hf(tmp_path, "qwen2", 4, 2, 16, tied=False)
 
 
 def test_unknown_model_name():

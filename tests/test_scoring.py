@@ -9,7 +9,7 @@ from engine.data import Example, encode_examples, load_poems
 from engine.packing import pack
 from engine.scoring import bits_summary, poem_bits
 from models import load_model, load_tokenizer
-from tests.helpers import hf_config, save_hf, tiny_checkpoint
+from tests.helpers import tiny_checkpoint, transformers_side
 
 VOCAB = 320
 
@@ -20,11 +20,9 @@ def random_examples(n: int, seed: int) -> list[Example]:
                     tuple(rng.randrange(VOCAB) for _ in range(rng.randint(1, 23)))) for _ in range(n)]
 
 
-def reference_bits(hf, example: Example) -> float:
-    """-log2 p(target | prompt) from transformers' full logits of the lone sequence, in float64."""
-    ids = torch.tensor(example.input_ids)[None]
-    with torch.no_grad():
-        logprobs = hf(ids).logits[0].double().log_softmax(-1)
+def reference_bits(logits, example: Example) -> float:
+    """-log2 p(target | prompt) from transformers' float64 logits of the lone sequence."""
+    logprobs = logits.log_softmax(-1)
     first = len(example.prompt_ids)
     picked = logprobs[first - 1:-1].gather(1, torch.tensor(example.target_ids)[:, None])
     return -picked.sum().item() / math.log(2)
@@ -32,10 +30,11 @@ def reference_bits(hf, example: Example) -> float:
 
 @pytest.mark.parametrize("family", ["qwen2", "bloom"])
 def test_per_poem_bits_match_transformers_in_float64(tmp_path, family, one_thread):
-    hf = save_hf(hf_config(family, heads=4, kv_heads=2, head_dim=16, vocab=VOCAB), tmp_path).double()
+    transformers_side().write_random(tmp_path, family, heads=4, kv_heads=2, head_dim=16, vocab=VOCAB)
     model = load_model(tmp_path)
     examples = random_examples(13, seed=len(family))
-    want = [reference_bits(hf, e) for e in examples]
+    logits = transformers_side().logits(tmp_path, [list(e.input_ids) for e in examples], dtype=torch.float64)
+    want = [reference_bits(z, e) for z, e in zip(logits, examples)]
     for batch_tokens in (40, 4096):            # several packed batches, then one
         got = poem_bits(model, examples, batch_tokens)
         assert len(got) == len(examples)
