@@ -92,9 +92,7 @@ def _worker() -> None:
             return
         try:
             reply = (True, WORKER_OPS[op](*args, **kwargs))
-        except Exception as e:  # the caller raises it, naming the op
-            import traceback
-            traceback.print_exc()
+        except Exception as e:  # the caller raises it, naming the op, and says it in one line
             reply = (False, f"{type(e).__name__}: {e}")
         pickle.dump(reply, replies)
         replies.flush()
