@@ -89,7 +89,7 @@ def _download(repo: str) -> Path:
         raise FileNotFoundError(
             f"the weights of {repo} are not in the Hugging Face cache and could not be downloaded "
             f"({type(e).__name__}).\n"
-            f"  online:  huggingface-cli download {repo}\n"
+            f"  online:  hf download {repo}   (huggingface_hub >= 0.34; older: huggingface-cli download {repo})\n"
             f"  offline: copy the repository's files (config.json, *.safetensors or pytorch_model.bin, tokenizer.json) "
             f"to a folder and pass that folder instead of the name") from None
 
