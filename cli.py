@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 # `bench` and `kernels` hand their arguments to the benchmark scripts (see their --help).
 PASSTHROUGH = {"bench": ("bench.throughput", "training and evaluation throughput against transformers"),
@@ -24,9 +25,13 @@ def cmd_memorize(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from engine.evaluate import run_eval
-    results = run_eval(args.model, args.lang, args.length, args.poems, args.out, device=args.device,
-                       source=args.source, seed=args.seed, fmt=args.format)
+    from engine.evaluate import EVAL_SETTINGS, run_eval
+    if (args.run_folder is None) == (args.model is None):
+        raise ValueError("eval: name the model once: a run folder (cli.py eval RUN) or --model (a run's model/, a "
+                         "model folder or a registry name)")
+    results = run_eval(args.run_folder or args.model, args.out, device=args.device, overwrite=args.overwrite,
+                       say=lambda line: print(line, file=sys.stderr, flush=True),
+                       **{name: getattr(args, name) for name in EVAL_SETTINGS})
     print(f"exact recitation: {100 * results['accuracy']:.2f}% of {results['n_poems']} poems -> {args.out}")
 
 
@@ -68,9 +73,16 @@ def _names(text: str | None) -> list[str] | None:
     return [name for name in text.split(",") if name] if text else None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one `error:` line (naming the command's --help), exit status 2, not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see: python {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     from engine.train import TrainConfig, add_flags
-    top = argparse.ArgumentParser(prog="cli.py", description=__doc__)
+    top = OneLineParser(prog="cli.py", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
     poems = {"poems": TrainConfig.default("poems")}
 
@@ -79,11 +91,15 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
-    add_flags(command("memorize", cmd_memorize, "fine-tune a model to memorize poems and measure exact recitation"))
+    add_flags(command("memorize", cmd_memorize, "fine-tune a model to memorize poems and measure exact recitation"),
+              given_only=True)
 
-    p = command("eval", cmd_eval, "measure exact recitation of any checkpoint")
-    add_flags(p, ("model",) + DATA_FLAGS + ("device",), defaults=poems)
-    p.add_argument("--out", required=True)
+    p = command("eval", cmd_eval, "measure exact recitation of a run or any checkpoint, with the run's settings")
+    p.add_argument("run_folder", nargs="?", metavar="RUN",
+                   help="a memorize run's folder (its final model/, its prompt format and poems)")
+    add_flags(p, ("model",) + DATA_FLAGS + ("device",), defaults=poems, given_only=True)
+    p.add_argument("--out", required=True, help="a new folder for results.json and generations.jsonl")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
 
     p = command("data", cmd_data, "dataset statistics: counts, lengths, packing efficiency")
     p.add_argument("--model", default="tiny-qwen2", help="whose tokenizer counts the tokens")
@@ -117,8 +133,27 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def interrupted(args) -> str:
+    """What an interrupted command leaves, from what is on disk."""
+    command = getattr(args, "command", None)
+    if command == "memorize":
+        from engine.runs import checkpoints, run_dir
+        out = Path(args.out or run_dir("runs", args.model or "?", args.lang or "cn", args.length or 256))
+        kept = checkpoints(out) if out.is_dir() else []
+        if not kept:
+            return f"no checkpoint of the run in {out} was written yet, so nothing can be continued: start it again"
+        return (f"{out} keeps its checkpoint of epoch {kept[0].name.split('-')[1]}: continue with "
+                f"python cli.py memorize --resume --out {out}")
+    if command == "eval":
+        return "the evaluation wrote nothing (its files are written at its end): run it again"
+    if command == "sweep":
+        return "the sweep's finished runs are kept, and a run with a checkpoint resumes: run the same command again"
+    return "nothing was written"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    args = None
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
     try:
@@ -131,7 +166,7 @@ def main(argv=None) -> int:
             check_value(name, value)
         args.run(args)
     except KeyboardInterrupt:
-        print("error: interrupted: a run keeps its last checkpoint (continue it with --resume)", file=sys.stderr)
+        print(f"error: interrupted: {interrupted(args)}", file=sys.stderr)
         return 2
     except Exception as e:
         if debug:

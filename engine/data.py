@@ -24,6 +24,7 @@ HUB_DATASETS = {"cn": "larryvrh/Chinese-Poems", "en": "jnb666/poems"}
 ALIASES = {"author": ("author", "poet"), "title": ("title", "poem_title", "name"),
            "content": ("content", "text", "poem", "lines"), "dynasty": ("dynasty",)}
 LENGTH_BINS = {256: (0, 256), 512: (256, 512)}   # prompt + content characters: lo < len <= hi
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 IGNORE = -100
 
 
@@ -75,6 +76,23 @@ def select(poems: list[Poem], lang: str, length: int, n: int | None, seed: int, 
     return [pool[i] for i in keep]
 
 
+def fingerprint(poems: list[Poem]) -> str:
+    """sha256 of the poems' content, in order: the same poems from any file, path or copy give the same
+    fingerprint, and a changed poem gives another (what a resume and a report check, not the path)."""
+    import hashlib
+    rows = [[p.dynasty, p.author, p.title, p.content] for p in poems]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def local_path(source) -> bool:
+    """Does `source` name a local file rather than a Hugging Face dataset (owner/name)? Anything that
+    exists, starts with . / ~, or ends in a data file's suffix is a path: a mistyped path is then
+    "no such file", not a hub lookup."""
+    text = str(source)
+    return (Path(text).expanduser().exists() or text.startswith((".", "/", "~"))
+            or Path(text).suffix.lower() in DATA_SUFFIXES or text.count("/") != 1)
+
+
 def load_poems(lang: str = "cn", length: int = 256, n: int | None = 2000, seed: int = 0, source=None) -> list[Poem]:
     """Poems of the length bin `length` (256: <= 256 characters, 512: 257..512), n of them sampled with `seed`.
 
@@ -89,13 +107,14 @@ def load_poems(lang: str = "cn", length: int = 256, n: int | None = 2000, seed: 
         source = FROZEN / f"poems-cn-{length}.jsonl"
         if not source.is_file():
             raise FileNotFoundError(f"{source} is missing: regenerate it with data/build_cn.py (see data/README.md)")
-    path = Path(source)
-    if path.exists():
-        rows, where = read_records(path), str(path)
-    elif "/" in str(source) and not path.suffix:
+    path = Path(source).expanduser()
+    if not local_path(source):
         rows, where = _hub_records(str(source)), str(source)
+    elif path.is_file():
+        rows, where = read_records(path), str(path)
     else:
-        raise FileNotFoundError(f"{source}: no such file, and not a Hugging Face dataset name (owner/name)")
+        raise FileNotFoundError(f"--source {source}: no such file (a Hugging Face dataset is named owner/name, "
+                                "without a suffix)")
     return select(rows_to_poems(rows, where), lang, length, n, seed, where)
 
 
@@ -106,7 +125,7 @@ def read_records(path: Path) -> list[dict]:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
             return pq.read_table(path).to_pylist()
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")        # a byte-order mark would hide the first column's name
         if suffix == ".json":
             data = json.loads(text)
             return data if isinstance(data, list) else data.get("data", data.get("train"))
@@ -116,7 +135,7 @@ def read_records(path: Path) -> list[dict]:
         expected = "it is a UTF-8 text file" if suffix == ".jsonl" else f"the file is a valid {suffix[1:]} file"
         raise ValueError(f"could not read {path} ({type(e).__name__}: {e}); check that {expected}") from None
     if suffix != ".jsonl":
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .parquet, .jsonl, .json or .csv")
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use {', '.join(DATA_SUFFIXES)}")
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -151,19 +170,24 @@ def rows_to_poems(rows, where: str) -> list[Poem]:
                              f"its columns are: {', '.join(rows[0])}")
         columns[field] = found
     poems = []
-    for row in rows:
-        values = {field: _text(row.get(column)) if column else "" for field, column in columns.items()}
+    for number, row in enumerate(rows, 1):
+        values = {field: _text(row.get(column), where, number, column) if column else ""
+                  for field, column in columns.items()}
         if values["author"] and values["title"] and values["content"]:
             poems.append(Poem(**values))
     return poems
 
 
-def _text(value) -> str:
+def _text(value, where: str, row: int, column: str) -> str:
+    """A field's text: a string, or a list of strings (lines); anything else is refused, naming the row
+    (stringified, a number or a dict would become the target the model is trained to recite)."""
     if value is None:
         return ""
-    if isinstance(value, (list, tuple)):
-        value = "\n".join(str(v) for v in value)
-    return str(value).strip()
+    lines = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(line, str) for line in lines):
+        raise ValueError(f"{where}, row {row}: {column} is {type(value).__name__} {str(value)[:60]!r}, not text: "
+                         "fix that row or remove it")
+    return "\n".join(lines).strip()
 
 
 # ---------------------------------------------------------------- token ids
@@ -257,10 +281,23 @@ def stop_token_ids(tokenizer, fmt: str) -> list[int]:
     return [first] + [i for i in tokenizer.eos_token_ids if i != first]
 
 
+def special_texts(tokenizer) -> list[str]:
+    """The texts of the tokenizer's special tokens (<|endoftext|>, <|im_end|>, ...)."""
+    return [token.content for token in tokenizer.backend.get_added_tokens_decoder().values() if token.special]
+
+
 def encode_examples(poems: list[Poem], tokenizer, lang: str, fmt: str, max_tokens: int | None = None) -> list[Example]:
+    """A poem holding a special token's text is refused: it would encode as that token (an EOS inside the
+    target), and such a poem could never be recited."""
     eos = target_eos_id(tokenizer, fmt)
+    specials = special_texts(tokenizer)
     examples = []
     for poem in poems:
+        found = next((text for text in specials for field in (poem.author, poem.title, poem.content, poem.dynasty)
+                      if text in field), None)
+        if found:
+            raise ValueError(f"{poem.title!r} by {poem.author} holds the text of the special token {found}: it would "
+                             "be read as that token and the poem could never be recited; remove it from the source")
         example = Example(tuple(tokenizer.encode(format_prompt(tokenizer, prompt_text(poem, lang), fmt))),
                           tuple(tokenizer.encode(poem.content)) + (eos,))
         if max_tokens is not None and len(example) > max_tokens:

@@ -24,6 +24,7 @@ The paper's output-length effect is reported as accuracy per bucket of poem char
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -32,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from engine.data import Poem, default_format, encode_examples, load_poems, model_format, prompt_text, stop_token_ids
+from engine.data import (Poem, default_format, encode_examples, fingerprint, load_poems, model_format, prompt_text,
+                         stop_token_ids)
 from engine.generate import greedy_generate
-from engine.runs import is_run_folder
+from engine.runs import TRAINING_FILE, check_eval_output, claimed, is_run_folder, write_json, write_text
 from engine.stats import wilson_interval
 from models import load_model, load_tokenizer
 
@@ -197,34 +199,90 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def run_eval(model_name_or_path, lang: str = "cn", length: int = 256, n_poems: int | None = 2000, out_dir=None,
-             device=None, source=None, seed: int = 0, dtype=None, fmt: str | None = None, margin: int = 16) -> dict:
-    """`cli.py eval`: load the model and tokenizer, select the poems, recite, score, write
-    `generations.jsonl` and `results.json` under out_dir (if given) -> the results dict."""
-    if is_run_folder(model_name_or_path):
-        raise ValueError(f"{model_name_or_path} is a memorize run's folder, not a model: pass "
-                         f"{Path(model_name_or_path) / 'model'} (its final weights) or one of its checkpoint-N/model")
-    if out_dir is not None and is_run_folder(out_dir):
-        raise ValueError(f"{out_dir} holds a memorize run, and eval does not write over a run's files: pass a new "
-                         f"folder, such as {Path(out_dir) / 'eval'}")
+EVAL_SETTINGS = ("format", "lang", "length", "poems", "seed", "source")
+EVAL_DEFAULTS = {"lang": "cn", "length": 256, "poems": 2000, "seed": 0, "source": None, "format": None}
+
+
+def eval_model(target) -> Path | str:
+    """What `cli.py eval` loads: a run folder means its final model/ (a registry name or a model folder
+    is itself)."""
+    if is_run_folder(target):
+        model = Path(target) / "model"
+        if not (model / "config.json").is_file():
+            raise ValueError(f"{target} is a run that has not finished (no model/ yet): evaluate one of its "
+                             "checkpoints with --model {target}/checkpoint-N/model, or finish it with --resume")
+        return model
+    return target
+
+
+def trained_settings(model) -> tuple[dict, str | None]:
+    """The settings a model folder was trained with (its training.json, else its run folder's config.json)
+    and where they came from; ({}, None) for anything else."""
+    folder = Path(str(model))
+    for path in (folder / TRAINING_FILE, folder.parent / "config.json"):
+        if path.is_file() and (path.name == TRAINING_FILE or is_run_folder(folder.parent)):
+            try:
+                return json.loads(path.read_text(encoding="utf-8")), str(path)
+            except ValueError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}): pass every setting as a flag instead") from None
+    return {}, None
+
+
+def eval_settings(model, given: dict) -> tuple[dict, list[str]]:
+    """Each setting from the flag when given, else the run's, else EVAL_DEFAULTS; with the lines that say so:
+    an evaluation of a trained run follows the run unless told otherwise."""
+    trained, where = trained_settings(model)
+    settings, lines = {}, []
+    for name in EVAL_SETTINGS:
+        run_value = trained.get(name)
+        if given.get(name) is not None:
+            settings[name] = given[name]
+            if where and run_value is not None and given[name] != run_value:
+                lines.append(f"--{name} {given[name]} instead of the run's {run_value}")
+        else:
+            settings[name] = run_value if where and name in trained else EVAL_DEFAULTS[name]
+    if where:
+        used = ", ".join(f"{name} {trained[name]}" for name in EVAL_SETTINGS
+                         if name in trained and given.get(name) is None)
+        lines.insert(0, f"the run's settings ({where}): {used or 'none'}")
+    return settings, lines
+
+
+def run_eval(model_name_or_path, out_dir=None, device=None, dtype=None, margin: int = 16, overwrite: bool = False,
+             say=print, **given) -> dict:
+    """`cli.py eval`: the model (a run folder: its final model/) with the run's format and poems unless a
+    flag says otherwise (given: format, lang, length, poems, seed, source), recited and scored; under
+    out_dir (locked, new or its own earlier evaluation with overwrite) generations.jsonl and results.json."""
+    model_path = eval_model(model_name_or_path)
+    settings, lines = eval_settings(model_path, given)
+    out = Path(out_dir) if out_dir is not None else None
     device = resolve_device(device)
-    model = load_model(model_name_or_path, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(model_name_or_path)
-    fmt = fmt or model_format(model_name_or_path, tokenizer)
-    poems = load_poems(lang, length, n_poems, seed, source)
-    summary, records = evaluate(model, tokenizer, poems, lang, fmt, margin)
-    results = {"model": str(model_name_or_path), "lang": lang, "length": length, "n_poems": len(poems), "seed": seed,
-               "source": str(source) if source else None, "device": str(device), "dtype": str(model.dtype),
-               **summary}
-    if out_dir is not None:
-        write_results(out_dir, results, records)
+    check = lambda folder: check_eval_output(folder, overwrite)  # noqa: E731
+    with claimed(out, check, "evaluation") if out is not None else contextlib.nullcontext():
+        for line in lines:
+            say(f"eval: {line}")
+        tokenizer = load_tokenizer(model_path)
+        fmt = settings["format"] or model_format(model_path, tokenizer)
+        poems = load_poems(settings["lang"], settings["length"], settings["poems"], settings["seed"], settings["source"])
+        trained = trained_settings(model_path)[0].get("poems_sha256")
+        if trained and trained != fingerprint(poems) and all(given.get(k) is None for k in ("poems", "seed", "source")):
+            say("eval: warning: these poems differ from the ones the run trained on (their source changed since)")
+        model = load_model(model_path, device=device, dtype=dtype)
+        say(f"eval: reciting {len(poems)} {settings['lang']}-{settings['length']} poems ({fmt} format) with "
+            f"{model_path} on {device}")
+        summary, records = evaluate(model, tokenizer, poems, settings["lang"], fmt, margin)
+        results = {"command": "eval", "model": str(model_path), "lang": settings["lang"], "length": settings["length"],
+                   "n_poems": len(poems), "seed": settings["seed"],
+                   "source": None if settings["source"] is None else str(settings["source"]),
+                   "poems_sha256": fingerprint(poems), "device": str(device), "dtype": str(model.dtype), **summary}
+        if out is not None:
+            write_results(out, results, records)
     return results
 
 
 def write_results(out_dir, results: dict, records: list[dict]) -> None:
-    """generations.jsonl (one record per poem, UTF-8, not escaped) and results.json."""
+    """generations.jsonl (one record per poem, UTF-8, not escaped) and results.json, each written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    (out / "generations.jsonl").write_text(lines, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_text(out / "generations.jsonl", "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    write_json(out / "results.json", results)

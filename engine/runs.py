@@ -20,18 +20,21 @@ import os
 import random
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.weights import checkpoint_files, iter_tensors, load_weights
+from models.weights import atomic_write, checkpoint_files, iter_tensors, load_weights
 
 LOCK = ".lock"
-OURS = {LOCK, "memorize.log"}          # what a sweep or a lock puts into a folder before its run starts
+OURS = {LOCK, "memorize.log", "train.log"}    # what a sweep, a lock or the log puts into a folder first
 MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json"}
+
+
+TRAINING_FILE = "training.json"       # in a model/ folder the engine saved: training_record()
+TRAINING_KEYS = ("model", "format", "lang", "length", "poems", "seed", "source", "poems_sha256", "epochs", "out")
 
 
 class TrainingError(RuntimeError):
@@ -52,6 +55,19 @@ def saved_config(folder) -> dict | None:
     except (OSError, ValueError):
         return None
     return saved if isinstance(saved, dict) and "epochs" in saved and "model_type" not in saved else None
+
+
+def run_settings(folder) -> dict | None:
+    """The run's settings: its config.json, else (deleted or damaged) those its newest readable
+    checkpoint keeps; None when the folder holds neither."""
+    saved = saved_config(folder)
+    for checkpoint in [] if saved is not None else resume_candidates(Path(folder)):
+        try:
+            saved = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False, mmap=True)["config"]
+            break
+        except Exception:
+            continue
+    return saved
 
 
 def is_run_folder(folder) -> bool:
@@ -94,11 +110,23 @@ def check_output(out: Path, resume: bool) -> None:
         raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or another --out")
 
 
+def check_eval_output(out: Path, overwrite: bool) -> None:
+    """eval writes into a new or empty folder, or over its own earlier results with --overwrite."""
+    kind = folder_kind(out)
+    if kind == "eval" and not overwrite:
+        raise TrainingError(f"{out} holds an earlier evaluation: pass --overwrite to replace it, or another --out")
+    if kind not in ("new", "empty", "eval"):
+        raise TrainingError(f"{out} {REFUSED.get(kind, 'holds a memorize run')}: eval writes only into a new or empty "
+                            "folder (or over its own results with --overwrite): pass another --out")
+
+
 @contextlib.contextmanager
-def claimed(out: Path, resume: bool):
-    """Check the folder, create it, and hold its lock while the block runs; a failed run that had
-    not written a checkpoint into a folder it created leaves nothing behind."""
-    refuse_foreign(out)                # before the lock file is written into the folder
+def claimed(out: Path, check, what: str = "run"):
+    """Check the folder (check(out) raises what a command must not write into), create it, and hold its
+    lock while the block runs, checking again under the lock; a failed command that had not written a
+    checkpoint into a folder it created leaves nothing behind. memorize and eval share the lock: neither
+    writes into a folder the other is writing."""
+    check(out)                         # before the lock file is written into the folder
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -112,13 +140,13 @@ def claimed(out: Path, resume: bool):
         lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
-        raise TrainingError(f"{out} is in use by another run (PID {holder}): wait for it to end, or pass "
-                            "another --out") from None
+        raise TrainingError(f"{out} is in use by another {what} or evaluation (PID {holder}): wait for it to end, or "
+                            "pass another --out") from None
     try:
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        check_output(out, resume)      # under the lock: no other run changes the folder meanwhile
+        check(out)                     # under the lock: no other command changes the folder meanwhile
         yield
     except BaseException:
         if created and not checkpoints(out):
@@ -130,30 +158,49 @@ def claimed(out: Path, resume: bool):
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(out: Path, model, tokenizer, opt, epoch: int, step: int, totals: dict, config,
+def save_checkpoint(out: Path, model, tokenizer, opt, epoch: int, step: int, totals: dict, settings: dict,
                     keep: int = 2) -> None:
-    """checkpoint-{epoch}/ (HF model + trainer.pt), then the `latest` pointer swapped atomically;
-    the `keep` newest checkpoints up to this one stay, older (and stale newer) ones go."""
+    """checkpoint-{epoch}/ (HF model + trainer.pt, the run's settings in both), then the `latest` pointer
+    swapped atomically; the `keep` newest checkpoints up to this one stay, older (and stale newer) ones go."""
     final = out / f"checkpoint-{epoch}"
-    tmp = out / f".checkpoint-{epoch}.tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with written_whole(final, f"the checkpoint {final}", "earlier checkpoints are intact") as tmp:
         model.save_pretrained(tmp / "model", tokenizer)
+        write_json(tmp / "model" / TRAINING_FILE, training_record(settings))
         torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "totals": totals,
-                    "config": asdict(config), "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                                      "numpy": np.random.get_state(), "cuda": torch.cuda.get_rng_state_all()
-                                                      if torch.cuda.is_available() else None}},
+                    "config": settings, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                                "numpy": np.random.get_state(), "cuda": torch.cuda.get_rng_state_all()
+                                                if torch.cuda.is_available() else None}},
                    tmp / "trainer.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        point_latest(out, final)
-    except OSError as e:
-        raise TrainingError(f"cannot write the checkpoint {final} ({e.strerror or e}): free disk space or fix the "
-                            f"permissions of {out}, then continue with --resume (earlier checkpoints are intact)") from None
+    point_latest(out, final)
     kept = [path for path in checkpoints(out) if _epoch(path) <= epoch][:keep]
     for old in out.glob("checkpoint-*"):
         if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def written_whole(final: Path, what: str, intact: str):
+    """Yields a hidden temporary folder beside `final` to write into; renamed to `final` when the block
+    ends. Any failure on the way (a full disk shows as OSError, SafetensorError or torch's 'unexpected
+    pos') removes the temporary folder and becomes one TrainingError saying what to do."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+        raise TrainingError(f"cannot write {what} ({reason}): free disk space or fix the permissions of "
+                            f"{final.parent}, then continue with --resume ({intact})") from None
+
+
+def training_record(settings: dict) -> dict:
+    """What a saved model/ folder says of its training (TRAINING_FILE): the format it learned its prompts
+    in and the poems it learned, so that `cli.py eval` of a copied model/ evaluates what it was trained on."""
+    return {key: settings.get(key) for key in TRAINING_KEYS}
 
 
 def point_latest(out: Path, checkpoint: Path) -> None:
@@ -248,22 +295,40 @@ def keep_last_finite(out: Path) -> Path | None:
 
 # ---------------------------------------------------------------- metrics and results
 
+def write_text(path, text: str) -> None:
+    """The one way the engine writes a text file (config, results, reports, jsonl rewrites): atomically."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path, data) -> None:
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The records of a .jsonl file; ValueError naming the file and line that does not parse."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({e}); the file was damaged: remove that "
+                                 "line (and any after it) and run again") from None
+    return records
 
 
 def append_jsonl(path: Path, records: list[dict]) -> None:
+    """Appended, never rewritten: a kill loses at most the line being written, never one already there."""
     with Path(path).open("a", encoding="utf-8") as f:
         f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 def keep_jsonl(path: Path, keep) -> None:
-    """On resume: drop the records `keep(record)` refuses (those after the checkpoint, to be redone);
-    no file, nothing to drop."""
+    """On resume: drop the records `keep(record)` refuses (those after the checkpoint, to be redone),
+    rewriting the file atomically; no file, nothing to drop."""
     path = Path(path)
     if path.is_file():
-        path.write_text("".join(json.dumps(record) + "\n" for record in read_jsonl(path) if keep(record)),
-                        encoding="utf-8")
+        write_text(path, "".join(json.dumps(record) + "\n" for record in read_jsonl(path) if keep(record)))
 
 
 RESULTS_KEYS = ("model", "lang", "length", "n_poems", "epochs", "accuracy", "train_seconds", "eval_seconds")

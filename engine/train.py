@@ -34,15 +34,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.data import encode_examples, load_poems, model_format
+from engine.data import encode_examples, fingerprint, load_poems, local_path, model_format
 from engine.distributed import GradSync, all_gather, evaluate_sharded, init_distributed, shard_step
 from engine.dynamics import EVALS_FILE, dynamics_summary, eval_lines
 from engine.evaluate import resolve_device
 from engine.optim import AdamW, lr_at, parameter_groups
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
-from engine.runs import (TrainingError, append_jsonl, claimed, keep_jsonl, keep_last_finite, read_jsonl, restore_newest,
-                         run_dir, save_checkpoint, saved_config)
+from engine.runs import (TRAINING_FILE, TrainingError, append_jsonl, check_output, claimed, keep_jsonl, keep_last_finite,
+                         read_jsonl, restore_newest, run_dir, run_settings, save_checkpoint, training_record, write_json,
+                         written_whole)
 from engine.scoring import SCORE_BATCH_TOKENS, bits_summary, poem_bits
 from models import load_model, load_tokenizer
 
@@ -53,9 +54,12 @@ class ConfigError(ValueError):
 
 # Allowed ranges: (test, what the message says).
 AT_LEAST_1 = (lambda value: value >= 1, "at least 1")
-POSITIVE = (lambda value: value > 0, "above 0")
+POSITIVE = (lambda value: 0 < value < math.inf, "a finite number above 0")
 NOT_NEGATIVE = (lambda value: value >= 0, "0 or more")
+DECAY = (lambda value: 0 <= value < math.inf, "a finite number, 0 or more")
 BETA = (lambda value: 0 <= value < 1, "in [0, 1)")
+SEED = (lambda value: 0 <= value < 2 ** 32, "in [0, 2^32)")
+NOT_EMPTY = (lambda value: bool(str(value).strip()), "a folder name, not empty")
 
 
 def setting(help: str, default=None, *, full=None, tiny=None, choices=None, valid=None):
@@ -78,14 +82,16 @@ class TrainConfig:
                                        full=8192, tiny={256: 256, 512: 1024}, valid=AT_LEAST_1)
     micro_batch_tokens: int | None = setting("tokens per forward/backward (default: --batch-tokens)", valid=AT_LEAST_1)
     eval_every: int = setting("epochs between recitation evaluations (the memorization curve)", 10, valid=AT_LEAST_1)
-    checkpoint_every: int = setting("epochs between checkpoints (and the last): a 1.5B model's is ~25 GB", 10,
-                                    valid=AT_LEAST_1)
-    seed: int = setting("seeds the poem sample, the weights of a preset and the data order", 0)
-    out: str | None = setting("output folder (default runs/MODEL-LANG-LENGTH)")
+    checkpoint_every: int = setting("epochs between checkpoints (and the last); 0: none, only the final model (a kill "
+                                    "then loses the run). A checkpoint holds fp32 weights and both AdamW moments: 16 "
+                                    "bytes a parameter, ~8 GB for a 0.5B model", 10, valid=NOT_NEGATIVE)
+    seed: int = setting("seeds the poem sample, the weights of a preset and the data order", 0, valid=SEED)
+    out: str | None = setting("output folder (default runs/MODEL-LANG-LENGTH)", valid=NOT_EMPTY)
     resume: bool = setting("continue the run in --out from its last checkpoint", False)
     warmup_steps: int | None = setting("linear warmup steps (default: 3%% of the steps)", valid=NOT_NEGATIVE)
     schedule: str = setting("learning-rate schedule after the warmup", "cosine", choices=("cosine", "constant"))
-    weight_decay: float = setting("on matrices only (not norms, biases, embeddings)", 0.01, valid=NOT_NEGATIVE)
+    weight_decay: float = setting("on matrices only (not norms, biases, embeddings); with --lr, a step shrinks the "
+                                  "weights by lr x weight_decay, which must stay below 1", 0.01, valid=DECAY)
     # beta2 0.95 as in LLM training: the second moment follows the shrinking gradients of memorization
     betas: tuple[float, float] = setting("AdamW's moment decay rates beta1 beta2", (0.9, 0.95), valid=BETA)
     max_grad_norm: float = setting("global gradient-norm clipping", 1.0, valid=POSITIVE)
@@ -120,16 +126,24 @@ class TrainConfig:
             filled.micro_batch_tokens = filled.batch_tokens
         filled.out = self.out or str(run_dir("runs", self.model, self.lang, self.length))
         filled.device = resolve_device(self.device)
+        if filled.source and local_path(filled.source):      # stored resolved: the same file from any folder
+            filled.source = str(Path(filled.source).resolve())
         if filled.micro_batch_tokens > filled.batch_tokens:
             raise ConfigError(f"--micro-batch-tokens {filled.micro_batch_tokens} exceeds --batch-tokens "
                               f"{filled.batch_tokens}: it must be at most --batch-tokens")
+        if filled.lr * filled.weight_decay >= 1:
+            raise ConfigError(f"--weight-decay {filled.weight_decay} with --lr {filled.lr} shrinks every matrix by "
+                              f"lr x weight_decay = {filled.lr * filled.weight_decay:.3g} of itself a step: keep "
+                              "--weight-decay below 1 / --lr (0.01-0.1 is usual)")
         return filled
 
 
 FIELDS = {spec.name: spec for spec in fields(TrainConfig)}
 # What a resumed run may change: how often it reports and saves, where it runs. Everything else
 # gives the run its meaning and must match the saved configuration (epochs may grow).
-FREE_ON_RESUME = {"eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "device", "out", "resume"}
+# The source may be named by another path: what must match is the poems' fingerprint (poems_sha256).
+FREE_ON_RESUME = {"eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "device", "out", "resume",
+                  "source"}
 
 
 def check_value(name: str, value) -> None:
@@ -152,8 +166,10 @@ def shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-def add_flags(parser: argparse.ArgumentParser, names=None, defaults=None) -> None:
-    """One flag per TrainConfig field (or the named ones); `defaults` overrides a field's default."""
+def add_flags(parser: argparse.ArgumentParser, names=None, defaults=None, given_only: bool = False) -> None:
+    """One flag per TrainConfig field (or the named ones); `defaults` overrides a field's default.
+    given_only: every flag's value is None unless given (the help still names the default), so that
+    from_flags knows what the user said: a --resume takes the rest from the run."""
     for name in names or FIELDS:
         spec, meta = FIELDS[name], FIELDS[name].metadata
         default = (defaults or {}).get(name, None if spec.default is MISSING else spec.default)
@@ -164,19 +180,56 @@ def add_flags(parser: argparse.ArgumentParser, names=None, defaults=None) -> Non
             text += f" (default {meta['full']}; for tiny presets {tiny})"
         elif default is not None and default is not False:
             text += f" (default {shown(default)})"
+        value = None if given_only else default
         if isinstance(default, bool):
-            parser.add_argument(flag(name), action="store_true", help=text)
+            parser.add_argument(flag(name), action="store_true", default=value, help=text)
         elif isinstance(default, tuple):
-            parser.add_argument(flag(name), type=float, nargs=len(default), default=default, metavar="B", help=text)
+            parser.add_argument(flag(name), type=float, nargs=len(default), default=value, metavar="B", help=text)
         else:
             parser.add_argument(flag(name), type={"int": int, "float": float}.get(spec.type.split()[0], str),
-                                default=default, choices=meta.get("choices"), required=spec.default is MISSING,
-                                help=text)
+                                default=value, choices=meta.get("choices"),
+                                required=spec.default is MISSING and not given_only, help=text)
+
+
+def given_flags(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the user gave (add_flags(given_only=True) leaves the others None)."""
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()
+            if name in FIELDS and value is not None}
 
 
 def from_flags(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{name: tuple(value) if isinstance(value, list) else value
-                          for name, value in vars(args).items() if name in FIELDS})
+    """The run the flags ask for. With --resume, the run's own settings, the given flags checked against
+    them (resumed_config); else TrainConfig's defaults for what was not given."""
+    given = given_flags(args)
+    if given.get("resume"):
+        return resumed_config(given)
+    if "model" not in given:
+        raise ConfigError("--model is required: a registry name (qwen2-0.5b, tiny-qwen2, ...) or a model folder "
+                          "(or --resume --out RUN to continue a run)")
+    return TrainConfig(**given)
+
+
+def resumed_config(given: dict) -> TrainConfig:
+    """--resume needs only --out: the run's settings (config.json, or its newest checkpoint's copy) with
+    the given flags, each of which must match the run's except FREE_ON_RESUME and a larger --epochs."""
+    out = given.get("out")
+    if out is None and "model" in given:
+        out = str(run_dir("runs", given["model"], given.get("lang", "cn"), given.get("length", 256)))
+    if out is None:
+        raise ConfigError("--resume needs --out: the folder of the run to continue")
+    saved = run_settings(out)
+    if saved is None:
+        raise ConfigError(f"--resume: {out} holds no run to continue (no config.json, no checkpoint): check --out, "
+                          "or leave out --resume to start a run there")
+    settings = {name: tuple(value) if isinstance(value, list) else value for name, value in saved.items()
+                if name in FIELDS}
+    differences = [f"{flag(name)} {shown(value)} (the run: {shown(settings.get(name))})"
+                   for name, value in given.items() if name not in FREE_ON_RESUME and value != settings.get(name)
+                   and not (name == "epochs" and value > settings.get(name, value))]
+    if differences:
+        raise ConfigError(f"--resume: {out} was trained with other settings: {'; '.join(differences)}. A resume "
+                          "takes the run's own settings (only --out is needed), or start a new run with another --out")
+    return TrainConfig(**{**settings, **given, "out": out, "resume": True})
 
 
 def config_flags(config: TrainConfig) -> list[str]:
@@ -242,6 +295,7 @@ class Run:
     opt: AdamW
     total_steps: int
     warmup_steps: int
+    fingerprint: str                  # the training poems' (engine.data.fingerprint): what a resume must train on
     epoch: int = 0                    # epochs done
     step: int = 0                     # optimizer steps done
     totals: dict = field(default_factory=lambda: {"train_seconds": 0.0, "train_tokens": 0, "eval_seconds": 0.0})
@@ -252,8 +306,8 @@ class Run:
     last_bits: list | None = None     # the same at the latest evaluation (rank 0)
 
     def due(self, every: int) -> bool:
-        """Is the epoch just finished one of every `every`-th, or the last?"""
-        return self.epoch % every == 0 or self.epoch == self.config.epochs
+        """Is the epoch just finished one of every `every`-th, or the last? (every 0: never)"""
+        return every > 0 and (self.epoch % every == 0 or self.epoch == self.config.epochs)
 
     def log(self, **record) -> None:
         """A metrics.jsonl line (rank 0 writes it)."""
@@ -265,10 +319,15 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
     """Train, evaluate and write the run's folder; returns results.json's content (rank 0)."""
     config = config.resolved()
     rank, world, device = init_distributed(config.device)
-    with claimed(Path(config.out), config.resume) if rank == 0 else contextlib.nullcontext():
-        if rank == 0 and config.resume:
-            check_resume(config)
+    out = Path(config.out)
+    with claimed(out, lambda folder: check_output(folder, config.resume)) if rank == 0 else contextlib.nullcontext():
+        saved = check_resume(config) if rank == 0 and config.resume else None
         run = setup(config, rank, world, device)
+        if saved and saved.get("poems_sha256") not in (None, run.fingerprint):
+            raise TrainingError(f"--resume: the training poems differ from the ones {out} was trained on (their "
+                                f"fingerprint {run.fingerprint[:12]}, the run's {saved['poems_sha256'][:12]}): the "
+                                f"source {config.source or 'frozen set'} changed since. Resume with the run's own poems, "
+                                "or start a new run with another --out")
         with cpu_threads(run.device, run.model.num_parameters()):
             if rank == 0:                      # before resume() loads trained weights
                 run.base_bits = score(run)
@@ -303,17 +362,18 @@ def train(run: Run, progress: bool) -> None:
                                   bits_gained=sum(run.base_bits) - summary["bits"])
             run.log(**record)
             if run.rank == 0 and run.due(config.checkpoint_every):
-                save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals, config,
-                                config.keep_checkpoints)
+                save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals,
+                                saved_run_config(run), config.keep_checkpoints)
             if run.world > 1:
                 dist.barrier()
 
 
-def check_resume(config: TrainConfig) -> None:
-    """Refuse a resume that would change the run's meaning; say so when it extends the run."""
-    saved = saved_config(config.out)
+def check_resume(config: TrainConfig) -> dict | None:
+    """Refuse a resume that would change the run's meaning; say so when it extends the run. Returns the
+    run's saved settings (config.json, or its newest checkpoint's copy)."""
+    saved = run_settings(config.out)
     if saved is None:
-        return
+        return None
     differences = []
     for name, value in json.loads(json.dumps(asdict(config))).items():      # tuples as lists, as in config.json
         old = saved.get(name)
@@ -327,6 +387,7 @@ def check_resume(config: TrainConfig) -> None:
     if config.epochs > saved["epochs"]:
         print(f"extending the run in {config.out} from {saved['epochs']} to {config.epochs} epochs (the learning-rate "
               "schedule stretches to the new length)", file=sys.stderr)
+    return saved
 
 
 def setup(config: TrainConfig, rank: int, world: int, device: str) -> Run:
@@ -335,17 +396,30 @@ def setup(config: TrainConfig, rank: int, world: int, device: str) -> Run:
     random.seed(config.seed)
     np.random.seed(config.seed)
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, device=device, seed=config.seed)
     fmt = config.format or model_format(config.model, tokenizer)
     poems = load_poems(config.lang, config.length, config.poems, config.seed, config.source)
     examples = encode_examples(poems, tokenizer, config.lang, fmt, max_tokens=config.micro_batch_tokens)
-    opt = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
-                weight_decay=config.weight_decay)
     steps_per_epoch = len(plan_steps(pack(examples, config.micro_batch_tokens, config.seed, 0), config.batch_tokens))
     total_steps = steps_per_epoch * config.epochs
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, round(0.03 * total_steps))
+    if warmup > total_steps:
+        raise ConfigError(f"--warmup-steps {warmup} is longer than the run ({total_steps} steps): the learning "
+                          f"rate would never reach --lr; use fewer (the default, 3%, is {max(1, round(0.03 * total_steps))})")
+    model = load_model(config.model, device=device, seed=config.seed)
+    check_vocabulary(examples, tokenizer, model.config.vocab_size, config.model)
+    opt = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+                weight_decay=config.weight_decay)
     return Run(config, Path(config.out), rank, world, device, model, tokenizer, fmt, poems, examples, opt, total_steps,
-               warmup, sync=GradSync(opt) if world > 1 else None)
+               warmup, fingerprint(poems), sync=GradSync(opt) if world > 1 else None)
+
+
+def check_vocabulary(examples, tokenizer, vocab_size: int, model: str) -> None:
+    """Every token id the poems and the stop tokens use has an embedding row (else an IndexError mid-run)."""
+    largest = max([max(example.input_ids) for example in examples] + list(tokenizer.eos_token_ids))
+    if largest >= vocab_size:
+        raise ConfigError(f"the tokenizer of {model} gives token id {largest}, but the model has {vocab_size} "
+                          "embeddings: its tokenizer files and config.json come from different checkpoints; put "
+                          "the model's own tokenizer.json and tokenizer_config.json in the folder")
 
 
 def resume(run: Run) -> Path | None:
@@ -357,7 +431,7 @@ def resume(run: Run) -> Path | None:
         if checkpoint is not None:
             run.epoch, run.step, run.totals = state
     if run.rank == 0:
-        (run.out / "config.json").write_text(json.dumps(saved_run_config(run), indent=2))
+        write_json(run.out / "config.json", saved_run_config(run))
         if checkpoint is not None:
             print(f"resuming {run.out} after epoch {run.epoch} (step {run.step})", file=sys.stderr)
         elif run.config.resume:
@@ -440,7 +514,11 @@ def finish(run: Run, tokens_per_rank: list[int]) -> dict:
     for record, base, trained in zip(records, run.base_bits, run.last_bits):
         record.update(base_bits=round(base, 4), bits=round(trained, 4))
     config, totals = run.config, run.totals
-    run.model.save_pretrained(run.out / "model", run.tokenizer)
+    with written_whole(run.out / "model", f"the final model {run.out / 'model'}",
+                       "the last checkpoint is intact" if config.checkpoint_every else
+                       "no checkpoint was kept: --checkpoint-every 0") as tmp:
+        run.model.save_pretrained(tmp, run.tokenizer)
+        write_json(tmp / TRAINING_FILE, training_record(saved_run_config(run)))
     results = {
         "model": config.model, "lang": config.lang, "length": config.length, "n_poems": len(run.poems),
         "epochs": config.epochs, **summary, **totals,
@@ -457,7 +535,8 @@ def finish(run: Run, tokens_per_rank: list[int]) -> dict:
 
 
 def saved_run_config(run: Run) -> dict:
-    return {**asdict(run.config), "format": run.fmt}
+    """config.json: the resolved settings, the prompt format used and the training poems' fingerprint."""
+    return {**asdict(run.config), "format": run.fmt, "poems_sha256": run.fingerprint}
 
 
 PARAMETERS_PER_THREAD = 20_000_000

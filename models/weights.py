@@ -95,22 +95,26 @@ def save_pretrained(model, out_dir, tokenizer=None) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
-    _atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config = model.config.to_dict(model.dtype)
-    _atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     if tokenizer is not None:
         tokenizer.save(out_dir)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp) then rename over path, so a reader never sees half a file. The file gets the
-    mode any file the user writes would have (0666 less the umask), not mkstemp's 0600."""
+def atomic_write(path: Path, write) -> None:
+    """write(tmp), flushed to the disk, then renamed over path: a reader never sees half a file, and a
+    kill at any instant leaves the old file or the new one. The file gets the mode any file the user
+    writes would have (0666 less the umask), not mkstemp's 0600."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:

@@ -18,17 +18,17 @@ BAD_MEMORIZE = [
     (("--poems", 0), "--poems must be at least 1 (got 0)"),
     (("--poems", -1), "--poems must be at least 1 (got -1)"),
     (("--eval-every", 0), "--eval-every must be at least 1 (got 0)"),
-    (("--checkpoint-every", 0), "--checkpoint-every must be at least 1 (got 0)"),
+    (("--checkpoint-every", -1), "--checkpoint-every must be 0 or more (got -1)"),
     (("--log-every", 0), "--log-every must be at least 1 (got 0)"),
-    (("--lr", 0), "--lr must be above 0 (got 0.0)"),
-    (("--lr", -1), "--lr must be above 0 (got -1.0)"),
-    (("--max-grad-norm", 0), "--max-grad-norm must be above 0 (got 0.0)"),
-    (("--max-grad-norm", -1), "--max-grad-norm must be above 0 (got -1.0)"),
+    (("--lr", 0), "--lr must be a finite number above 0 (got 0.0)"),
+    (("--lr", -1), "--lr must be a finite number above 0 (got -1.0)"),
+    (("--max-grad-norm", 0), "--max-grad-norm must be a finite number above 0 (got 0.0)"),
+    (("--max-grad-norm", -1), "--max-grad-norm must be a finite number above 0 (got -1.0)"),
     (("--warmup-steps", -1), "--warmup-steps must be 0 or more (got -1)"),
     (("--micro-batch-tokens", 0), "--micro-batch-tokens must be at least 1 (got 0)"),
     (("--micro-batch-tokens", 512), "--micro-batch-tokens 512 exceeds --batch-tokens 256"),
     (("--betas", 0.9, 1.0), "--betas must be in [0, 1) (got 0.9 1.0)"),
-    (("--weight-decay", -0.1), "--weight-decay must be 0 or more (got -0.1)"),
+    (("--weight-decay", -0.1), "--weight-decay must be a finite number, 0 or more (got -0.1)"),
     (("--device", "tpu"), "--device 'tpu' is not a device"),
 ]
 
@@ -53,7 +53,7 @@ def test_eval_poems_are_checked(capsys, tmp_path):
 
 
 def test_debug_keeps_the_traceback(tmp_path):
-    with pytest.raises(ValueError, match="--lr must be above 0"):
+    with pytest.raises(ValueError, match="--lr must be a finite number above 0"):
         cli.main(["memorize", "--model", "tiny-qwen2", "--lr", "0", "--debug"])
 
 

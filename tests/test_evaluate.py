@@ -130,7 +130,7 @@ def test_run_eval_end_to_end(tmp_path, one_thread):
                                     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                                     "num_key_value_heads": 1, "tie_word_embeddings": True, "eos_token_id": 0})
     build_model(config, seed=0).save_pretrained(tmp_path)
-    results = run_eval(tmp_path, "en", 256, 3, tmp_path / "out", device="cpu", source=FIXTURE, margin=2)
+    results = run_eval(tmp_path, tmp_path / "out", device="cpu", lang="en", length=256, poems=3, source=FIXTURE, margin=2)
     assert results["n"] == 3 and sum(results["categories"].values()) == 3 and 0 <= results["accuracy"] <= 1
     for key in ("eval_seconds", "generated_tokens", "tokens_per_second", "by_length", "mean_edit_distance"):
         assert key in results

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import engine.train
 from engine.evaluate import run_eval
-from engine.runs import TrainingError, claimed, read_jsonl
+from engine.runs import TrainingError, check_output, claimed, read_jsonl
 from engine.train import TrainConfig, memorize
 from tests.helpers import tiny_checkpoint
 
@@ -53,12 +53,12 @@ def test_a_second_process_on_the_same_folder_is_refused(model_dir, tmp_path):
         second = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr
         assert second.stderr.strip().splitlines()[-1] == (
-            f"error: {tmp_path / 'run'} is in use by another run (PID {first.pid}): wait for it to end, or pass "
+            f"error: {tmp_path / 'run'} is in use by another run or evaluation (PID {first.pid}): wait for it to end, or pass "
             "another --out")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    with claimed(tmp_path / "run", resume=True):         # the dead process's lock is gone with it
+    with claimed(tmp_path / "run", lambda out: check_output(out, True)):         # the dead process's lock is gone with it
         assert (tmp_path / "run" / ".lock").read_text().strip() == str(os.getpid())
 
 
@@ -90,12 +90,12 @@ def test_a_failed_run_leaves_no_folder(model_dir, tmp_path):
 def test_eval_never_writes_over_a_run(model_dir, tmp_path):
     memorize(config(model_dir, tmp_path / "run"), progress=False)
     before = contents(tmp_path / "run")
-    with pytest.raises(ValueError, match="holds a memorize run, and eval does not write over a run's files"):
-        run_eval(tmp_path / "run" / "model", out_dir=tmp_path / "run", n_poems=2)
-    with pytest.raises(ValueError, match=r"is a memorize run's folder, not a model: pass .*run/model"):
-        run_eval(tmp_path / "run", out_dir=tmp_path / "elsewhere", n_poems=2)
+    with pytest.raises(TrainingError, match="holds a memorize run: eval writes only into a new or empty folder"):
+        run_eval(tmp_path / "run" / "model", out_dir=tmp_path / "run", poems=2)
+    with pytest.raises(TrainingError, match="holds a memorize run: eval writes only"):
+        run_eval(tmp_path / "run", out_dir=tmp_path / "run", poems=2)       # a run folder: its model/
     assert contents(tmp_path / "run") == before
-    run_eval(tmp_path / "run" / "model", out_dir=tmp_path / "run" / "eval", n_poems=2, fmt="plain")
+    run_eval(tmp_path / "run" / "model", out_dir=tmp_path / "run" / "eval", poems=2, format="plain")
     assert (tmp_path / "run" / "eval" / "results.json").is_file()
 
 
@@ -158,7 +158,7 @@ def test_a_dangling_or_empty_latest_falls_back_to_a_complete_checkpoint(model_di
 def test_divergence_without_a_finite_checkpoint(model_dir, tmp_path):
     with pytest.raises(TrainingError, match=r"the loss became (nan|inf) at step \d+ and no checkpoint in .* holds "
                                             "finite weights: start a new run with a lower --lr"):
-        memorize(config(model_dir, tmp_path, epochs=3, lr=1e30, poems=4), progress=False)
+        memorize(config(model_dir, tmp_path, epochs=3, lr=1e30, weight_decay=0.0, poems=4), progress=False)
     assert not (tmp_path / "latest").exists() and not list(tmp_path.glob("checkpoint-*"))
 
 

@@ -195,9 +195,9 @@ def test_unwritable_output(model_dir, tmp_path):
 
 
 def test_existing_run_needs_resume(model_dir, tmp_path):
-    memorize(config(model_dir, tmp_path, epochs=1), progress=False)
+    memorize(config(model_dir, tmp_path, epochs=1, warmup_steps=1), progress=False)
     with pytest.raises(TrainingError, match="already holds a run: pass --resume"):
-        memorize(config(model_dir, tmp_path, epochs=1), progress=False)
+        memorize(config(model_dir, tmp_path, epochs=1, warmup_steps=1), progress=False)
 
 
 def test_dataset_without_columns(model_dir, tmp_path):
