@@ -59,7 +59,9 @@ def cmd_sweep(args) -> None:
 
 def cmd_report(args) -> None:
     from engine.report import report
-    print(report(args.run_dirs, args.out))
+    text, path = report(args.run_dirs, args.out)
+    print(text)
+    print(f"report: wrote {path} (and its plots beside it)", file=sys.stderr)
 
 
 def seed_list(text: str) -> list[int]:

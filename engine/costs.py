@@ -51,7 +51,7 @@ def model_config(name: str) -> ModelConfig:
     if spec.config:
         return ModelConfig.from_dict(spec.config, f"registry shape of {name}")
     raise FileNotFoundError(f"the shape of {name} is unknown offline: download its config.json "
-                            f"(huggingface-cli download {spec.repo} config.json)")
+                            f"(hf download {spec.repo} config.json)")
 
 
 def count_parameters(config: ModelConfig) -> int:

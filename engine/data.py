@@ -71,7 +71,7 @@ def select(poems: list[Poem], lang: str, length: int, n: int | None, seed: int, 
         return pool
     if len(pool) < n:
         raise ValueError(f"{where} has {len(pool)} poems with {lo} < prompt + poem characters <= {hi} and a unique "
-                         f"prompt, fewer than the {n} asked for: lower n or use a larger source")
+                         f"prompt, fewer than the {n} asked for: lower --poems or pass a larger --source")
     keep = sorted(random.Random(seed).sample(range(len(pool)), n))
     return [pool[i] for i in keep]
 
@@ -102,7 +102,7 @@ def load_poems(lang: str = "cn", length: int = 256, n: int | None = 2000, seed: 
     prompt_text(Poem("", "", "", ""), lang), length_bounds(length)     # validate before reading anything
     if source is None:
         if lang != "cn":
-            raise ValueError(f"no frozen {lang} poems ship with the engine: pass a local file "
+            raise ValueError(f"no frozen {lang} poems ship with the engine: pass --source with a local file "
                              f"(.parquet/.jsonl/.json/.csv with author, title, content) or the dataset {HUB_DATASETS[lang]}")
         source = FROZEN / f"poems-cn-{length}.jsonl"
         if not source.is_file():
@@ -153,7 +153,7 @@ def _hub_records(name: str) -> list[dict]:
     except Exception as e:
         raise FileNotFoundError(
             f"the dataset {name} is not in the Hugging Face cache and could not be downloaded ({type(e).__name__}).\n"
-            f"  online:  huggingface-cli download --repo-type dataset {name}\n"
+            f"  online:  hf download --repo-type dataset {name}\n"
             f"  offline: export it to a .parquet/.jsonl/.csv file and pass that path instead") from None
 
 

@@ -10,6 +10,7 @@ ranking (`cli.py report`).
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from itertools import accumulate
@@ -19,9 +20,10 @@ from engine import dynamics
 from engine.data import FROZEN, default_format, encode_examples, load_poems, poem_chars
 from engine.evaluate import LENGTH_EDGES, length_bucket, summarize, write_results
 from engine.packing import pack, packing_efficiency
-from engine.runs import find_runs, read_jsonl, run_gpu_seconds
+from engine.runs import find_runs, is_run_folder, read_jsonl, run_gpu_seconds, write_text
 from engine.stats import inside, rank_by_accuracy, spread, wilson_interval
 from models import PAPER_MODELS, REGISTRY
+from models.weights import atomic_write
 
 # "Schrödinger's Memory: Large Language Models", Table 1 (CN / ENG poems, prompt + poem <= 256
 # characters) and Table 2 (CN, 256-512 characters): exact-recitation accuracy in % after 100 epochs.
@@ -56,11 +58,11 @@ def pyplot():
 
 
 def save_figure(fig, path: Path, legend_ax=None) -> Path:
-    """Writes the figure (with legend_ax's legend in small print, if given) and closes it."""
+    """Writes the figure (with legend_ax's legend in small print, if given) atomically and closes it."""
     if legend_ax is not None:
         legend_ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:]))
     pyplot().close(fig)
     return path
 
@@ -108,7 +110,7 @@ def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
         lines += ["", "## Some wrong recitations", ""]
         for record in wrong:
             lines += [f"- {record['prompt']}", f"  - target: {record['target']!r}", f"  - output: {record['output']!r}"]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 def percent_figure(title: str, xlabel: str, ylabel: str = ACCURACY_LABEL):
@@ -403,9 +405,13 @@ def ranking_table(runs: list[dict]) -> str:
         k, n = pooled(group)
         per_param = bits_per_parameter(group)
         entries.append({"model": model, "poems": f"{lang}-{length}", "correct": k, "n": n,
+                        "sample": poem_sample(group),
                         "bits_per_parameter": sum(per_param) / len(per_param) if per_param else None})
     sections = []
-    for poems, group in dynamics.group_by(entries, lambda entry: entry["poems"]).items():
+    samples = dynamics.group_by(entries, lambda entry: (entry["poems"], entry["sample"]))
+    for (poems, sample), group in samples.items():
+        if sum(key[0] == poems for key in samples) > 1:        # models trained on other poems are not ranked together
+            poems = f"{poems}, poem sample {min(sample)[:12]}"
         by_bits = sorted((e for e in group if e["bits_per_parameter"] is not None),
                          key=lambda e: -e["bits_per_parameter"])
         bits_rank = {e["model"]: rank for rank, e in enumerate(by_bits, 1)}
@@ -418,6 +424,13 @@ def ranking_table(runs: list[dict]) -> str:
     return "\n\n".join(sections)
 
 
+def poem_sample(runs: list[dict]) -> frozenset:
+    """The poems a group of seeds trained on: their fingerprints (runs from before fingerprints: their
+    count and seed, which chose the sample from the frozen set)."""
+    return frozenset(run.get("config", {}).get("poems_sha256")
+                     or f"{run.get('n_poems', run.get('n'))} poems, seed {run.get('config', {}).get('seed', 0)}" for run in runs)
+
+
 def gap_text(test: dict | None) -> str:
     """A ranking row's two_proportion_test against the next model down ('-' for the last)."""
     if test is None:
@@ -427,15 +440,59 @@ def gap_text(test: dict | None) -> str:
     return f"{100 * test['difference']:+.2f} pp, {p_value} ({verdict})"
 
 
-def report(run_dirs: list[str], out=None) -> str:
+REPORT_MARK = "<!-- written by cli.py report: rewritten by the next report into this folder -->"
+# Settings that do not change what a run measures: runs that differ only in these (and the seed) are seeds
+# of one experiment.
+NOT_THE_EXPERIMENT = {"seed", "out", "resume", "device", "eval_every", "checkpoint_every", "log_every",
+                      "keep_checkpoints", "poems_sha256"}
+
+
+def experiment(run: dict) -> tuple:
+    """What a run measures, its seed aside: runs alike in all of it are pooled as seeds."""
+    config = run.get("config", {})
+    return tuple(sorted((name, json.dumps(value)) for name, value in config.items() if name not in NOT_THE_EXPERIMENT))
+
+
+def check_comparable(runs: list[dict]) -> None:
+    """Runs of one model and poem set must differ in the seed alone: the tables pool them as seeds."""
+    for (model, lang, length), group in seed_groups(runs).items():
+        first = dict(group[0].get("config", {}))
+        for run in group[1:]:
+            other = run.get("config", {})
+            differences = [f"--{name.replace('_', '-')} {first.get(name)} vs {other.get(name)}"
+                           for name in sorted(set(first) | set(other)) if name not in NOT_THE_EXPERIMENT
+                           and first.get(name) != other.get(name)]
+            if differences:
+                raise ValueError(f"report: {group[0]['run_dir']} and {run['run_dir']} ({model} {lang}-{length}) differ "
+                                 f"in {', '.join(differences)}, not only in the seed: the tables would pool them as "
+                                 "seeds of one experiment. Report them separately (one report per setting)")
+
+
+def report_folder(runs: list[dict], out) -> Path:
+    """Where the report goes: --out, else the runs' common parent folder; never into a run's folder, and
+    never over a report.md that cli.py report did not write."""
+    folder = Path(out) if out is not None else Path(os.path.commonpath([Path(r["run_dir"]).resolve() for r in runs]))
+    if out is None and is_run_folder(folder):
+        folder = folder.parent
+    inside = next((parent for parent in [folder, *folder.parents] if is_run_folder(parent)), None)
+    if inside is not None:
+        raise ValueError(f"report: {folder} is inside the run {inside}, whose files are its own: pass --out with "
+                         "another folder")
+    existing = folder / "report.md"
+    if existing.is_file() and not existing.read_text(encoding="utf-8").startswith(REPORT_MARK):
+        raise ValueError(f"report: {existing} was not written by cli.py report: pass --out with another folder")
+    return folder
+
+
+def report(run_dirs: list[str], out=None) -> tuple[str, Path]:
     """report.md (the paper's tables beside ours, cost per run) with curves.png and accuracy_by_length.png
-    in `out` (None: the runs' common parent folder). Returns the markdown."""
-    runs = find_runs(run_dirs)
+    in `out` (None: the runs' common parent folder). Files among run_dirs (a shell glob over a sweep's
+    folder brings its report and plots) are passed over. Returns the markdown and the report's path."""
+    runs = find_runs([d for d in run_dirs if not Path(d).is_file()])
     if not runs:
         raise ValueError("report: no run folders given: pass the folders of finished memorize runs")
-    out = Path(out) if out is not None else Path(os.path.commonpath([Path(run["run_dir"]).resolve() for run in runs]))
-    if len(runs) == 1 and out == Path(runs[0]["run_dir"]).resolve():
-        out = out.parent
+    check_comparable(runs)
+    out = report_folder(runs, out)
     out.mkdir(parents=True, exist_ok=True)
     order = {model: i for i, model in enumerate(PAPER_MODELS)}
     runs.sort(key=lambda run: (order.get(run["model"], len(order)), run["model"], run["lang"], run["length"],
@@ -444,18 +501,20 @@ def report(run_dirs: list[str], out=None) -> str:
     plot_by_length(runs, out / "accuracy_by_length.png")
     seeds = seeds_table(runs)
     text = "\n".join([
+        REPORT_MARK, "",
         "# Memorization: our runs beside the paper", "",
         "Paper: \"Schrödinger's Memory: Large Language Models\", Tables 1 and 2 (2,000 poems per set, 100 epochs).", "",
         accuracy_tables(runs), "",
         *(["## Across seeds", "", seeds, ""] if seeds else []),
         "## Memorization ability", "",
-        "Models ranked by exact recitation on the same poems, each gap to the next model down tested with a "
-        "two-sided two-proportion z-test at 5%; bits gained per parameter is the information view of the same runs.",
+        "Models ranked by exact recitation on the same poems (the same poem fingerprints), each gap to the next "
+        "model down tested with a two-sided two-proportion z-test at 5%; bits gained per parameter is the "
+        "information view of the same runs.",
         "", ranking_table(runs), "",
         "## Cost per run", "",
         cost_table(runs), "",
         "![accuracy per epoch](curves.png)", "",
         "![accuracy by poem length](accuracy_by_length.png)", "",
         "Runs: " + ", ".join(run["run_dir"] for run in runs)]) + "\n"
-    (out / "report.md").write_text(text, encoding="utf-8")
-    return text
+    write_text(out / "report.md", text)
+    return text, out / "report.md"

@@ -335,9 +335,12 @@ RESULTS_KEYS = ("model", "lang", "length", "n_poems", "epochs", "accuracy", "tra
 
 
 def find_runs(run_dirs=None, root="runs") -> list[dict]:
-    """results.json of finished memorize runs (the given folders, or every one under `root`), with run_dir."""
-    paths = ([Path(d) / "results.json" for d in run_dirs] if run_dirs is not None
-             else sorted(Path(root).glob("**/results.json")))
+    """results.json of finished memorize runs (the given folders, each once, or every one under `root`:
+    evaluations and other results there are not runs, and are passed over), with run_dir."""
+    if run_dirs is not None:
+        paths = [Path(d) / "results.json" for d in dict.fromkeys(str(Path(d).resolve()) for d in run_dirs)]
+    else:
+        paths = [path for path in sorted(Path(root).glob("**/results.json")) if is_run_folder(path.parent)]
     runs = []
     for path in paths:
         if not path.is_file():
@@ -347,6 +350,8 @@ def find_runs(run_dirs=None, root="runs") -> list[dict]:
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}): run the memorize run again with --resume, or leave "
                              "its folder out") from None
+        if isinstance(results, dict) and results.get("command") == "eval":
+            raise ValueError(f"{path.parent} holds an evaluation (cli.py eval), not a memorize run: leave it out")
         missing = [key for key in RESULTS_KEYS if not isinstance(results, dict) or key not in results]
         if missing:
             raise ValueError(f"{path} is not a finished memorize run's results (it has no {', '.join(missing)}): "

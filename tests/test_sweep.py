@@ -37,7 +37,7 @@ def test_sweep_and_report_end_to_end(tmp_path, one_thread):
     assert "## Memorization ability" in table2 and "kbit gained" in table2
     assert (root / "curves.png").stat().st_size > 0 and (root / "accuracy_by_length.png").stat().st_size > 0
 
-    markdown = report([str(root / "tiny-qwen2-cn-256")], out=tmp_path / "one")
+    markdown = report([str(root / "tiny-qwen2-cn-256")], out=tmp_path / "one")[0]
     assert "tiny-qwen2-cn-256" in markdown and (tmp_path / "one" / "report.md").is_file()
     profiled = profile(["tiny-qwen2"], n_poems=4, bench_dir=tmp_path, runs=[root / "tiny-qwen2-cn-256"], out=None)
     assert profiled[0][0]["accuracy"] == pytest.approx(accuracy["tiny-qwen2"])
