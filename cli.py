@@ -162,7 +162,10 @@ def main(argv=None) -> int:
         if argv and argv[0] in PASSTHROUGH:
             import importlib
             return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:]) or 0
-        args = parser().parse_args(argv)        # imports torch and the kernels: a too-old torch is an error line
+        try:
+            args = parser().parse_args(argv)    # imports torch and the kernels: a too-old torch is an error line
+        except SystemExit as e:                 # --help, or a bad argument's one line (OneLineParser)
+            return e.code
         from engine.train import check_value
         for name, value in vars(args).items():      # every command's run settings, before anything is loaded
             check_value(name, value)

@@ -258,7 +258,7 @@ def run_eval(model_name_or_path, out_dir=None, device=None, dtype=None, margin: 
     out = Path(out_dir) if out_dir is not None else None
     device = resolve_device(device)
     check = lambda folder: check_eval_output(folder, overwrite)  # noqa: E731
-    with claimed(out, check, "evaluation") if out is not None else contextlib.nullcontext():
+    with claimed(out, check) if out is not None else contextlib.nullcontext():
         for line in lines:
             say(f"eval: {line}")
         tokenizer = load_tokenizer(model_path)

@@ -64,6 +64,7 @@ def run_settings(folder) -> dict | None:
     for checkpoint in [] if saved is not None else resume_candidates(Path(folder)):
         try:
             saved = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False, mmap=True)["config"]
+            saved = json.loads(json.dumps(saved))          # tuples as lists, as config.json has them
             break
         except Exception:
             continue
@@ -121,7 +122,7 @@ def check_eval_output(out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def claimed(out: Path, check, what: str = "run"):
+def claimed(out: Path, check):
     """Check the folder (check(out) raises what a command must not write into), create it, and hold its
     lock while the block runs, checking again under the lock; a failed command that had not written a
     checkpoint into a folder it created leaves nothing behind. memorize and eval share the lock: neither
@@ -140,7 +141,7 @@ def claimed(out: Path, check, what: str = "run"):
         lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
-        raise TrainingError(f"{out} is in use by another {what} or evaluation (PID {holder}): wait for it to end, or "
+        raise TrainingError(f"{out} is in use by another run or evaluation (PID {holder}): wait for it to end, or "
                             "pass another --out") from None
     try:
         lock.truncate(0)
