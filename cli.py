@@ -5,6 +5,7 @@ traceback instead."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,13 @@ SWEEP_FLAGS = ("epochs", "poems", "lr", "batch_tokens")
 
 def cmd_memorize(args) -> None:
     from engine.train import from_flags, memorize
-    results = memorize(from_flags(args))
+    config = from_flags(args)
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:
+        from engine.launch import launch
+        config.resolved()                      # every check once, here, before any process starts
+        launch(without_launcher_flags(args.argv), args.nproc_per_node)
+        return
+    results = memorize(config)
     if results:                 # rank 0's
         print(f"exact recitation: {100 * results['accuracy']:.2f}% of {results['n_poems']} poems "
               f"({results['train_seconds']:.0f} s training, {results['eval_seconds']:.0f} s evaluation) -> "
@@ -46,6 +53,7 @@ def cmd_profile(args) -> None:
     from engine.costs import profile
     print(profile(_names(args.models), args.lang, args.length, args.poems, bench_dir=args.bench_dir, runs=args.runs,
                   epochs=args.epochs, out=args.out)[1])
+    print(f"profile: wrote {args.out}/profile.json and profile.png", file=sys.stderr)
 
 
 def cmd_sweep(args) -> None:
@@ -62,6 +70,26 @@ def cmd_report(args) -> None:
     text, path = report(args.run_dirs, args.out)
     print(text)
     print(f"report: wrote {path} (and its plots beside it)", file=sys.stderr)
+
+
+def without_launcher_flags(argv: list[str]) -> list[str]:
+    """The command line each process runs: the same, less --nproc-per-node."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            kept.append(arg)
+    return kept
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def seed_list(text: str) -> list[int]:
@@ -93,8 +121,13 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
-    add_flags(command("memorize", cmd_memorize, "fine-tune a model to memorize poems and measure exact recitation"),
-              given_only=True)
+    p = command("memorize", cmd_memorize, "fine-tune a model to memorize poems and measure exact recitation")
+    add_flags(p, given_only=True)
+    p.add_argument("--config", metavar="FILE", help="a .json, .yaml or .toml file of these settings (a run's own "
+                   "config.json is one); flags given beside it override it")
+    p.add_argument("--nproc-per-node", type=positive_int, default=1, metavar="N",
+                   help="train data-parallel in N processes on this machine (the engine of torchrun; gloo on a CPU, "
+                   "NCCL on GPUs); same as: torchrun --standalone --nproc-per-node N cli.py memorize ...")
 
     p = command("eval", cmd_eval, "measure exact recitation of a run or any checkpoint, with the run's settings")
     p.add_argument("run_folder", nargs="?", metavar="RUN",
@@ -166,6 +199,7 @@ def main(argv=None) -> int:
             args = parser().parse_args(argv)    # imports torch and the kernels: a too-old torch is an error line
         except SystemExit as e:                 # --help, or a bad argument's one line (OneLineParser)
             return e.code
+        args.argv = argv
         from engine.train import check_value
         for name, value in vars(args).items():      # every command's run settings, before anything is loaded
             check_value(name, value)

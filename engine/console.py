@@ -12,7 +12,6 @@ or written.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,17 +35,19 @@ class Console:
     def metrics(self, record: dict) -> None:
         """A metrics record into the log only (metrics.jsonl keeps the machine-readable copy)."""
         if self.enabled:
-            self._append("metrics " + json.dumps(record, separators=(", ", "=")).strip("{}").replace('"', ""))
+            self._append("metrics " + ", ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}"
+                                                for key, value in record.items()))
 
     @contextlib.contextmanager
-    def progress(self, total: int, initial: int, desc: str):
-        """The training bar: steps done of all, ETA from `bar.eta_seconds` when the caller sets it (so that
-        it can count evaluations, which the bar's own rate does not see)."""
+    def progress(self, total: int, initial: int, desc: str, show: bool = True):
+        """The training bar: steps done of all and the time so far; the caller's postfix says the rest (its
+        ETA counts the evaluations, which the bar's own rate does not see)."""
         from tqdm import tqdm
-        with tqdm(total=total, initial=initial, disable=not self.enabled, desc=desc, unit="step", dynamic_ncols=True,
+        shown = self.enabled and show
+        with tqdm(total=total, initial=initial, disable=not shown, desc=desc, unit="step", dynamic_ncols=True,
                   file=sys.stderr, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                                               "[{elapsed}{postfix}]") as bar:
-            self._bar = bar if self.enabled else None
+            self._bar = bar if shown else None
             try:
                 yield bar
             finally:

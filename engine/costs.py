@@ -21,7 +21,7 @@ import torch
 from engine.data import encode_examples, load_poems, model_format
 from engine.report import (ACCURACY_LABEL, PAPER_ACCURACY, bits_per_parameter, cell, duration, markdown_table, pooled,
                            pyplot, save_figure, seed_groups)
-from engine.runs import find_runs, run_gpu_seconds
+from engine.runs import find_runs, run_gpu_seconds, write_text
 from engine.train import TrainConfig
 from kernels.hardware import PROJECTION
 from kernels.linear_cross_entropy import chunk_plan
@@ -180,7 +180,7 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
     table = profile_table(rows, lang, length, epochs, eval_every, micro_batch_tokens) + "\n\n" + information_table(rows)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "profile.json").write_text(json.dumps(rows, indent=2))
+        write_text(Path(out) / "profile.json", json.dumps(rows, indent=2))
         plot_profile(rows, Path(out) / "profile.png", f"{lang}-{length}, {epochs} epochs")
     return rows, table
 

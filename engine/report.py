@@ -80,6 +80,25 @@ def plot_run(out: Path, title: str) -> Path:
     return save_figure(fig, out / "curve.png")
 
 
+def provenance_section(found: dict) -> list[str]:
+    """What produced the run: report.md's lines of results.json's provenance."""
+    engine, model = found["engine"], found["model"]
+    commit = "not a git checkout" if engine["commit"] is None else \
+        engine["commit"][:12] + (" (with uncommitted changes)" if engine["dirty"] else "")
+    weights = model["path"] or f"{model['name']} (random init, seeded)"
+    if model["hub_id"]:
+        weights += f" = {model['hub_id']}" + (f" @ {model['revision'][:12]}" if model["revision"] else "")
+    digests = ", ".join(f"{name} {digest[:12]}" for name, digest in (model["weights_sha256"] or {}).items())
+    versions = ", ".join(f"{name} {version}" for name, version in found["versions"].items() if version)
+    return ["## Provenance", "",
+            f"- command: `{found['command']}`",
+            f"- engine: {commit}; {versions}",
+            f"- weights: {weights}" + (f" (sha256 {digests})" if digests else ""),
+            f"- poems: sha256 {found['poems_sha256'][:16]}",
+            f"- {found['started']} to {found['ended']}" + (" (resumed)" if found.get("resumed") else "") +
+            f" on {found['host']}, {found['device']}"]
+
+
 def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
     out = Path(out)
     write_results(out, results, records)
@@ -100,6 +119,8 @@ def write_run_report(out: Path, results: dict, records: list[dict]) -> None:
     if (out / dynamics.EVALS_FILE).is_file() and "memorization" in results:
         write_run_plots(out, read_jsonl(out / "metrics.jsonl"), read_jsonl(out / dynamics.EVALS_FILE), title)
         lines += memorization_section(results) + [""]
+    if "provenance" in results:
+        lines += provenance_section(results["provenance"]) + [""]
     lines += [
         "Files: results.json (all numbers and the full config), metrics.jsonl (per step and per epoch),",
         "generations.jsonl (prompt, target, output, correct, bits per poem), evals.jsonl (each poem at each",

@@ -34,11 +34,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.console import Console, duration, size
 from engine.data import encode_examples, fingerprint, load_poems, local_path, model_format
 from engine.distributed import GradSync, all_gather, evaluate_sharded, init_distributed, shard_step
 from engine.dynamics import EVALS_FILE, dynamics_summary, eval_lines
 from engine.evaluate import resolve_device
 from engine.optim import AdamW, lr_at, parameter_groups
+from engine.provenance import model_source, now, provenance
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
 from engine.runs import (TRAINING_FILE, TrainingError, append_jsonl, check_output, claimed, keep_jsonl, keep_last_finite,
@@ -46,6 +48,7 @@ from engine.runs import (TRAINING_FILE, TrainingError, append_jsonl, check_outpu
                          written_whole)
 from engine.scoring import SCORE_BATCH_TOKENS, bits_summary, poem_bits
 from models import load_model, load_tokenizer
+from models.registry import resolve as resolve_model
 
 
 class ConfigError(ValueError):
@@ -197,10 +200,49 @@ def given_flags(args: argparse.Namespace) -> dict:
             if name in FIELDS and value is not None}
 
 
+def read_config_file(path) -> dict:
+    """TrainConfig fields from a .json, .yaml/.yml or .toml file; a run's own config.json is such a file
+    (its resume flag and poem fingerprint describe that run, not the next: they are left out)."""
+    path, suffix = Path(path), Path(path).suffix.lower()
+    kinds = {".json": "JSON", ".yaml": "YAML", ".yml": "YAML", ".toml": "TOML"}
+    if suffix not in kinds:
+        raise ConfigError(f"--config {path}: use a .json, .yaml (.yml) or .toml file of memorize's settings")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except ImportError as e:
+        raise ConfigError(f"--config {path}: reading {kinds[suffix]} needs {e.name} (Python 3.11+ for TOML): use a "
+                          ".json file") from None
+    except Exception as e:
+        raise ConfigError(f"--config {path} is not valid {kinds[suffix]} ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} holds no settings: expected keys such as model, lang, poems, epochs")
+    unknown = sorted(set(data) - FIELDS.keys() - {"poems_sha256"})
+    if unknown:
+        raise ConfigError(f"--config {path}: {', '.join(unknown)} {'is not a setting' if len(unknown) == 1 else 'are not settings'}"
+                          f" of memorize (see python cli.py memorize --help)")
+    settings = {name: tuple(value) if isinstance(value, list) else value for name, value in data.items()
+                if name in FIELDS and name != "resume" and value is not None}
+    for name, value in settings.items():
+        check_value(name, value)
+    return settings
+
+
 def from_flags(args: argparse.Namespace) -> TrainConfig:
-    """The run the flags ask for. With --resume, the run's own settings, the given flags checked against
-    them (resumed_config); else TrainConfig's defaults for what was not given."""
-    given = given_flags(args)
+    """The run the flags ask for: the --config file's settings, the flags given over them. With --resume,
+    the run's own settings, the given flags checked against them (resumed_config); else TrainConfig's
+    defaults for what was not given."""
+    given = {**(read_config_file(args.config) if getattr(args, "config", None) else {}), **given_flags(args)}
     if given.get("resume"):
         return resumed_config(given)
     if "model" not in given:
@@ -304,15 +346,25 @@ class Run:
     rank_tokens: int = 0              # tokens this rank trained on since this process started
     base_bits: list | None = None     # each poem's target NLL in bits under the base model (rank 0)
     last_bits: list | None = None     # the same at the latest evaluation (rank 0)
+    console: Console = field(default_factory=lambda: Console(None, enabled=False))   # rank 0's lines and train.log
+    started: str = field(default_factory=now)
+    last_loss: float | None = None    # the latest logged loss, shown on the progress bar
+    eval_durations: list = field(default_factory=list)     # seconds of each evaluation (with scoring) so far
+    first_step: int = 0               # the step this process started at (after a resume: the checkpoint's)
+    train_seconds_here: float = 0.0   # training seconds in this process (the ETA's rate)
 
     def due(self, every: int) -> bool:
         """Is the epoch just finished one of every `every`-th, or the last? (every 0: never)"""
-        return every > 0 and (self.epoch % every == 0 or self.epoch == self.config.epochs)
+        return self.due_at(self.epoch, every)
+
+    def due_at(self, epoch: int, every: int) -> bool:
+        return every > 0 and (epoch % every == 0 or epoch == self.config.epochs)
 
     def log(self, **record) -> None:
-        """A metrics.jsonl line (rank 0 writes it)."""
+        """A metrics.jsonl line, and the same in train.log (rank 0 writes them)."""
         if self.rank == 0:
             append_jsonl(self.out / "metrics.jsonl", [record])
+            self.console.metrics(record)
 
 
 def memorize(config: TrainConfig, progress: bool = True) -> dict:
@@ -328,9 +380,13 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
                                 f"fingerprint {run.fingerprint[:12]}, the run's {saved['poems_sha256'][:12]}): the "
                                 f"source {config.source or 'frozen set'} changed since. Resume with the run's own poems, "
                                 "or start a new run with another --out")
+        run.console = Console(out / "train.log", enabled=rank == 0)
         with cpu_threads(run.device, run.model.num_parameters()):
+            run.console.say(start_summary(run))
             if rank == 0:                      # before resume() loads trained weights
                 run.base_bits = score(run)
+                run.console.say(f"base model: {sum(run.base_bits) / 1000:,.1f} kbit of target information in the "
+                                f"poems (scored in {duration(run.totals['score_seconds'])})")
             resumed = resume(run) is not None
             if rank == 0:                      # the lines after the checkpoint are redone; a fresh run keeps none
                 keep_jsonl(run.out / "metrics.jsonl", lambda line: resumed and line["step"] <= run.step)
@@ -347,25 +403,49 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
 
 
 def train(run: Run, progress: bool) -> None:
-    """The epochs left: each trained, evaluated every eval_every and checkpointed every checkpoint_every."""
-    from tqdm import tqdm
+    """The epochs left: each trained, evaluated every eval_every and checkpointed every checkpoint_every.
+    Evaluations are a phase of their own: a line before and after each, outside the training bar."""
     config = run.config
-    desc = f"{Path(config.model).name} {config.lang}"
-    with tqdm(total=run.total_steps, initial=run.step, disable=not progress, desc=desc, unit="step",
-              dynamic_ncols=True) as bar:
+    desc = f"{Path(config.model).name} {config.lang}-{config.length} seed {config.seed}"
+    with run.console.progress(run.total_steps, run.step, desc, show=progress) as bar:
         while run.epoch < config.epochs:
+            show_progress(run, bar)
             record = train_epoch(run, bar)
             if run.due(config.eval_every):
+                run.console.say(f"epoch {run.epoch}/{config.epochs}: reciting {len(run.poems)} poems ...")
                 summary = recite(run)          # every rank evaluates its share
                 if run.rank == 0:
                     record.update(accuracy=summary["accuracy"], bits=summary["bits"],
                                   bits_gained=sum(run.base_bits) - summary["bits"])
+                    run.console.say(f"epoch {run.epoch}/{config.epochs}: {summary['correct']}/{summary['n']} recited "
+                                    f"exactly ({100 * summary['accuracy']:.2f}%), loss {record['epoch_loss']:.4f}, "
+                                    f"{record['bits_gained'] / 1000:,.1f} kbit gained "
+                                    f"({duration(run.eval_durations[-1])})")
             run.log(**record)
             if run.rank == 0 and run.due(config.checkpoint_every):
                 save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals,
                                 saved_run_config(run), config.keep_checkpoints)
+                run.console.say(f"epoch {run.epoch}/{config.epochs}: checkpoint {run.out / f'checkpoint-{run.epoch}'}")
             if run.world > 1:
                 dist.barrier()
+        show_progress(run, bar)
+
+
+def show_progress(run: Run, bar) -> None:
+    """The bar's postfix: the epoch under way, the latest loss, and an ETA that counts the evaluations
+    still to come at the mean duration of those done (the bar's own rate sees training steps only)."""
+    config = run.config
+    parts = [f"epoch {min(run.epoch + 1, config.epochs)}/{config.epochs}"]
+    if run.last_loss is not None:
+        parts.append(f"loss {run.last_loss:.4f}")
+    steps_done = run.step - run.first_step
+    if steps_done > 0 and run.step < run.total_steps:
+        per_step = run.train_seconds_here / steps_done
+        evals_left = sum(run.due_at(epoch, config.eval_every) for epoch in range(run.epoch + 1, config.epochs + 1))
+        per_eval = sum(run.eval_durations) / len(run.eval_durations) if run.eval_durations else None
+        left = (run.total_steps - run.step) * per_step + evals_left * (per_eval or 0)
+        parts.append(f"eta {duration(left)}" + ("+evals" if evals_left and per_eval is None else ""))
+    bar.set_postfix_str(", ".join(parts))
 
 
 def check_resume(config: TrainConfig) -> dict | None:
@@ -413,6 +493,39 @@ def setup(config: TrainConfig, rank: int, world: int, device: str) -> Run:
                warmup, fingerprint(poems), sync=GradSync(opt) if world > 1 else None)
 
 
+def checkpoint_bytes(run: Run) -> int:
+    """One checkpoint's size: the model in its dtype, and the optimizer's fp32 moments (and fp32 master
+    weights when the model is not fp32)."""
+    params = run.model.num_parameters()
+    weights = sum(p.numel() * p.element_size() for p in run.model.parameters())
+    return weights + params * (8 if run.model.dtype == torch.float32 else 12)
+
+
+def start_summary(run: Run) -> str:
+    """What the run is, where its inputs come from and its outputs go, and what it will cost in steps and disk."""
+    config, model = run.config, run.model
+    folder, spec = resolve_model(config.model)
+    weights = (f"{folder}" if folder else f"random init of the preset (seed {config.seed})") + \
+              (f", hub {spec.repo}" if spec and spec.repo else "")
+    steps_per_epoch = run.total_steps // config.epochs
+    saved = checkpoint_bytes(run)
+    keeping = (f"a checkpoint every {config.checkpoint_every} epochs, {size(saved)} each, the newest "
+               f"{config.keep_checkpoints} kept (~{size(saved * min(config.keep_checkpoints, config.epochs))})"
+               if config.checkpoint_every else "no mid-run checkpoints (--checkpoint-every 0): a kill loses the run")
+    threads = torch.get_num_threads()
+    threads = f", {threads} thread{'s' * (threads != 1)}" if run.device == "cpu" else ""
+    return "\n".join([
+        f"run: {config.model} ({model.num_parameters() / 1e6:,.1f}M parameters, {str(model.dtype).removeprefix('torch.')}) "
+        f"memorizes {len(run.poems)} {config.lang}-{config.length} poems in the {run.fmt} format, seed {config.seed}",
+        f"weights: {weights}",
+        f"poems: {config.source or 'the frozen CN set (data/)'}, fingerprint {run.fingerprint[:12]}",
+        f"steps: {config.epochs} epochs x {steps_per_epoch} = {run.total_steps} steps of <= {config.batch_tokens} "
+        f"tokens, lr {config.lr:g} ({config.schedule}, {run.warmup_steps} warmup), evaluation every "
+        f"{config.eval_every} epochs",
+        f"device: {run.device}{threads}" + (f", {run.world} processes" if run.world > 1 else ""),
+        f"out: {run.out} (log: train.log); {keeping}"])
+
+
 def check_vocabulary(examples, tokenizer, vocab_size: int, model: str) -> None:
     """Every token id the poems and the stop tokens use has an embedding row (else an IndexError mid-run)."""
     largest = max([max(example.input_ids) for example in examples] + list(tokenizer.eos_token_ids))
@@ -430,12 +543,13 @@ def resume(run: Run) -> Path | None:
         checkpoint, state = restore_newest(run.out, run.model, run.opt)
         if checkpoint is not None:
             run.epoch, run.step, run.totals = state
+            run.first_step = run.step
     if run.rank == 0:
         write_json(run.out / "config.json", saved_run_config(run))
         if checkpoint is not None:
-            print(f"resuming {run.out} after epoch {run.epoch} (step {run.step})", file=sys.stderr)
+            run.console.say(f"resuming {run.out} after epoch {run.epoch} (step {run.step})")
         elif run.config.resume:
-            print(f"{run.out} holds no checkpoint yet: the run starts from the beginning", file=sys.stderr)
+            run.console.say(f"{run.out} holds no checkpoint yet: the run starts from the beginning")
     return checkpoint
 
 
@@ -468,12 +582,14 @@ def train_epoch(run: Run, bar) -> dict:
             run.log(epoch=run.epoch + 1, step=run.step, loss=loss_value, lr=run.opt.groups[0].lr,
                     grad_norm=float(norm), tokens_per_second=window_tokens / (now - window_start),
                     peak_memory_bytes=peak_memory_bytes(run.device))
-            bar.set_postfix(loss=f"{loss_value:.4f}", epoch=run.epoch + 1)
+            run.last_loss = loss_value
+            show_progress(run, bar)
             window_tokens, window_start = 0, now
     epoch_loss = _finite(torch.stack(losses).mean(), run)
     elapsed = time.perf_counter() - start
     epoch_tokens = sum(len(example) for example in run.examples)
     run.totals["train_seconds"] += elapsed
+    run.train_seconds_here += elapsed
     run.totals["train_tokens"] += epoch_tokens
     run.epoch += 1
     return {"epoch": run.epoch, "step": run.step, "epoch_loss": epoch_loss, "epoch_seconds": elapsed,
@@ -496,6 +612,7 @@ def recite(run: Run) -> dict | None:
         run.last_bits = score(run)
         summary["bits"] = sum(run.last_bits)
         append_jsonl(run.out / EVALS_FILE, eval_lines(run.epoch, records, run.last_bits))
+    run.eval_durations.append(time.perf_counter() - start)
     return summary
 
 
@@ -529,9 +646,25 @@ def finish(run: Run, tokens_per_rank: list[int]) -> dict:
         "memorization": {**bits_summary(run.base_bits, run.last_bits, run.model.num_parameters(), summary["correct"]),
                          "target_tokens": sum(len(example.target_ids) for example in run.examples)},
         "dynamics": dynamics_summary(read_jsonl(run.out / EVALS_FILE)),
+        "provenance": {**provenance(model_source(config.model, *source_of(config.model)), run.device),
+                       "poems_sha256": run.fingerprint, "started": run.started, "ended": now(),
+                       "resumed": run.first_step > 0},
     }
     write_run_report(run.out, results, records)
+    model_bytes = sum(path.stat().st_size for path in (run.out / "model").iterdir())
+    run.console.say(f"done: {summary['correct']}/{summary['n']} poems recited exactly ({100 * summary['accuracy']:.2f}%) "
+                    f"after {config.epochs} epochs; {duration(totals['train_seconds'])} training, "
+                    f"{duration(totals['eval_seconds'])} evaluation, {duration(totals.get('score_seconds', 0))} scoring")
+    run.console.say(f"wrote {run.out}: model/ ({size(model_bytes)}, {str(run.model.dtype).removeprefix('torch.')}), "
+                    "report.md, results.json, train.log" + ("" if config.checkpoint_every else
+                                                            " (no checkpoints: --checkpoint-every 0)"))
     return results
+
+
+def source_of(model: str) -> tuple[Path | None, str | None]:
+    """(the folder the weights were read from or None for a preset, the hub repository or None)."""
+    folder, spec = resolve_model(model)
+    return folder, spec.repo if spec else None
 
 
 def saved_run_config(run: Run) -> dict:
