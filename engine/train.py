@@ -86,8 +86,9 @@ class TrainConfig:
     micro_batch_tokens: int | None = setting("tokens per forward/backward (default: --batch-tokens)", valid=AT_LEAST_1)
     eval_every: int = setting("epochs between recitation evaluations (the memorization curve)", 10, valid=AT_LEAST_1)
     checkpoint_every: int = setting("epochs between checkpoints (and the last); 0: none, only the final model (a kill "
-                                    "then loses the run). A checkpoint holds fp32 weights and both AdamW moments: 16 "
-                                    "bytes a parameter, ~8 GB for a 0.5B model", 10, valid=NOT_NEGATIVE)
+                                    "then loses the run). A checkpoint holds the weights, fp32 master weights and both "
+                                    "AdamW moments: 14 bytes a parameter in bf16, ~7 GB for a 0.5B model", 10,
+                                    valid=NOT_NEGATIVE)
     seed: int = setting("seeds the poem sample, the weights of a preset and the data order", 0, valid=SEED)
     out: str | None = setting("output folder (default runs/MODEL-LANG-LENGTH)", valid=NOT_EMPTY)
     resume: bool = setting("continue the run in --out from its last checkpoint", False)
