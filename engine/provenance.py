@@ -47,14 +47,14 @@ def versions(device: torch.device | str | None = None) -> dict:
             found[name] = None
     found["cuda"] = torch.version.cuda
     if device is not None and torch.device(device).type == "cuda":
-        found["driver"] = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+        found["driver"] = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") or None
     return found
 
 
 def engine_commit() -> dict:
     """The checkout's git commit and whether its tracked files differ from it (None outside a git checkout)."""
     commit = _run("git", "-C", str(ROOT), "rev-parse", "HEAD")
-    if commit is None:
+    if not commit:
         return {"commit": None, "dirty": None}
     status = _run("git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
@@ -100,8 +100,8 @@ def provenance(model: dict, device) -> dict:
 
 
 def _run(*argv: str) -> str | None:
-    """A command's stripped output, None when it is missing or fails."""
+    """A command's stripped output ("" when it printed nothing), None when it is missing or fails."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout.strip() or None
+        return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

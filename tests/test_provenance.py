@@ -28,5 +28,20 @@ def test_versions_and_the_engine_commit():
     assert "driver" not in found and found["python"].count(".") == 2
     state = engine_commit()
     assert state["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", state["commit"]) and isinstance(state["dirty"], bool)
+
+
+def test_a_clean_checkout_is_not_dirty(tmp_path, monkeypatch):
+    import subprocess
+
+    import engine.provenance
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["add", "a.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "a"], check=True)
+    monkeypatch.setattr(engine.provenance, "ROOT", tmp_path)
+    assert engine_commit()["dirty"] is False
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert engine_commit()["dirty"] is True
     record = provenance(model_source("tiny-qwen2", None, None), "cpu")
     assert record["device"].startswith("cpu") and record["command"].split()[0].startswith("python")
