@@ -69,6 +69,26 @@ def chunk_plan(T: int, H: int, V: int, dtype: torch.dtype, budget_bytes: int = L
     return ChunkPlan(chunk, peak)
 
 
+def traffic(T: int, H: int, V: int, dtype: torch.dtype, budget_bytes: int = LOGITS_BUDGET_BYTES) -> dict[str, int]:
+    """Bytes each part of a training call (gradients of hidden and weight) moves, from chunk_plan's
+    chunks, as _fused_forward and backward run them: per chunk of n rows the logits GEMM (W and h
+    read, fp32 z written), the row kernel (z read twice, dz written), the grad_hidden GEMM (dz and W
+    read, grad_h written) and the grad_W GEMM (dz and h read, the fp32 accumulator read and written);
+    once, the accumulator zeroed and rounded to the weight's dtype, and backward's scaling in place."""
+    e = torch.empty((), dtype=dtype).element_size()
+    chunk = chunk_plan(T, H, V, dtype, budget_bytes).chunk_tokens
+    parts = dict.fromkeys(("logits GEMM", "row kernel (lse, dz)", "grad_hidden GEMM", "grad_W GEMM",
+                           "grad_W zero, round, scale"), 0)
+    for start in range(0, T, chunk):
+        n = min(chunk, T - start)
+        parts["logits GEMM"] += e * V * H + e * n * H + 4 * n * V
+        parts["row kernel (lse, dz)"] += 8 * n * V + e * n * V + 8 * n
+        parts["grad_hidden GEMM"] += e * n * V + e * V * H + e * n * H
+        parts["grad_W GEMM"] += e * n * V + e * n * H + 8 * V * H
+    parts["grad_W zero, round, scale"] = 4 * V * H + (4 + e) * V * H + 2 * e * V * H + 2 * e * T * H
+    return parts
+
+
 def linear_cross_entropy_reference(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean"):
     logits = hidden.float() @ weight.float().t()
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
