@@ -51,8 +51,12 @@ def cmd_data(args) -> None:
 
 def cmd_profile(args) -> None:
     from engine.costs import profile
-    print(profile(_names(args.models), args.lang, args.length, args.poems, bench_dir=args.bench_dir, runs=args.runs,
+    from engine.roofline import roofline_table
+    from models import PAPER_MODELS
+    names = _names(args.models)
+    print(profile(names, args.lang, args.length, args.poems, bench_dir=args.bench_dir, runs=args.runs,
                   epochs=args.epochs, out=args.out)[1])
+    print("\n" + roofline_table(names or PAPER_MODELS))
     print(f"profile: wrote {args.out}/profile.json and profile.png", file=sys.stderr)
 
 

@@ -7,7 +7,11 @@
 #     bash bench/gpu.sh --dry-run OUT       # on a CPU: every step at tiny sizes (CI runs it)
 #
 # Each step runs under its own `timeout`, so a failure or a hang loses only that step, and every
-# step's numbers are packed into $OUT before the next starts. The device tool brings back at most
+# step's numbers are packed into $OUT before the next starts. The timeout sends SIGINT first (10 s
+# before SIGKILL): pytest then stops like a Ctrl-C and still prints its short summary (-rfE
+# --tb=short), a Python benchmark gets KeyboardInterrupt and its traceback says where it was.
+# The first three steps (tests, qwen2-0.5b training ours vs transformers [vs Liger], generation)
+# fit in the first 300 s. The device tool brings back at most
 # 8 files: $OUT gets summary.log (each step's exit code and seconds), results.tar.gz (every result
 # file and every step's full log, rewritten after each step) and a copy of each step's markdown
 # plus the throughput JSON. A Liger-Kernel wheel in .whl/ (carried) is installed first; without
@@ -56,7 +60,7 @@ pack() {  # every result and log so far, and each markdown table, into $OUT
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS
-    timeout --kill-after=10 "$((limit * SLOWER))" "$@" > "$WORK/logs/$name.log" 2>&1
+    timeout -s INT --kill-after=10 "$((limit * SLOWER))" "$@" > "$WORK/logs/$name.log" 2>&1
     local rc=$?
     printf '%-12s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$((SECONDS - t0))" "$((limit * SLOWER))" | tee -a "$OUT/summary.log"
     tail -n 25 "$WORK/logs/$name.log"
@@ -64,16 +68,16 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 # 1. Correctness: Triton vs torch gradients and losses at the real layer shapes, CUDA graphs.
-step tests 130 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step tests 110 $PY -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_gpu.py
 # 2. Training throughput (and its evaluation), ours vs transformers (vs Liger when carried);
 #    results are rewritten after each model, later models are skipped past --time-budget.
-step train 180 $PY bench/throughput.py $DRY --models $TRAIN_MODELS --time-budget 130 --out "$RESULTS"
+step train 130 $PY bench/throughput.py $DRY --models $TRAIN_MODELS --time-budget 100 --out "$RESULTS"
 # 3. Evaluation throughput: greedy generation, three workloads, ours vs transformers' generate.
 step generate 60 $PY bench/bench_generate.py $DRY --models $EVAL_MODELS --prompts 256 --out "$RESULTS"
 # 4. The kernels: attention (training and decode), fused loss and AdamW, row and elementwise ops.
-step attention 50 $PY bench/bench_attention.py $DRY --out "$RESULTS"
-step loss_optim 50 $PY bench/bench_loss_optim.py $DRY --quick --out "$RESULTS"
-step kernels 50 $PY bench/bench_kernels.py $DRY --quick --out "$RESULTS"
+step attention 60 $PY bench/bench_attention.py $DRY --out "$RESULTS"
+step loss_optim 60 $PY bench/bench_loss_optim.py $DRY --quick --out "$RESULTS"
+step kernels 60 $PY bench/bench_kernels.py $DRY --quick --out "$RESULTS"
 
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 ! grep -qv ' rc=0 ' "$OUT/summary.log"     # exit 1 when any step failed

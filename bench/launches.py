@@ -270,11 +270,12 @@ def _adamw(n: int, dtype) -> Problem:
     master, exp_avg, exp_avg_sq, grad = _meta(n), _meta(n), _meta(n), _meta(n, dtype=dtype)
     params = None if dtype == torch.float32 else [_meta(n, dtype=dtype)]
     shape = f"{_tag(dtype)} grads, n={n:,}"
-    per_elem = 24 + dtype.itemsize + (dtype.itemsize if params else 0)
+    per_elem = adamw_ops.bytes_per_element(dtype.itemsize, params and dtype.itemsize, zero_grads=True)
 
-    def run():
+    def run():  # as engine.optim steps: the clipping factor applied and the gradients zeroed in the pass
         adamw_ops.adamw_step_triton([master], [grad], [exp_avg], [exp_avg_sq], params, step=1, lr=1e-3, beta1=0.9,
-                                    beta2=0.999, eps=1e-8, weight_decay=0.01)
+                                    beta2=0.999, eps=1e-8, weight_decay=0.01, grad_scale=_meta(1),
+                                    zero_grads=True)
 
     return Problem(run, {"_adamw_kernel": lambda launch: Cost(shape, per_elem * n, 15 * n)}, shape)
 

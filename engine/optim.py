@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from kernels.adamw import adamw_step
+from kernels.adamw import adamw_step, bytes_per_element
 from kernels.dispatch import use_triton
 
 # The CPU (torch reference) step runs in slices of this many elements: its sqrt(v) temporary is 1 MB
@@ -47,6 +47,21 @@ from kernels.dispatch import use_triton
 # against 385 MiB (4.04 bytes/element: 1.9 GiB for 0.5B) and 2.5 s for one whole-buffer call; the
 # extra does not grow with the size (2^21-element slices: 19.4 MiB at 100M, 19.5 MiB at 494M).
 CPU_STEP_ELEMENTS = 1 << 18
+
+
+
+
+def step_traffic(n: int, param_bytes: int, micro_batches: int = 1) -> dict[str, int]:
+    """Bytes each pass of a training step's optimizer phase moves over n parameters of param_bytes
+    (2: bf16 model, fp32 masters; 4: fp32), as train_step runs it: the hooks' adds of each
+    micro-batch's gradient into the fp32 buffer (bf16 model), the global norm, and step(max_grad_norm)'s
+    one fused pass (clipping factor, AdamW, zeroing; kernels.adamw.bytes_per_element)."""
+    passes = {"norm (read the gradients)": 4 * n,
+              "AdamW (clip scale, update, zero grads)": bytes_per_element(4, param_bytes if param_bytes != 4 else None,
+                                                                          zero_grads=True) * n}
+    if param_bytes != 4:
+        passes = {"gradient adds into fp32 (hooks)": micro_batches * (param_bytes + 8) * n, **passes}
+    return passes
 
 
 class GradientError(RuntimeError):
@@ -137,9 +152,15 @@ class AdamW:
             g.collect(i)
 
     @torch.no_grad()
-    def step(self) -> None:
-        """One AdamW update from the accumulated gradients, which it then zeroes."""
+    def step(self, max_grad_norm: float | None = None):
+        """One AdamW update from the accumulated gradients, which it then zeroes. With max_grad_norm:
+        clipped first, as clip_grad_norm_ then step() would, but in two passes over the gradients
+        (the norm, then the update that applies the clipping factor and zeroes them, STEP_PASSES);
+        returns the norm before clipping (a device tensor, no host sync)."""
         self.collect_grads()
+        norm = scale = None
+        if max_grad_norm is not None:
+            norm, scale = self._norm_and_scale(max_grad_norm)
         self.step_count += 1
         for g in self.groups:
             n = g.master.numel()
@@ -148,8 +169,9 @@ class AdamW:
                 part = slice(start, start + size)
                 adamw_step([g.master[part]], [g.grad[part]], [g.exp_avg[part]], [g.exp_avg_sq[part]],
                            None if g.master is g.flat else [g.flat[part]], step=self.step_count, lr=g.lr,
-                           beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=g.weight_decay)
-                g.grad[part].zero_()
+                           beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=g.weight_decay,
+                           grad_scale=scale, zero_grads=True)
+        return norm
 
     @torch.no_grad()
     def zero_grad(self) -> None:
@@ -164,11 +186,14 @@ class AdamW:
         """Scale all gradients by min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_
         does; returns the norm before clipping, without a host sync."""
         self.collect_grads()
-        norm = torch.stack([torch.linalg.vector_norm(g.grad) for g in self.groups]).norm()
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        norm, scale = self._norm_and_scale(max_norm)
         for g in self.groups:
             g.grad.mul_(scale)
         return norm
+
+    def _norm_and_scale(self, max_norm: float):
+        norm = torch.stack([torch.linalg.vector_norm(g.grad) for g in self.groups]).norm()
+        return norm, (max_norm / (norm + 1e-6)).clamp(max=1.0).reshape(1)
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "betas": self.betas, "eps": self.eps, "groups": [

@@ -315,8 +315,7 @@ def train_step(model, opt: AdamW, micro_batches: list[PackedBatch], n_targets: i
         loss_sum += loss.detach()
     if sync:
         sync.wait(loss_sum)
-    norm = opt.clip_grad_norm_(max_grad_norm)
-    opt.step()
+    norm = opt.step(max_grad_norm)     # clipping inside the update's pass
     return loss_sum, norm
 
 

@@ -20,8 +20,11 @@ to BLOCK_N, and programs whose chunk is empty (or lies past len) exit at once, s
 no host sync. With one split the program writes the output; with several, each writes its
 normalized partial output and log-sum-exp, and a combine kernel merges them:
 out = sum_s 2^(lse_s - lse) o_s with lse = log2 sum_s 2^lse_s.
-Split rule (`decode_num_splits`): one split when B * Hkv programs already fill the SMs, else
-enough splits for about two programs per SM, at most 16 and at most S_max / BLOCK_N.
+Split rule (`decode_num_splits`): one split when slots * Hkv programs already fill the SMs, else
+enough splits for about two programs per SM rounded up to a power of two, at most 16 and at most
+S_max / BLOCK_N. It follows the cache (slots, S_max), not the live batch: the split count is a
+compile-time constant, so one evaluation (one cache) compiles one variant in its first step and
+none as its batch shrinks; powers of two let caches of other sizes share variants.
 """
 from __future__ import annotations
 
@@ -81,7 +84,8 @@ def decode_num_splits(batch: int, n_kv: int, s_max: int, block_n: int, device) -
     programs = batch * n_kv
     if programs == 0 or programs >= sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(s_max, block_n), MAX_SPLITS))
+    wanted = triton.next_power_of_2(triton.cdiv(2 * sms, programs))
+    return max(1, min(wanted, triton.cdiv(s_max, block_n), MAX_SPLITS))
 
 
 @triton.jit
@@ -174,7 +178,7 @@ def triton_decode_attention(q, k_cache, v_cache, cache_seqlens, slot_ids, alibi_
     if slot_ids is None:
         slot_ids = torch.arange(batch, device=q.device)
     if num_splits is None:
-        num_splits = decode_num_splits(batch, n_kv, s_max, cfg.block_n, q.device)
+        num_splits = decode_num_splits(n_slots, n_kv, s_max, cfg.block_n, q.device)
     out = torch.empty_like(q)
     if batch == 0:
         return out

@@ -99,11 +99,23 @@ def row_config(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def partial_programs(n_rows: int, x: torch.Tensor) -> int:
-    """How many programs a backward with per-program partial sums runs: one per SM of x's GPU."""
-    if INTERPRETING:
-        return min(n_rows, 8)  # the interpreter pays per program: few, each looping over rows
-    return max(1, min(n_rows, hardware_for(x).sm_count))
+PROGRAMS_PER_SM = 4   # partial-sum backward programs resident per SM: loads of several in flight at once
+
+
+def backward_rows(block: int) -> int:
+    """Rows a partial-sum backward program loads per iteration (a [ROWS, BLOCK] tile, ~4K elements): several
+    rows' loads in flight at once instead of one row's load, reduction and store after another."""
+    return max(1, min(8, 4096 // block))
+
+
+def partial_programs(n_rows: int, x: torch.Tensor, rows: int = 1) -> tuple[int, int]:
+    """(programs, rows per program, a multiple of `rows`) of a backward with per-program partial sums:
+    PROGRAMS_PER_SM per SM of x's GPU, fewer when there are not enough row tiles."""
+    tiles = triton.cdiv(n_rows, rows)
+    # the interpreter pays per program: few, each looping over rows
+    programs = max(1, min(tiles, 8 if INTERPRETING else PROGRAMS_PER_SM * hardware_for(x).sm_count))
+    per_program = triton.cdiv(tiles, programs) * rows
+    return triton.cdiv(n_rows, per_program), per_program
 
 
 def elementwise_config(n_cols: int) -> tuple[int, int]:

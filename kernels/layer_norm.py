@@ -6,7 +6,8 @@ Triton path: one program per row keeps mean and rstd ([rows] fp32 each) for the 
 With xhat = (x - mean) * rstd and g = dy * weight (fp32):
     dx = rstd * (g - xhat * mean(g * xhat) - mean(g)),
     dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy,
-reduced like rms_norm's dweight: per-program fp32 partial rows, then a torch sum.
+reduced like rms_norm's dweight: per-program fp32 partial rows (several rows per iteration), then a
+torch sum.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import tl, triton, use_triton
-from kernels.launch import as_rows, on_device, partial_programs, row_config
+from kernels.launch import as_rows, backward_rows, on_device, partial_programs, row_config
 
 
 def layer_norm_reference(x, weight, bias, eps: float):
@@ -39,7 +40,7 @@ def _layer_norm_forward_kernel(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, n_col
 
 @triton.jit
 def _layer_norm_backward_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_x, stride_dx,
-                                n_rows, n_cols, rows_per_program, BLOCK: tl.constexpr):
+                                n_rows, n_cols, rows_per_program, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -48,16 +49,20 @@ def _layer_norm_backward_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL
     db = tl.zeros([BLOCK], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: rows * stride may pass 2^31
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for row in range(row_start, row_end):
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        xhat = tl.where(mask, (x - tl.load(MEAN + row)) * rstd, 0.0)
-        dw += dy * xhat
-        db += dy
-        g = dy * w
-        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols) - tl.sum(g, axis=0) / n_cols)
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    for first in range(row_start, row_end, ROWS):   # a [ROWS, BLOCK] tile per iteration
+        rows = first + tl.arange(0, ROWS)
+        row_mask = rows < row_end
+        tile_mask = row_mask[:, None] & mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
+        xhat = tl.where(tile_mask, (x - mean) * rstd, 0.0)
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+        g = dy * w[None, :]
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=1) / n_cols)[:, None] - (tl.sum(g, axis=1) / n_cols)[:, None])
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=tile_mask)
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
     tl.store(DB_PARTIAL + pid * n_cols + cols, db, mask=mask)
 
@@ -85,13 +90,14 @@ class LayerNormFunction(torch.autograd.Function):
         dy2 = as_rows(dy)
         n_rows, n_cols = x2.shape
         dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
-        programs = partial_programs(n_rows, x2)
+        block, num_warps = row_config(n_cols)
+        rows = backward_rows(block)
+        programs, rows_per_program = partial_programs(n_rows, x2, rows)
         dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
         db_partial = torch.empty_like(dw_partial)
-        block, num_warps = row_config(n_cols)
         _layer_norm_backward_kernel[(programs,)](dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
                                                  dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
-                                                 triton.cdiv(n_rows, programs), BLOCK=block, num_warps=num_warps)
+                                                 rows_per_program, BLOCK=block, ROWS=rows, num_warps=num_warps)
         dweight = dw_partial.sum(0).to(weight.dtype)
         dbias = db_partial.sum(0).to(ctx.bias_dtype)
         return dx.view(dy.shape), dweight, dbias, None

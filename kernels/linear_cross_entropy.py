@@ -13,19 +13,23 @@ rows, C chosen by `chunk_plan` from a memory budget for the fp32 logits chunk [C
 from V/H, so the GEMMs stay large), with no host synchronization anywhere. Per chunk:
     z = h_c @ W^T                       cuBLAS, bf16 inputs, fp32 output [C, V]
     one program per row: lse = logsumexp(z) (online, fp32), loss_t = lse - z[label], then
-    dz = (softmax(z) - onehot(label)) * scale overwrites z in place (scale = 1 / n_valid
-    for "mean", a device tensor; 0 on ignored rows), stored in the matmul dtype
-    grad_h[c] = dz @ W                  [C, H], hidden's dtype
-    grad_W  += dz^T @ h_c               [V, H], fp32 accumulator
+    dz = (softmax(z) - onehot(label)) * scale (scale = 1 / n_valid for "mean", a device
+    tensor; 0 on ignored rows), stored in the matmul dtype into the gradient group's rows
+and per group of G rows (G >= C, from a second budget for bf16 dz [G, V]; for fp32
+inputs dz overwrites z in place and G = C):
+    grad_h[g] = dz_g @ W                [G, H], hidden's dtype
+    grad_W  (+)= dz_g^T @ h_g           [V, H]: the first group writes the fp32 accumulator (no
+                                        zeroing pass), later ones add; with a single group and
+                                        bf16 inputs, written straight in bf16 (no accumulator)
+Groups cut the passes over W and over the fp32 grad_W ([V, H], 545 MB at Qwen2-0.5B) from one
+per chunk to one per group: `traffic` counts them.
 The gradients are computed in the forward pass and kept; backward scales them by the scalar
 grad_output (in place: backward may run once per forward).
 
 Why fp32 logits: a memorized token has loss ~1e-3 while its logit is ~30, where bf16 spacing
 is 0.125; bf16 logits would bury the loss curve in rounding. dz lies in [-1, 1] and feeds
-bf16 GEMMs, so bf16 is enough for it: written as bf16 into the first half of each fp32 row's
-bytes (the row stride stays 4V bytes), so it needs no memory of its own on a GPU (on the CPU it
-gets a dense tensor of its own: see narrow_gradient_rows).
-grad_W is accumulated in fp32 over the chunks and rounded to the weight's dtype once.
+bf16 GEMMs, so bf16 is enough for it: it lives in a dense bf16 buffer of G rows of its own.
+grad_W is accumulated in fp32 over the groups and rounded to the weight's dtype once.
 """
 from __future__ import annotations
 
@@ -38,22 +42,30 @@ from kernels.dispatch import tl, triton, use_triton
 from kernels.launch import on_device
 
 LOGITS_BUDGET_BYTES = 384 << 20  # fp32 logits chunk: 640 rows at V=151,936 (peak < 1 GB at 32K x 896)
+GRADIENT_BUDGET_BYTES = 512 << 20  # bf16 dz of a gradient group: 1,664 rows at V=151,936
 CHUNK_MULTIPLE = 128  # chunk rows in whole GEMM tiles
 
 
 class ChunkPlan(NamedTuple):
     chunk_tokens: int  # rows of hidden per chunk
     peak_extra_bytes: int  # most memory the op holds at once beyond its inputs
+    group_tokens: int = 0  # rows per gradient group (a multiple of chunk_tokens; with grads)
+
+    def accumulates(self, T: int, dtype: torch.dtype) -> bool:
+        """Whether grad_W goes through the fp32 accumulator (several groups, or fp32 anyway)."""
+        return dtype == torch.float32 or self.group_tokens < T
 
 
 def chunk_plan(T: int, H: int, V: int, dtype: torch.dtype, budget_bytes: int = LOGITS_BUDGET_BYTES,
-               grads: bool = True) -> ChunkPlan:
-    """Chunk size for T tokens and its peak memory, everything the op allocates counted.
+               grads: bool = True, gradient_budget_bytes: int = GRADIENT_BUDGET_BYTES) -> ChunkPlan:
+    """Chunk and gradient-group sizes for T tokens and the peak memory, everything the op allocates counted.
 
     Rows per chunk: the largest multiple of CHUNK_MULTIPLE whose fp32 logits [C, V] fit in
-    budget_bytes (at least CHUNK_MULTIPLE, at most T). The peak, with grads, is the larger of
-    (during the loop) logits + fp32 grad_W accumulator + grad_hidden + per-token losses and
-    (at the end) accumulator + grad_W in `dtype` + grad_hidden + losses.
+    budget_bytes (at least CHUNK_MULTIPLE, at most T). Rows per group: fp32, the chunk (dz is z);
+    else the largest multiple of CHUNK_MULTIPLE whose dz [G, V] fits gradient_budget_bytes (at least one
+    chunk, at most T; its last chunk may be short). The peak, with grads: during the loop logits + dz group +
+    fp32 grad_W accumulator (if used) + grad_hidden + per-token losses; at the end accumulator + grad_W
+    in `dtype` + grad_hidden + losses.
     """
     rows = max(CHUNK_MULTIPLE, budget_bytes // (4 * V) // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
     chunk = min(rows, T)
@@ -62,11 +74,43 @@ def chunk_plan(T: int, H: int, V: int, dtype: torch.dtype, budget_bytes: int = L
     if not grads:
         return ChunkPlan(chunk, logits + per_token)
     size = torch.empty((), dtype=dtype).element_size()
+    if dtype == torch.float32:
+        group, dz = chunk, 0
+    else:
+        rows = gradient_budget_bytes // (size * V) // CHUNK_MULTIPLE * CHUNK_MULTIPLE
+        group = min(max(chunk, rows), T)
+        dz = size * group * V
+    plan = ChunkPlan(chunk, 0, group)
     grad_hidden = size * T * H
-    accumulator = 4 * V * H
-    rounded = 0 if dtype == torch.float32 else size * V * H
-    peak = max(logits, rounded) + accumulator + grad_hidden + per_token
-    return ChunkPlan(chunk, peak)
+    accumulator = 4 * V * H if plan.accumulates(T, dtype) else 0
+    rounded = size * V * H if accumulator and dtype != torch.float32 else 0
+    peak = max(logits + dz, rounded) + accumulator + grad_hidden + per_token
+    return plan._replace(peak_extra_bytes=peak)
+
+
+def traffic(T: int, H: int, V: int, dtype: torch.dtype, budget_bytes: int = LOGITS_BUDGET_BYTES) -> dict[str, int]:
+    """Bytes each part of a training call (gradients of hidden and weight) moves, from chunk_plan's
+    chunks, as _fused_forward and backward run them: per chunk of n rows the logits GEMM (W and h
+    read, fp32 z written), the row kernel (z read twice, dz written), the grad_hidden GEMM (dz and W
+    read, grad_h written) and the grad_W GEMM (dz and h read, the fp32 accumulator read and written);
+    once, the accumulator zeroed and rounded to the weight's dtype, and backward's scaling in place."""
+    e = torch.empty((), dtype=dtype).element_size()
+    plan = chunk_plan(T, H, V, dtype, budget_bytes)
+    accumulates = plan.accumulates(T, dtype)
+    parts = dict.fromkeys(("logits GEMM", "row kernel (lse, dz)", "grad_hidden GEMM", "grad_W GEMM",
+                           "grad_W round, scale"), 0)
+    for start in range(0, T, plan.chunk_tokens):
+        n = min(plan.chunk_tokens, T - start)
+        parts["logits GEMM"] += e * V * H + e * n * H + 4 * n * V
+        parts["row kernel (lse, dz)"] += 8 * n * V + e * n * V + 8 * n
+    for start in range(0, T, plan.group_tokens):
+        n = min(plan.group_tokens, T - start)
+        parts["grad_hidden GEMM"] += e * n * V + e * V * H + e * n * H
+        # the first group writes grad_W (fp32 accumulator, or the result itself), later ones read and write it
+        parts["grad_W GEMM"] += e * n * V + e * n * H + (4 if accumulates else e) * V * H * (1 if start == 0 else 2)
+    rounding = (4 + e) * V * H if accumulates and dtype != torch.float32 else 0
+    parts["grad_W round, scale"] = rounding + 2 * e * V * H + 2 * e * T * H
+    return parts
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean"):
@@ -109,8 +153,8 @@ def _ce_rows_kernel(Z, DZ, LABELS, LOSS, SCALE, V, stride_z, stride_dz, ignore_i
             mask = start + cols < V
             z = tl.load(z_row + start + cols, mask=mask, other=0.0)
             g = (tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)) * coef
-            # dz may alias z with a narrower dtype: its bytes overlap z values other warps are
-            # still reading, so every warp finishes its loads before any store lands
+            # dz may alias z (fp32 inputs: overwritten in place): every warp finishes its loads
+            # before any store lands
             tl.debug_barrier()
             tl.store(dz_row + start + cols, g.to(DZ.dtype.element_ty), mask=mask)
 
@@ -166,45 +210,44 @@ def _loss_scale(labels, ignore_index, reduction):
     return n_valid, torch.ones(1, dtype=torch.float32, device=labels.device)
 
 
-def narrow_gradient_rows(z, dtype):
-    """Where dz (`dtype`, narrower than fp32) lives. On a GPU, in the first bytes of each fp32 row of z
-    (row stride 4V bytes: cuBLAS reads only each row's logical extent). Elsewhere its own dense tensor: a
-    CPU BLAS (oneDNN on AMX-BF16 Xeons) may read past a row's logical end, and the padding of a view of
-    z holds fp32 bytes, NaN patterns among them, that would poison the product."""
-    if z.is_cuda:
-        return z.view(dtype)[:, :z.shape[1]]
-    return torch.empty(z.shape, dtype=dtype, device=z.device)
-
-
 def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes, need_gh, need_gw, ce_rows):
     """(loss, grad_hidden or None, grad_weight or None), gradients for grad_output = 1."""
     T, H = hidden.shape
     V = weight.shape[0]
-    chunk = chunk_plan(T, H, V, hidden.dtype, budget_bytes, need_gh or need_gw).chunk_tokens
+    grads = need_gh or need_gw
+    plan = chunk_plan(T, H, V, hidden.dtype, budget_bytes, grads)
+    chunk, group = plan.chunk_tokens, plan.group_tokens or plan.chunk_tokens
     z = torch.empty((chunk, V), dtype=torch.float32, device=hidden.device)
     dz = None
-    if need_gh or need_gw:
-        dz = z if hidden.dtype == torch.float32 else narrow_gradient_rows(z, hidden.dtype)
+    if grads:
+        dz = z if hidden.dtype == torch.float32 else torch.empty((group, V), dtype=hidden.dtype, device=hidden.device)
     row_loss = torch.empty(T, dtype=torch.float32, device=hidden.device)
     n_valid, scale = _loss_scale(labels, ignore_index, reduction)
     grad_hidden = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device) if need_gh else None
-    grad_w32 = torch.zeros((V, H), dtype=torch.float32, device=hidden.device) if need_gw else None
-    for start in range(0, T, chunk):
-        end = min(start + chunk, T)
-        h, n = hidden[start:end], end - start
-        mm_fp32(h, weight.t(), z[:n])
-        ce_rows(z[:n], None if dz is None else dz[:n], labels[start:end], row_loss[start:end], scale, ignore_index)
+    grad_w = None
+    for group_start in range(0, T, group):
+        group_end = min(group_start + group, T)
+        for start in range(group_start, group_end, chunk):
+            end = min(start + chunk, group_end)
+            n, at = end - start, start - group_start
+            mm_fp32(hidden[start:end], weight.t(), z[:n])
+            ce_rows(z[:n], None if dz is None else dz[at:at + n], labels[start:end], row_loss[start:end], scale,
+                    ignore_index)
+        dz_g, h_g = (None, None) if dz is None else (dz[:group_end - group_start], hidden[group_start:group_end])
         if need_gh:
-            torch.mm(dz[:n], weight, out=grad_hidden[start:end])
+            torch.mm(dz_g, weight, out=grad_hidden[group_start:group_end])
         if need_gw:
-            _addmm_fp32_(grad_w32, dz[:n].t(), h)
+            if grad_w is None:   # the first group writes: no zeroing pass
+                grad_w = mm_fp32(dz_g.t(), h_g) if plan.accumulates(T, hidden.dtype) else torch.mm(dz_g.t(), h_g)
+            else:
+                _addmm_fp32_(grad_w, dz_g.t(), h_g)
     del z, dz
     if reduction == "none":
         return row_loss, None, None
     loss = row_loss.sum()
     if reduction == "mean":
         loss = loss / n_valid
-    return loss, grad_hidden, None if grad_w32 is None else grad_w32.to(weight.dtype)
+    return loss, grad_hidden, None if grad_w is None else grad_w.to(weight.dtype)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -238,9 +281,9 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduc
     dtypes take the reference."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"linear_cross_entropy: reduction {reduction!r} is not supported: use 'mean', 'sum' or 'none'")
-    if reduction == "none":      # forward only: detached inputs, so the op computes no gradients
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            raise ValueError("linear_cross_entropy: reduction 'none' has no backward: call it under torch.no_grad()")
+    if reduction == "none" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        raise ValueError("linear_cross_entropy: reduction 'none' has no backward: call it under torch.no_grad()")
+    if reduction == "none" or not torch.is_grad_enabled():   # forward only: the op computes no gradients
         hidden, weight = hidden.detach(), weight.detach()
     triton_path = use_triton(hidden)
     if triton_path or (hidden.dtype == weight.dtype == torch.float32 and hidden.dim() == 2):

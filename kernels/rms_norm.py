@@ -9,8 +9,9 @@ Triton path: one program per row computes rstd = 1 / sqrt(mean(s^2) + eps) in fp
 it ([rows] fp32) for the backward. With n = s * rstd, g = dy * weight (fp32):
     ds = rstd * (g - n * mean(g * n)) (+ the gradient flowing into the returned sum),
     dx = dresidual = ds,  dweight = sum over rows of dy * cast(n).
-The backward runs a fixed number of programs (one per SM on a GPU), each looping over a
-contiguous chunk of rows and writing its fp32 partial dweight row; a torch sum reduces them
+The backward runs a fixed number of programs (a few per SM on a GPU), each looping over a
+contiguous chunk of rows, several rows per iteration (kernels.launch.backward_rows: their loads in
+flight together, not one row's latency after another), and writing its fp32 partial dweight row; a torch sum reduces them
 (no atomics, so bf16 weights are fine).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import tl, triton, use_triton
-from kernels.launch import as_rows, on_device, partial_programs, row_config
+from kernels.launch import as_rows, backward_rows, on_device, partial_programs, row_config
 
 
 def rms_norm_reference(x, weight, eps: float):
@@ -49,7 +50,7 @@ def _rms_norm_forward_kernel(X, R, S, W, Y, RSTD, stride_x, stride_r, stride_s, 
 @triton.jit
 def _rms_norm_backward_kernel(DY, DS_OUT, S, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_dso, stride_s, stride_dx,
                               n_rows, n_cols, rows_per_program,
-                              HAS_DS_OUT: tl.constexpr, BLOCK: tl.constexpr):
+                              HAS_DS_OUT: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -57,17 +58,21 @@ def _rms_norm_backward_kernel(DY, DS_OUT, S, W, RSTD, DX, DW_PARTIAL, stride_dy,
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: rows * stride may pass 2^31
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for row in range(row_start, row_end):
-        s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
+    for first in range(row_start, row_end, ROWS):   # a [ROWS, BLOCK] tile per iteration
+        rows = first + tl.arange(0, ROWS)
+        row_mask = rows < row_end
+        tile_mask = row_mask[:, None] & mask[None, :]
+        s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
         n = s * rstd
-        dw += dy * n.to(S.dtype.element_ty).to(tl.float32)
-        g = dy * w
-        ds = rstd * (g - n * (tl.sum(g * n, axis=0) / n_cols))
+        dw += tl.sum(dy * n.to(S.dtype.element_ty).to(tl.float32), axis=0)
+        g = dy * w[None, :]
+        ds = rstd * (g - n * (tl.sum(g * n, axis=1) / n_cols)[:, None])
         if HAS_DS_OUT:
-            ds += tl.load(DS_OUT + row * stride_dso + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx + cols, ds.to(DX.dtype.element_ty), mask=mask)
+            ds += tl.load(DS_OUT + rows[:, None] * stride_dso + cols[None, :], mask=tile_mask,
+                          other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], ds.to(DX.dtype.element_ty), mask=tile_mask)
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
 
 
@@ -97,12 +102,13 @@ def _backward(dy, ds_out, s, weight, rstd):
     n_rows, n_cols = s.shape
     dso = dy2 if ds_out is None else as_rows(ds_out)
     dx = torch.empty_like(s, memory_format=torch.contiguous_format)
-    programs = partial_programs(n_rows, s)
-    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=s.device)
     block, num_warps = row_config(n_cols)
+    rows = backward_rows(block)
+    programs, rows_per_program = partial_programs(n_rows, s, rows)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=s.device)
     _rms_norm_backward_kernel[(programs,)](dy2, dso, s, weight, rstd, dx, dw_partial, dy2.stride(0), dso.stride(0),
-                                           s.stride(0), dx.stride(0), n_rows, n_cols, triton.cdiv(n_rows, programs),
-                                           HAS_DS_OUT=ds_out is not None, BLOCK=block, num_warps=num_warps)
+                                           s.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+                                           HAS_DS_OUT=ds_out is not None, BLOCK=block, ROWS=rows, num_warps=num_warps)
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 

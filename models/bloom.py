@@ -89,7 +89,10 @@ class BloomForCausalLM(CausalLM):
 
     def slopes(self, device) -> torch.Tensor:
         if self._slopes is None or self._slopes.device != device:
-            self._slopes = alibi_slopes(self.config.num_heads).to(device)
+            # made outside inference mode (as rope's inv_freq): a first forward under
+            # torch.inference_mode must not cache an inference tensor that training then saves for backward
+            with torch.inference_mode(False):
+                self._slopes = alibi_slopes(self.config.num_heads).to(device)
         return self._slopes
 
     def output_weight(self) -> torch.Tensor:

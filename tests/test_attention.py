@@ -205,3 +205,23 @@ def test_model_packed_logits_same_with_triton_backend(name):
         with kernels.backend("triton"):
             out = model(ids, cu_seqlens=cu, max_seqlen=max(lengths))
     assert rel_err(out, ref) < 1e-5
+
+
+def test_bloom_trains_through_triton_after_a_first_forward_in_inference_mode():
+    """The ALiBi slopes cached by a first forward under torch.inference_mode (an evaluation before
+    training) are a normal tensor: a training forward + backward through the Triton attention saves
+    them for backward, and its gradients match the torch path's."""
+    from models import ModelConfig, build_model
+    model = build_model(ModelConfig.from_dict(MODEL_CONFIGS["bloom-alibi"]), device="cpu", dtype=torch.float32, seed=0)
+    lengths = [9, 4]
+    ids = torch.randint(0, 97, (sum(lengths),))
+    cu = cu_seqlens(lengths)
+    with torch.inference_mode(), kernels.backend("triton"):
+        model(ids, cu_seqlens=cu, max_seqlen=max(lengths))
+    grads = {}
+    for name in ("torch", "triton"):
+        model.zero_grad()
+        with kernels.backend(name):
+            model(ids, cu_seqlens=cu, max_seqlen=max(lengths)).square().mean().backward()
+        grads[name] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert rel_err(grads["triton"], grads["torch"]) < 1e-5

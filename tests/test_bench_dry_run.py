@@ -28,6 +28,8 @@ def test_step_limits_fit_a_lease():
     limits = step_limits()
     assert list(limits) == STEPS
     assert sum(limits.values()) <= 540, limits
+    assert limits["tests"] + limits["train"] + limits["generate"] <= 300, limits   # the most valuable first
+    assert "timeout -s INT" in GPU_SH.read_text() and "-rfE --tb=short" in GPU_SH.read_text()
 
 
 def test_dry_run_runs_every_step(tmp_path):

@@ -87,7 +87,7 @@ def test_decode_default_slots_and_reference_agree():
 def test_split_rule_fills_the_gpu_only_when_needed():
     cpu = torch.device("cpu")
     assert decode_num_splits(batch=256, n_kv=2, s_max=512, block_n=64, device=cpu) == 1
-    assert decode_num_splits(batch=64, n_kv=2, s_max=512, block_n=64, device=cpu) == 3
+    assert decode_num_splits(batch=64, n_kv=2, s_max=512, block_n=64, device=cpu) == 4     # 3, bucketed
     assert decode_num_splits(batch=1, n_kv=2, s_max=4096, block_n=64, device=cpu) == 16
     assert decode_num_splits(batch=1, n_kv=2, s_max=100, block_n=64, device=cpu) == 2
 
@@ -95,7 +95,7 @@ def test_split_rule_fills_the_gpu_only_when_needed():
 def test_split_rule_counts_the_target_s_multiprocessors():
     cpu = torch.device("cpu")
     with target(TARGETS[89]):     # 142 SMs: 136 programs leave some idle
-        assert decode_num_splits(batch=68, n_kv=2, s_max=512, block_n=64, device=cpu) == 3
+        assert decode_num_splits(batch=68, n_kv=2, s_max=512, block_n=64, device=cpu) == 4
     assert decode_num_splits(batch=68, n_kv=2, s_max=512, block_n=64, device=cpu) == 1    # 132 SMs (sm_90)
 
 
@@ -134,3 +134,25 @@ def test_model_decode_step_matches_full_forward(name):
         with kernels.backend("torch"):
             want = model(full, cu_seqlens=cu_seqlens((lengths + 1).tolist()))[(lengths + 1).cumsum(0) - 1]
     assert rel_err(step, want) < 1e-5
+
+
+def test_split_count_follows_the_cache_not_the_live_batch(monkeypatch):
+    """Every batch size of one cache launches the same split count (one compiled variant an evaluation)
+    and split counts are powers of two (or the cache's S_max / BLOCK_N cap)."""
+    import kernels.decode_attention as da
+    seen = set()
+    real = da.decode_num_splits
+    monkeypatch.setattr(da, "decode_num_splits", lambda *a, **k: seen.add(real(*a, **k)) or real(*a, **k))
+    slots, n_kv, s_max, d = 9, 2, 80, 64
+    k_cache, v_cache = torch.randn(slots, n_kv, s_max, d), torch.randn(slots, n_kv, s_max, d)
+    with kernels.backend("triton"):
+        for batch in (8, 3, 1):
+            q = torch.randn(batch, 4, d)
+            lengths = torch.randint(1, s_max + 1, (batch,), dtype=torch.int32)
+            out = decode_attention(q, k_cache, v_cache, lengths, torch.arange(batch))
+            assert rel_err(out, decode_attention_reference(q, k_cache, v_cache, lengths)) < 1e-5
+    assert len(seen) == 1
+    cpu = torch.device("cpu")
+    for batch in range(1, 70):
+        n = decode_num_splits(batch=batch, n_kv=2, s_max=4096, block_n=64, device=cpu)
+        assert n & (n - 1) == 0

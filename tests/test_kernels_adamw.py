@@ -57,3 +57,30 @@ def test_rejects_mismatched_tensors():
     masters, grads = [torch.zeros(10)], [torch.zeros(11)]
     with kernels.backend("triton"), pytest.raises(ValueError, match="contiguous"):
         adamw_step(masters, grads, [torch.zeros(10)], [torch.zeros(10)], step=1, weight_decay=0.0, **HYPER)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_clip_scale_and_zeroing_in_the_pass_match_torch_clip_then_adamw(backend):
+    """grad_scale and zero_grads: the update torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW make
+    (odd sizes, clipping active), and the gradients left zero."""
+    params, grads = make_run(2, torch.float32)
+    grads = [[g * 5 for g in step] for step in grads]
+    ref = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.AdamW(ref, lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+                            weight_decay=0.1)
+    masters = [p.clone() for p in params]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for step, step_grads in enumerate(grads, start=1):
+        for p, g in zip(ref, step_grads):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt.step()
+        ours = [g.clone() for g in step_grads]
+        norm = torch.stack([g.norm() for g in ours]).norm()
+        scale = (1.0 / (norm + 1e-6)).clamp(max=1.0).reshape(1)
+        assert scale.item() < 0.5
+        with kernels.backend(backend):
+            adamw_step(masters, ours, m, v, step=step, weight_decay=0.1, grad_scale=scale, zero_grads=True, **HYPER)
+        assert all((g == 0).all() for g in ours)
+    for a, b in zip(masters, ref):
+        assert (a - b.detach()).abs().max() <= 1e-6

@@ -94,3 +94,19 @@ def test_rms_norm_strided_rows():
 def test_layer_norm(shape, dtype):
     x, w = _norm_inputs(shape)
     check_against_reference(lambda x, w, b: layer_norm(x, w, b, 1e-5), (x, w, 0.1 * torch.randn(shape[-1])), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(77, 100), (37, 896), (13, 1536)])
+def test_norm_backward_row_tiles(shape, dtype):
+    """Backward programs take several rows per iteration (kernels.launch.backward_rows): row counts that
+    leave programs with partial tiles and more tiles than programs, at odd and real widths."""
+    from kernels.launch import backward_rows, partial_programs, row_config
+    rows = backward_rows(row_config(shape[1])[0])
+    programs, per_program = partial_programs(shape[0], torch.empty(0), rows)
+    assert rows > 1 and per_program % rows == 0 and (programs - 1) * per_program < shape[0] <= programs * per_program
+    check_against_reference(lambda x, w: rms_norm(x, w, 1e-6), _norm_inputs(shape), dtype)
+    x, w = _norm_inputs(shape)
+    check_against_reference(lambda x, w, r: rms_norm(x, w, 1e-6, residual=r), (x, w, torch.randn(shape)), dtype)
+    check_against_reference(lambda x, w, b: layer_norm(x, w, b, 1e-5), (*_norm_inputs(shape), torch.randn(shape[1])),
+                            dtype)

@@ -1,0 +1,136 @@
+"""Speed of light of one training step and one evaluation decode step, per phase: FLOPs, bytes moved
+and the time each would take at the card's measured matmul and copy ceilings (kernels.hardware).
+
+    phases = train_step_phases(config, tokens=8192)      # [Phase], summed: the step at speed of light
+    print(roofline_table(["qwen2-0.5b", "bloom-1b4-zh"]))   # cli.py profile prints it
+
+This is a model, not a measurement: a phase takes max(FLOPs / matmul ceiling, bytes / copy ceiling),
+each kernel is its own phase part (no overlap between kernels), caches hold nothing between kernels.
+The traffic comes from the same plans the code runs: the model's own nn.Linear modules (built on the
+meta device) give the GEMMs, kernels.linear_cross_entropy.traffic the fused loss's chunks,
+engine.optim.step_traffic the optimizer's passes; change a kernel's plan and its bytes change here.
+bf16 weights and activations, fp32 masters and moments, one micro-batch per step (the defaults);
+sequences of `seq_len` tokens (attention keys: (seq_len + 1) / 2 per token on average).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.optim import step_traffic
+from kernels.hardware import PROJECTION, Hardware
+from kernels.linear_cross_entropy import traffic as loss_traffic
+from models import KVCache, ModelConfig, model_class
+
+BF16 = 2
+DEFAULT_TOKENS = 8192      # TrainConfig's batch_tokens for pretrained models
+DEFAULT_SEQ_LEN = 128      # a CN poem with its prompt, in tokens (~80-150)
+EVAL_BATCH = 256           # sequences decoded together (engine.costs.EVAL_BATCH)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    flops: float
+    bytes: float
+    seconds: float
+    bound: str            # "matmul" or "memory"
+
+
+def _kernel(flops: float, nbytes: float, hw: Hardware) -> tuple[float, str]:
+    compute, memory = flops / hw.roofline_matmul_flops, nbytes / hw.roofline_bytes_per_second
+    return max(compute, memory), "matmul" if compute >= memory else "memory"
+
+
+def phase(name: str, kernels: list[tuple[float, float]], hw: Hardware) -> Phase:
+    """A phase made of kernels (flops, bytes) run one after another."""
+    timed = [_kernel(f, b, hw) for f, b in kernels]
+    seconds = sum(t for t, _ in timed)
+    matmul = sum(t for t, bound in timed if bound == "matmul")
+    return Phase(name, sum(f for f, _ in kernels), sum(b for _, b in kernels), seconds,
+                 "matmul" if matmul >= seconds / 2 else "memory")
+
+
+def layer_linears(config: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) of every nn.Linear in the blocks, read from the model as built (meta device)."""
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    return [(m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and "lm_head" not in name]
+
+
+def train_step_phases(config: ModelConfig, tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
+                      hw: Hardware = PROJECTION) -> list[Phase]:
+    T, h, L, e = tokens, config.hidden_size, config.num_layers, BF16
+    q_dim, kv_dim, inter = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, \
+        config.intermediate_size
+    qwen = config.model_type == "qwen2"
+    linears = layer_linears(config)
+    gemms = []
+    for i, o in linears:   # forward, grad of the input, grad of the weight (bf16, then the hook's add)
+        gemms += [(2 * T * i * o, e * (T * i + i * o + T * o)), (2 * T * i * o, e * (T * o + i * o + T * i)),
+                  (2 * T * i * o, e * (T * i + T * o + i * o))]
+    ctx = (seq_len + 1) / 2
+    attention = [(3 * 4 * T * ctx * q_dim, e * T * (3 * q_dim + 5 * kv_dim) + e * T * (2 * q_dim + 2 * kv_dim))] * L
+    if qwen:   # 2 RMSNorms with the residual add fused per layer + the final one; RoPE on q and k
+        norms = [(0, 4 * e * T * h), (0, 4 * e * T * h)] * (2 * L + 1)
+        elementwise = [(0, 2 * e * T * (q_dim + kv_dim))] * 2 * L + [(0, 3 * e * T * inter), (0, 5 * e * T * inter)] * L
+    else:      # 2 LayerNorms per layer + embedding's + final; residual adds in torch; GELU
+        norms = [(0, 2 * e * T * h), (0, 3 * e * T * h)] * (2 * L + 2)
+        elementwise = [(0, 3 * e * T * h)] * 2 * L + [(0, 2 * e * T * inter), (0, 3 * e * T * inter)] * L
+    V = config.vocab_size
+    loss_bytes = loss_traffic(T, h, V, torch.bfloat16)
+    gemm_flops = {"logits GEMM": 2 * T * V * h, "grad_hidden GEMM": 2 * T * V * h, "grad_W GEMM": 2 * T * V * h}
+    loss = [(gemm_flops.get(part, 0), nbytes) for part, nbytes in loss_bytes.items()]
+    # embedding: gather forward; backward a dense [V, h] gradient written, added to the head's when tied
+    embedding = [(0, e * T * h), (0, e * V * h + e * T * h + (3 * e * V * h if config.tie_word_embeddings else 0))]
+    with torch.device("meta"):
+        n = model_class(config)(config).num_parameters()
+    optimizer = [(0, nbytes) for nbytes in step_traffic(n, BF16).values()]
+    return [phase("layer GEMMs", gemms, hw), phase("attention", attention, hw), phase("norms", norms, hw),
+            phase("rope + activations + adds", elementwise, hw), phase("LM head + loss", loss, hw),
+            phase("embedding", embedding, hw), phase("optimizer", optimizer, hw)]
+
+
+def decode_step_phases(config: ModelConfig, batch: int = EVAL_BATCH, context: int = DEFAULT_SEQ_LEN,
+                       hw: Hardware = PROJECTION) -> list[Phase]:
+    """One greedy decode step of `batch` sequences with `context` cached tokens each: every weight read once
+    (bf16), the KV cache read, the argmax's fp32 logits tiles written and read."""
+    with torch.device("meta"):
+        n = model_class(config)(config).num_parameters()
+    h, V = config.hidden_size, config.vocab_size
+    head = 2 * batch * h * V
+    return [phase("weights (GEMMs)", [(2 * batch * (n - V * h), BF16 * (n - V * h))], hw),
+            phase("KV cache (attention)", [(4 * batch * context * config.num_heads * config.head_dim,
+                                            batch * context * KVCache.bytes_per_token(config, torch.bfloat16))], hw),
+            phase("LM head + argmax", [(head, BF16 * V * h + 8 * batch * V)], hw)]
+
+
+def summary(name: str, config: ModelConfig, tokens: int = DEFAULT_TOKENS, hw: Hardware = PROJECTION) -> dict:
+    train, decode = train_step_phases(config, tokens, hw=hw), decode_step_phases(config, hw=hw)
+    step, decode_s = sum(p.seconds for p in train), sum(p.seconds for p in decode)
+    return {"model": name, "tokens": tokens, "step_seconds": step, "train_tokens_per_second": tokens / step,
+            "decode_step_seconds": decode_s, "decode_tokens_per_second": EVAL_BATCH / decode_s,
+            "phases": train, "decode_phases": decode}
+
+
+def roofline_table(models: list[str], tokens: int = DEFAULT_TOKENS, hw: Hardware = PROJECTION) -> str:
+    from engine.costs import model_config
+    from engine.report import markdown_table
+    rows, details = [], []
+    for name in models:
+        s = summary(name, model_config(name), tokens, hw)
+        top = sorted(s["phases"], key=lambda p: -p.seconds)[:3]
+        rows.append([name, f"{s['step_seconds'] * 1e3:.1f}", f"{s['train_tokens_per_second']:,.0f}",
+                     "; ".join(f"{p.name} {p.seconds * 1e3:.1f} ms ({p.bound})" for p in top),
+                     f"{s['decode_tokens_per_second']:,.0f}"])
+        details += [[name, p.name, f"{p.flops / 1e12:.2f}", f"{p.bytes / 1e9:.2f}", f"{p.seconds * 1e3:.2f}", p.bound]
+                    for p in s["phases"]]
+    ceilings = (f"{hw.name}: matmul {hw.roofline_matmul_flops / 1e12:.0f} TFLOP/s, copy "
+                f"{hw.roofline_bytes_per_second / 1e12:.1f} TB/s")
+    return (f"Speed of light (a model, engine/roofline.py; {ceilings}): one training step of {tokens:,} tokens "
+            f"(sequences of {DEFAULT_SEQ_LEN}), one decode step of {EVAL_BATCH} sequences.\n\n"
+            + markdown_table(["model", "step ms", "train tok/s", "three largest phases", "decode tok/s"], rows)
+            + "\n\n" + markdown_table(["model", "phase", "TFLOP", "GB", "ms", "bound"], details))
