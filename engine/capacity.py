@@ -163,9 +163,9 @@ def estimate(rows: list[dict], parameters: int) -> dict:
     still at >= RECITED exact recitation."""
     knee = max(rows, key=lambda row: (row["memorized_poems"]["mean"], -row["poems"]))
     recited = [row["poems"] for row in rows if row["accuracy"] >= RECITED]
+    bits = knee["bits_gained"]["mean"]
     return {"knee_poems": knee["poems"], "knee_memorized_poems": knee["memorized_poems"]["mean"],
-            "knee_bits": knee["bits_gained"]["mean"], "knee_bits_per_parameter": knee["bits_gained"]["mean"] / parameters,
-            "knee_reached": knee is not rows[-1],
+            "knee_bits": bits, "knee_bits_per_parameter": bits / parameters, "knee_reached": knee is not rows[-1],
             "max_bits_per_parameter": max(row["bits_per_parameter"] for row in rows),
             "largest_recited": max(recited) if recited else None}
 
@@ -182,13 +182,11 @@ def run_flops(model: str, run: dict) -> float:
 
 def model_summary(model: str, sizes: list[int], seeds: list[int], root) -> dict:
     """capacity.json's content for one model, from its runs' results.json."""
-    rows = []
-    for n in sizes:
-        runs = find_runs([run_folder(root, model, n, seed) for seed in seeds])
-        rows.append(size_row(n, runs, run_flops(model, runs[0])))
-    parameters = find_runs([rows[0]["run_dirs"][0]])[0]["parameters"]
-    return {"model": model, "parameters": parameters, "epochs": find_runs([rows[0]["run_dirs"][0]])[0]["epochs"],
-            "sizes": rows, **estimate(rows, parameters),
+    by_size = {n: find_runs([run_folder(root, model, n, seed) for seed in seeds]) for n in sizes}
+    rows = [size_row(n, runs, run_flops(model, runs[0])) for n, runs in by_size.items()]
+    first = by_size[sizes[0]][0]
+    return {"model": model, "parameters": first["parameters"], "epochs": first["epochs"], "sizes": rows,
+            **estimate(rows, first["parameters"]),
             "flops_total": sum(row["flops"] * len(row["seeds"]) for row in rows),
             "device_seconds_total": sum(row["device_seconds"] * len(row["seeds"]) for row in rows)}
 
@@ -214,7 +212,8 @@ def size_table(summary: dict) -> str:
 def estimate_text(summary: dict) -> str:
     largest = summary["largest_recited"]
     knee = (f"the knee: {summary['knee_memorized_poems']:.1f} poems recited exactly at {summary['knee_poems']} "
-            f"offered, {summary['knee_bits']:,.0f} bits gained ({summary['knee_bits_per_parameter']:.3f} bits/parameter)")
+            f"offered, {summary['knee_bits']:,.0f} bits gained "
+            f"({summary['knee_bits_per_parameter']:.3f} bits/parameter)")
     if not summary["knee_reached"]:
         knee += " - not reached: the largest size offered recites the most, so these are lower bounds"
     return "\n".join([
@@ -280,8 +279,8 @@ def write_reports(models: list[str], sizes: list[int], seeds: list[int], root) -
         (folder / "capacity.md").write_text("\n\n".join([
             f"# Memorization capacity of {display_name(s['model'])} ({s['parameters']:,} parameters)", intro,
             size_table(s), estimate_text(s), "![capacity](capacity.png)"]) + "\n")
-    report = "\n\n".join(["# Memorization capacity across models", intro, comparison_table(summaries),
-                          *[f"## {display_name(s['model'])}\n\n{size_table(s)}\n\n{estimate_text(s)}" for s in summaries],
+    sections = [f"## {display_name(s['model'])}\n\n{size_table(s)}\n\n{estimate_text(s)}" for s in summaries]
+    report = "\n\n".join(["# Memorization capacity across models", intro, comparison_table(summaries), *sections,
                           "![capacity](capacity.png)"]) + "\n"
     Path(root, "capacity.md").write_text(report)
     Path(root, "capacity.json").write_text(json.dumps(summaries, indent=2))

@@ -11,7 +11,7 @@ import pytest
 
 import cli
 from engine import capacity as cap
-from engine.data import Poem, select
+from engine.data import Poem, load_poems, prompt_text, select
 from engine.runs import read_jsonl
 from engine.stats import wilson_interval
 
@@ -39,12 +39,14 @@ def test_the_shipped_sample_is_nested_and_valid(tmp_path):
     poems = [Poem(**json.loads(line)) for line in lines]
     assert select(poems, "cn", 256, None, 0) == poems           # every poem in the 256 bin with a unique prompt
     assert gzip.decompress(cap.NESTED.read_bytes()).decode("utf-8") == "".join(lines)
+    frozen = {prompt_text(poem, "cn") for poem in load_poems("cn", 256)}
+    assert not frozen & {prompt_text(poem, "cn") for poem in poems}      # beyond the frozen 2,000 (data/README.md)
 
 
 @pytest.mark.skipif(not os.environ.get("CHINESE_POETRY_TGZ"), reason="set CHINESE_POETRY_TGZ to chinese-poetry-2.0.1.tgz")
 def test_build_cn_nested_is_bit_identical(tmp_path):
-    subprocess.run([sys.executable, str(cap.NESTED.parent / "build_cn.py"), "--tarball", os.environ["CHINESE_POETRY_TGZ"],
-                    "--out", str(tmp_path), "--nested", str(cap.NESTED_POEMS)], check=True, capture_output=True)
+    build = [sys.executable, str(cap.NESTED.parent / "build_cn.py"), "--tarball", os.environ["CHINESE_POETRY_TGZ"]]
+    subprocess.run(build + ["--out", str(tmp_path), "--nested", str(cap.NESTED_POEMS)], check=True, capture_output=True)
     assert (tmp_path / cap.NESTED.name).read_bytes() == cap.NESTED.read_bytes()
 
 
