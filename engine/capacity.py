@@ -246,16 +246,18 @@ def plot(summaries: list[dict], path: Path) -> Path:
                   [100 * (row["interval"][1] - row["accuracy"]) for row in s["sizes"]]]
         acc_ax.errorbar(poems, [100 * row["accuracy"] for row in s["sizes"]], yerr=errors, color=color, marker="o",
                         capsize=3, label=label)
-        bits_ax.plot(poems, [row["bits_gained"]["mean"] for row in s["sizes"]], color=color, marker="o", label=label)
-        bits_ax.plot([s["knee_poems"]], [s["knee_bits"]], color=color, marker="*", markersize=16, linestyle="none")
+        bits_ax.plot(poems, [row["bits_gained"]["mean"] / 1000 for row in s["sizes"]], color=color, marker="o",
+                     label=label)
+        bits_ax.plot([s["knee_poems"]], [s["knee_bits"] / 1000], color=color, marker="*", markersize=16,
+                     linestyle="none")
         for per_parameter, style in zip(REFERENCE_BITS_PER_PARAMETER, ("--", ":")):
-            bits_ax.axhline(per_parameter * s["parameters"], color=color, linestyle=style, linewidth=1,
+            bits_ax.axhline(per_parameter * s["parameters"] / 1000, color=color, linestyle=style, linewidth=1,
                             label=f"{per_parameter:g} bits/parameter x {s['parameters'] / 1e6:.2g}M")
     acc_ax.axhline(100 * RECITED, color="grey", linestyle="--", linewidth=1, label=f"{RECITED:.0%}")
     acc_ax.set(xscale="log", ylim=(-2, 102), xlabel="poems offered", ylabel="exact recitation (%, 95% Wilson)",
                title="Exact recitation")
-    bits_ax.set(xscale="log", yscale="log", xlabel="poems offered", ylabel="bits gained (memorized bits)",
-                title="Memorized bits (star: the knee)")
+    bits_ax.set(xscale="log", ylim=(0, None), xlabel="poems offered", ylabel="bits gained (kbit)",
+                title="Memorized bits (star: the knee, most poems recited)")
     for ax in (acc_ax, bits_ax):
         ax.set_xticks(poems, [str(n) for n in poems])
         ax.minorticks_off()
