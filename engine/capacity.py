@@ -28,7 +28,7 @@ from engine.data import FROZEN, encode_examples, load_poems
 from engine.report import display_name, duration, markdown_table, pyplot, save_figure
 from engine.runs import find_runs, is_run_folder, run_gpu_seconds
 from engine.stats import spread, wilson_interval
-from engine.train import FREE_ON_RESUME, TrainConfig, memorize
+from engine.train import FREE_ON_RESUME, TrainConfig, flag, memorize
 from models import REGISTRY
 
 NESTED = FROZEN / "poems-cn-256-nested.jsonl.gz"
@@ -91,10 +91,10 @@ def differences(config: TrainConfig, saved: dict) -> list[str]:
     """The settings in which a finished run differs from `config` (its source compared by file name)."""
     wanted = json.loads(json.dumps(asdict(config.resolved())))
     ignored = FREE_ON_RESUME | {"format", "source"}
-    found = [f"{name} {wanted[name]} (the run: {saved.get(name)})" for name in wanted
+    found = [f"{flag(name)} {wanted[name]} (the run: {saved.get(name)})" for name in wanted
              if name not in ignored and saved.get(name) != wanted[name]]
     if Path(saved.get("source") or "").name != Path(config.source).name:
-        found.append(f"source {Path(config.source).name} (the run: {saved.get('source')})")
+        found.append(f"--source {Path(config.source).name} (the run: {saved.get('source')})")
     return found
 
 
@@ -122,8 +122,8 @@ def plan(models: list[str], sizes: list[int], seeds: list[int], root, **override
                 config.resume = not finished and is_run_folder(config.out)
                 configs.append((config, finished))
     if refused:
-        raise ValueError("capacity: these finished runs were trained with other settings (move them away or "
-                         "rerun with their settings; nothing was trained):\n  " + "\n  ".join(refused))
+        raise ValueError("capacity: finished runs were trained with other settings (nothing was trained; move them "
+                         "away or use their settings): " + " | ".join(refused))
     return configs
 
 

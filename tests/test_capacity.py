@@ -90,8 +90,10 @@ def test_finished_runs_are_reused_and_other_settings_refused(sweep, one_thread, 
     root, summary = sweep
     again = cap.capacity([MODEL], [4, 8], seeds=[0, 1], root=root, **TINY_RUN)["summaries"][0]
     assert again == summary and capsys.readouterr().err.count("reused") == 4
-    with pytest.raises(ValueError, match="epochs 3 \\(the run: 2\\)"):
+    with pytest.raises(ValueError, match="--epochs 3 \\(the run: 2\\)") as refused:
         cap.capacity([MODEL], [4, 8], seeds=[0], root=root, **{**TINY_RUN, "epochs": 3})
+    assert "\n" not in str(refused.value)
+    assert json.loads((cap.run_folder(root, MODEL, 4, 0) / "results.json").read_text())["epochs"] == 2
 
 
 BAD = [
