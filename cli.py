@@ -14,6 +14,7 @@ PASSTHROUGH = {"bench": ("bench.throughput", "training and evaluation throughput
                "kernels": ("bench.kernel_report", "compile every Triton launch for sm_80, sm_89 and sm_90 and report")}
 DATA_FLAGS = ("lang", "length", "poems", "source", "format", "seed")
 SWEEP_FLAGS = ("epochs", "poems", "lr", "batch_tokens")
+CAPACITY_FLAGS = ("epochs", "lr", "batch_tokens", "micro_batch_tokens", "eval_every", "device")
 
 
 def cmd_memorize(args) -> None:
@@ -69,6 +70,16 @@ def cmd_sweep(args) -> None:
           seeds=args.seeds, **overrides)
 
 
+def cmd_capacity(args) -> None:
+    from engine.capacity import capacity, parse_sizes, projection
+    models, sizes, seeds = _names(args.models), parse_sizes(args.sizes), seed_list(args.seeds)
+    if args.project:
+        print(projection(models, sizes, seeds, args.out_root, args.epochs)[1])
+        return
+    overrides = {name: getattr(args, name) for name in CAPACITY_FLAGS if getattr(args, name) is not None}
+    print(capacity(models, sizes, seeds, args.out_root, **overrides)["report"])
+
+
 def cmd_report(args) -> None:
     from engine.report import report
     text, path = report(args.run_dirs, args.out)
@@ -97,9 +108,12 @@ def positive_int(text: str) -> int:
 
 
 def seed_list(text: str) -> list[int]:
-    seeds = [int(seed) for seed in text.split(",") if seed.strip()]
-    if not seeds:
-        raise ValueError(text)
+    try:
+        seeds = [int(seed) for seed in text.split(",") if seed.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise ValueError(f"seeds {text!r}: give distinct comma-separated integers, e.g. 0,1,2")
     return seeds
 
 
@@ -162,6 +176,15 @@ def parser() -> argparse.ArgumentParser:
                    "data order, preset weights); the report gives their mean and spread (default 0)")
     add_flags(p, SWEEP_FLAGS, defaults=dict.fromkeys(SWEEP_FLAGS))      # None: memorize's defaults
     p.add_argument("--out-root", default="runs/sweep")
+
+    p = command("capacity", cmd_capacity, "memorization capacity: one run per number of poems, then the knee")
+    p.add_argument("--models", required=True, help="comma-separated registry names or folders")
+    p.add_argument("--poems", dest="sizes", required=True, help="comma-separated ascending numbers of poems, each "
+                   "the first n of the nested sample data/poems-cn-256-nested.jsonl.gz, e.g. 1000,2000,4000")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, a run each per size (default 0)")
+    add_flags(p, CAPACITY_FLAGS, defaults=dict.fromkeys(CAPACITY_FLAGS))      # None: memorize's defaults
+    p.add_argument("--out-root", default="runs/capacity")
+    p.add_argument("--project", action="store_true", help="train nothing: project the sweep's GPU time")
 
     p = command("report", cmd_report, "rebuild the tables and plots from finished runs")
     p.add_argument("run_dirs", nargs="+")

@@ -2,18 +2,25 @@
 
     npm pack chinese-poetry@2.0.1          # -> chinese-poetry-2.0.1.tgz (keep it outside the repository)
     python data/build_cn.py --tarball chinese-poetry-2.0.1.tgz
+    python data/build_cn.py --tarball chinese-poetry-2.0.1.tgz --nested 16384    # the capacity sample
 
 Tang and Song shi (dist/quantangshi/poet.{tang,song}.N.json) and Song ci (dist/songci/ci.song.N.json)
 are converted to Simplified Chinese (OpenCC t2s); a ci's title is its tune and first phrase
 ("浣溪沙·一曲新词酒一杯"). Records that are empty or hold □ (an unreadable character) are dropped,
 then every prompt (dynasty, author, title) that names more than one record; engine.data.select then
 keeps the length bin and samples 2,000 poems with a fixed seed, in corpus order.
+
+--nested N writes instead data/poems-cn-256-nested.jsonl.gz (engine/capacity.py's poems): the
+256-bin pool under the same rules, shuffled once with --seed, its first N poems. The first n lines
+are the capacity sweep's sample of n poems, so each larger sample holds every smaller one.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
+import random
 import re
 import sys
 import tarfile
@@ -68,11 +75,26 @@ def read_corpus(tarball: Path, stats: Counter) -> list[Poem]:
     return poems
 
 
+def jsonl_text(poems: list[Poem]) -> str:
+    return "".join(json.dumps({"dynasty": p.dynasty, "author": p.author, "title": p.title, "content": p.content},
+                              ensure_ascii=False, sort_keys=True) + "\n" for p in poems)
+
+
 def write_jsonl(poems: list[Poem], path: Path) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for p in poems:
-            f.write(json.dumps({"dynasty": p.dynasty, "author": p.author, "title": p.title, "content": p.content},
-                               ensure_ascii=False, sort_keys=True) + "\n")
+    path.write_bytes(jsonl_text(poems).encode("utf-8"))
+
+
+def nested_order(pool: list[Poem], seed: int) -> list[Poem]:
+    """The pool in one seeded random order: its first n poems are the sample of n, for every n."""
+    order = list(pool)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def write_nested(poems: list[Poem], path: Path) -> None:
+    """gzip without a timestamp or file name in its header, so that the same poems give the same bytes."""
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f:
+        f.write(jsonl_text(poems).encode("utf-8"))
 
 
 def main() -> None:
@@ -81,6 +103,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nested", type=int, help="write the capacity sample of this many 256-bin poems instead")
     args = parser.parse_args()
     sha1 = hashlib.sha1(Path(args.tarball).read_bytes()).hexdigest()      # file_digest needs Python 3.11
     if sha1 != SHA1:
@@ -93,6 +116,15 @@ def main() -> None:
     stats["kept"] = len(unique)
     for key, value in stats.items():
         print(f"{key:>46}: {value}")
+    if args.nested:
+        pool = select(unique, "cn", 256, None, args.seed)
+        if len(pool) < args.nested:
+            raise SystemExit(f"--nested {args.nested}: the 256 bin holds only {len(pool)} poems")
+        path = args.out / "poems-cn-256-nested.jsonl.gz"
+        write_nested(nested_order(pool, args.seed)[:args.nested], path)
+        print(f"{path.name}: the first {args.nested} of {len(pool)} poems in the 256 bin, shuffled with seed "
+              f"{args.seed}; sha1 {hashlib.sha1(path.read_bytes()).hexdigest()}, {path.stat().st_size:,} bytes")
+        return
     for length in (256, 512):
         chosen = select(unique, "cn", length, args.n, args.seed, where="the corpus")
         write_jsonl(chosen, args.out / f"poems-cn-{length}.jsonl")

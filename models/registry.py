@@ -31,6 +31,12 @@ def _tiny(model_type: str, **extra) -> dict:
             "tie_word_embeddings": True, **extra}
 
 
+def _tiny_qwen2(hidden: int, layers: int) -> dict:
+    return _tiny("qwen2", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 16,
+                 num_key_value_heads=max(1, hidden // 32), intermediate_size=3 * hidden, rms_norm_eps=1e-6,
+                 rope_theta=10000.0, max_position_embeddings=1024)
+
+
 def _qwen2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool = True) -> dict:
     return {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": hidden, "intermediate_size": intermediate,
             "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
@@ -57,6 +63,9 @@ REGISTRY = {spec.name: spec for spec in [
         "qwen2", intermediate_size=688, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
         max_position_embeddings=1024)),
     ModelSpec("tiny-bloom", None, config=_tiny("bloom", layer_norm_epsilon=1e-5)),
+    # The capacity curve on a CPU (engine/capacity.py): three widths of tiny-qwen2, 0.16M, 0.36M and 1.3M parameters.
+    *[ModelSpec(f"tiny-qwen2-{size}", None, config=_tiny_qwen2(hidden, layers)) for size, hidden, layers in
+      [("160k", 32, 2), ("360k", 64, 2), ("1.3m", 128, 4)]],
 ]}
 
 PAPER_MODELS = ["qwen1.5-0.5b", "qwen2-0.5b", "qwen2-1.5b", "bloom-389m-zh", "bloom-1b4-zh", "bloom-560m", "bloom-1b7"]
