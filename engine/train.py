@@ -351,7 +351,8 @@ class Run:
     last_loss: float | None = None    # the latest logged loss, shown on the progress bar
     eval_durations: list = field(default_factory=list)     # seconds of each evaluation (with scoring) so far
     first_step: int = 0               # the step this process started at (after a resume: the checkpoint's)
-    train_seconds_here: float = 0.0   # training seconds in this process (the ETA's rate)
+    train_seconds_here: float = 0.0   # training seconds of the epochs this process finished (the ETA's rate) ...
+    steps_timed: int = 0              # ... and their steps
 
     def due(self, every: int) -> bool:
         """Is the epoch just finished one of every `every`-th, or the last? (every 0: never)"""
@@ -438,9 +439,8 @@ def show_progress(run: Run, bar) -> None:
     parts = [f"epoch {min(run.epoch + 1, config.epochs)}/{config.epochs}"]
     if run.last_loss is not None:
         parts.append(f"loss {run.last_loss:.4f}")
-    steps_done = run.step - run.first_step
-    if steps_done > 0 and run.step < run.total_steps:
-        per_step = run.train_seconds_here / steps_done
+    if run.steps_timed > 0 and run.step < run.total_steps:       # after this process's first epoch
+        per_step = run.train_seconds_here / run.steps_timed
         evals_left = sum(run.due_at(epoch, config.eval_every) for epoch in range(run.epoch + 1, config.epochs + 1))
         per_eval = sum(run.eval_durations) / len(run.eval_durations) if run.eval_durations else None
         left = (run.total_steps - run.step) * per_step + evals_left * (per_eval or 0)
@@ -590,6 +590,7 @@ def train_epoch(run: Run, bar) -> dict:
     epoch_tokens = sum(len(example) for example in run.examples)
     run.totals["train_seconds"] += elapsed
     run.train_seconds_here += elapsed
+    run.steps_timed += len(losses)
     run.totals["train_tokens"] += epoch_tokens
     run.epoch += 1
     return {"epoch": run.epoch, "step": run.step, "epoch_loss": epoch_loss, "epoch_seconds": elapsed,
