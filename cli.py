@@ -58,6 +58,10 @@ def cmd_profile(args) -> None:
     print(profile(names, args.lang, args.length, args.poems, bench_dir=args.bench_dir, runs=args.runs,
                   epochs=args.epochs, out=args.out)[1])
     print("\n" + roofline_table(names or PAPER_MODELS))
+    if args.capacity:                          # the GPU time of a capacity sweep (cli.py capacity) of these models
+        from engine.capacity import parse_sizes, projection
+        print("\n" + projection(names or PAPER_MODELS, parse_sizes(args.capacity), root=args.out,
+                                 epochs=args.epochs)[1])
     print(f"profile: wrote {args.out}/profile.json and profile.png", file=sys.stderr)
 
 
@@ -166,6 +170,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-dir", default="bench/results", help="where throughput-<device>.json results are")
     p.add_argument("--runs", nargs="*", help="finished run folders (default: runs/**)")
     p.add_argument("--out", default="runs/profile")
+    p.add_argument("--capacity", metavar="SIZES", help="also project a capacity sweep over these comma-separated "
+                   "numbers of poems (as cli.py capacity --project)")
 
     p = command("sweep", cmd_sweep, "memorize every model x language x length, then the paper's tables")
     p.add_argument("--models", required=True, help="comma-separated registry names or folders")

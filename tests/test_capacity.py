@@ -117,3 +117,12 @@ def test_capacity_arguments_are_checked_first(capsys, tmp_path, args, message):
     err = capsys.readouterr().err.strip()
     assert status == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
     assert not (tmp_path / "cap").exists()
+
+
+def test_profile_projects_a_capacity_sweep(tmp_path, capsys):
+    import cli
+    status = cli.main(["profile", "--models", "tiny-qwen2", "--poems", "4", "--capacity", "16,32", "--runs",
+                       "--out", str(tmp_path / "profile")])
+    out = capsys.readouterr().out
+    assert status == 0 and "Projected GPU time of a capacity sweep" in out
+    assert "| tiny-qwen2 | 16 |" in out and "| tiny-qwen2 | 32 |" in out
