@@ -111,13 +111,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+class ArgumentError(ValueError, argparse.ArgumentTypeError):
+    """A bad value: argparse prints its text as it is, and a direct caller gets a ValueError."""
+
+
 def seed_list(text: str) -> list[int]:
     try:
         seeds = [int(seed) for seed in text.split(",") if seed.strip()]
     except ValueError:
         seeds = []
-    if not seeds or len(set(seeds)) < len(seeds):
-        raise ValueError(f"seeds {text!r}: give distinct comma-separated integers, e.g. 0,1,2")
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if not seeds or repeated:
+        named = f" names {', '.join(map(str, repeated))} twice (each seed is one run)" if repeated else ""
+        raise ArgumentError(f"seeds {text!r}{named}: give distinct comma-separated integers, e.g. 0,1,2")
     return seeds
 
 
