@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.runs import parse_jsonl
 from models.registry import REGISTRY
 
 FROZEN = Path(__file__).resolve().parent.parent / "data"
@@ -136,14 +137,7 @@ def read_records(path: Path) -> list[dict]:
         raise ValueError(f"could not read {path} ({type(e).__name__}: {e}); check that {expected}") from None
     if suffix != ".jsonl":
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use {', '.join(DATA_SUFFIXES)}")
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise ValueError(f"{path}, line {number}: not a JSON object ({e}); fix or remove that line") from None
-    return rows
+    return parse_jsonl(text, path, "object", "fix or remove that line")
 
 
 def _hub_records(name: str) -> list[dict]:

@@ -210,7 +210,7 @@ def eval_model(target) -> Path | str:
         model = Path(target) / "model"
         if not (model / "config.json").is_file():
             raise ValueError(f"{target} is a run that has not finished (no model/ yet): evaluate one of its "
-                             "checkpoints with --model {target}/checkpoint-N/model, or finish it with --resume")
+                             f"checkpoints with --model {target}/checkpoint-N/model, or finish it with --resume")
         return model
     return target
 
@@ -228,10 +228,9 @@ def trained_settings(model) -> tuple[dict, str | None]:
     return {}, None
 
 
-def eval_settings(model, given: dict) -> tuple[dict, list[str]]:
-    """Each setting from the flag when given, else the run's, else EVAL_DEFAULTS; with the lines that say so:
-    an evaluation of a trained run follows the run unless told otherwise."""
-    trained, where = trained_settings(model)
+def eval_settings(trained: dict, where: str | None, given: dict) -> tuple[dict, list[str]]:
+    """Each setting from the flag when given, else the run's (trained_settings), else EVAL_DEFAULTS; with the
+    lines that say so: an evaluation of a trained run follows the run unless told otherwise."""
     settings, lines = {}, []
     for name in EVAL_SETTINGS:
         run_value = trained.get(name)
@@ -254,7 +253,8 @@ def run_eval(model_name_or_path, out_dir=None, device=None, dtype=None, margin: 
     flag says otherwise (given: format, lang, length, poems, seed, source), recited and scored; under
     out_dir (locked, new or its own earlier evaluation with overwrite) generations.jsonl and results.json."""
     model_path = eval_model(model_name_or_path)
-    settings, lines = eval_settings(model_path, given)
+    trained, where = trained_settings(model_path)
+    settings, lines = eval_settings(trained, where, given)
     out = Path(out_dir) if out_dir is not None else None
     device = resolve_device(device)
     check = lambda folder: check_eval_output(folder, overwrite)  # noqa: E731
@@ -264,8 +264,9 @@ def run_eval(model_name_or_path, out_dir=None, device=None, dtype=None, margin: 
         tokenizer = load_tokenizer(model_path)
         fmt = settings["format"] or model_format(model_path, tokenizer)
         poems = load_poems(settings["lang"], settings["length"], settings["poems"], settings["seed"], settings["source"])
-        trained = trained_settings(model_path)[0].get("poems_sha256")
-        if trained and trained != fingerprint(poems) and all(given.get(k) is None for k in ("poems", "seed", "source")):
+        poems_sha256 = fingerprint(poems)
+        if trained.get("poems_sha256") not in (None, poems_sha256) and all(given.get(k) is None
+                                                                            for k in ("poems", "seed", "source")):
             say("eval: warning: these poems differ from the ones the run trained on (their source changed since)")
         model = load_model(model_path, device=device, dtype=dtype)
         say(f"eval: reciting {len(poems)} {settings['lang']}-{settings['length']} poems ({fmt} format) with "
@@ -274,7 +275,7 @@ def run_eval(model_name_or_path, out_dir=None, device=None, dtype=None, margin: 
         results = {"command": "eval", "model": str(model_path), "lang": settings["lang"], "length": settings["length"],
                    "n_poems": len(poems), "seed": settings["seed"],
                    "source": None if settings["source"] is None else str(settings["source"]),
-                   "poems_sha256": fingerprint(poems), "device": str(device), "dtype": str(model.dtype), **summary}
+                   "poems_sha256": poems_sha256, "device": str(device), "dtype": str(model.dtype), **summary}
         if out is not None:
             write_results(out, results, records)
     return results

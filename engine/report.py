@@ -10,7 +10,6 @@ ranking (`cli.py report`).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from itertools import accumulate
@@ -466,12 +465,6 @@ REPORT_MARK = "<!-- written by cli.py report: rewritten by the next report into 
 # of one experiment.
 NOT_THE_EXPERIMENT = {"seed", "out", "resume", "device", "eval_every", "checkpoint_every", "log_every",
                       "keep_checkpoints", "poems_sha256"}
-
-
-def experiment(run: dict) -> tuple:
-    """What a run measures, its seed aside: runs alike in all of it are pooled as seeds."""
-    config = run.get("config", {})
-    return tuple(sorted((name, json.dumps(value)) for name, value in config.items() if name not in NOT_THE_EXPERIMENT))
 
 
 def check_comparable(runs: list[dict]) -> None:

@@ -305,17 +305,22 @@ def write_json(path, data) -> None:
     write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a .jsonl file; ValueError naming the file and line that does not parse."""
+def parse_jsonl(text: str, path, what: str = "record",
+                advice: str = "the file was damaged: remove that line (and any after it) and run again") -> list:
+    """The records of a .jsonl text, one a line; ValueError naming the file and line that does not parse."""
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except ValueError as e:
-                raise ValueError(f"{path}, line {number}: not a JSON record ({e}); the file was damaged: remove that "
-                                 "line (and any after it) and run again") from None
+                raise ValueError(f"{path}, line {number}: not a JSON {what} ({e}); {advice}") from None
     return records
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """A run's .jsonl file (metrics, evaluations, generations)."""
+    return parse_jsonl(Path(path).read_text(encoding="utf-8"), path)
 
 
 def append_jsonl(path: Path, records: list[dict]) -> None:
