@@ -21,14 +21,13 @@ import gzip
 import hashlib
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from engine.data import FROZEN, encode_examples, load_poems
 from engine.report import display_name, duration, markdown_table, pyplot, save_figure
-from engine.runs import find_runs, is_run_folder, run_gpu_seconds
+from engine.runs import find_runs, is_run_folder, run_gpu_seconds, write_text
 from engine.stats import spread, wilson_interval
-from engine.train import FREE_ON_RESUME, TrainConfig, flag, memorize
+from engine.train import TrainConfig, difference_text, differing_settings, memorize
 from models import REGISTRY
 
 NESTED = FROZEN / "poems-cn-256-nested.jsonl.gz"
@@ -57,7 +56,7 @@ def sample_file(root, n: int, write: bool = True) -> Path:
     path = Path(root).resolve() / "poems" / f"poems-{n}.jsonl"
     if write and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(nested_lines(n)), encoding="utf-8")
+        write_text(path, "".join(nested_lines(n)))      # atomic: a killed write leaves no short sample behind
     return path
 
 
@@ -89,10 +88,7 @@ def size_config(root, model: str, n: int, seed: int, **overrides) -> TrainConfig
 
 def differences(config: TrainConfig, saved: dict) -> list[str]:
     """The settings in which a finished run differs from `config` (its source compared by file name)."""
-    wanted = json.loads(json.dumps(asdict(config.resolved())))
-    ignored = FREE_ON_RESUME | {"format", "source"}
-    found = [f"{flag(name)} {wanted[name]} (the run: {saved.get(name)})" for name in wanted
-             if name not in ignored and saved.get(name) != wanted[name]]
+    found = [difference_text(*found) for found in differing_settings(config.resolved(), saved)]
     if Path(saved.get("source") or "").name != Path(config.source).name:
         found.append(f"--source {Path(config.source).name} (the run: {saved.get('source')})")
     return found
@@ -276,16 +272,16 @@ def write_reports(models: list[str], sizes: list[int], seeds: list[int], root) -
              "scoring on the runs' device; TFLOP from engine/costs' training model.")
     for s in summaries:
         folder = Path(root) / Path(s["model"]).name
-        (folder / "capacity.json").write_text(json.dumps(s, indent=2))
+        write_text(folder / "capacity.json", json.dumps(s, indent=2))
         plot([s], folder / "capacity.png")
-        (folder / "capacity.md").write_text("\n\n".join([
+        write_text(folder / "capacity.md", "\n\n".join([
             f"# Memorization capacity of {display_name(s['model'])} ({s['parameters']:,} parameters)", intro,
             size_table(s), estimate_text(s), "![capacity](capacity.png)"]) + "\n")
     sections = [f"## {display_name(s['model'])}\n\n{size_table(s)}\n\n{estimate_text(s)}" for s in summaries]
     report = "\n\n".join(["# Memorization capacity across models", intro, comparison_table(summaries), *sections,
                           "![capacity](capacity.png)"]) + "\n"
-    Path(root, "capacity.md").write_text(report)
-    Path(root, "capacity.json").write_text(json.dumps(summaries, indent=2))
+    write_text(Path(root, "capacity.md"), report)
+    write_text(Path(root, "capacity.json"), json.dumps(summaries, indent=2))
     plot(summaries, Path(root) / "capacity.png")
     return {"summaries": summaries, "report": report}
 

@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from engine.report import report
 from engine.data import LENGTH_BINS, load_poems
 from engine.runs import find_runs, is_run_folder, run_dir, run_settings
-from engine.train import FREE_ON_RESUME, TrainConfig, config_flags, memorize
+from engine.train import TrainConfig, config_flags, differing_settings, flag, memorize, shown
 from models import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,11 +99,8 @@ def stale(config: TrainConfig) -> None:
     """A finished run in the folder made with other settings than the ones asked for stops the sweep."""
     if not (Path(config.out) / "results.json").is_file():
         return
-    saved = run_settings(config.out) or {}
-    asked = json.loads(json.dumps(asdict(config)))
-    differences = [f"--{name.replace('_', '-')} {saved.get(name)} (asked: {asked[name]})" for name in asked
-                   if name not in FREE_ON_RESUME and saved.get(name) != asked[name]
-                   and not (name == "format" and asked[name] is None)]
+    differences = [f"{flag(name)} {shown(old)} (asked: {shown(value)})"
+                   for name, value, old in differing_settings(config, run_settings(config.out) or {})]
     if differences:
         raise ValueError(f"sweep: {config.out} holds a finished run with other settings: {'; '.join(differences)}. "
                          "Nothing was trained: pass another --out-root, or move that run away")

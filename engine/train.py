@@ -448,19 +448,26 @@ def show_progress(run: Run, bar) -> None:
     bar.set_postfix_str(", ".join(parts))
 
 
+def differing_settings(config: TrainConfig, saved: dict) -> list[tuple[str, object, object]]:
+    """(name, config's value, the run's) for each setting that gives a run its meaning (FREE_ON_RESUME aside;
+    a format left to the model's default matches any) in which a run's saved settings differ from config."""
+    wanted = json.loads(json.dumps(asdict(config)))      # tuples as lists, as in config.json
+    return [(name, value, saved.get(name)) for name, value in wanted.items()
+            if name not in FREE_ON_RESUME and value != saved.get(name) and not (name == "format" and value is None)]
+
+
+def difference_text(name: str, value, old) -> str:
+    return f"{flag(name)} {shown(value)} (the run: {shown(old)})"
+
+
 def check_resume(config: TrainConfig) -> dict | None:
     """Refuse a resume that would change the run's meaning; say so when it extends the run. Returns the
     run's saved settings (config.json, or its newest checkpoint's copy)."""
     saved = run_settings(config.out)
     if saved is None:
         return None
-    differences = []
-    for name, value in json.loads(json.dumps(asdict(config))).items():      # tuples as lists, as in config.json
-        old = saved.get(name)
-        if (name in FREE_ON_RESUME or value == old or (name == "format" and value is None)
-                or (name == "epochs" and value > old)):        # epochs may grow: the run is extended
-            continue
-        differences.append(f"{flag(name)} {shown(value)} (the run: {shown(old)})")
+    differences = [difference_text(*found) for found in differing_settings(config, saved)
+                   if not (found[0] == "epochs" and found[1] > found[2])]      # epochs may grow: the run is extended
     if differences:
         raise TrainingError(f"--resume: {config.out} was trained with other settings: {'; '.join(differences)}. "
                             "Resume with the run's own settings, or start a new run with another --out")
