@@ -93,7 +93,7 @@ def meta(device) -> dict:
 
 # ---------------------------------------------------------------- timing and memory
 
-from bench.timing import PeakMemory, Timer, free, median_ms_and_peak, sync  # noqa: E402,F401  (re-exported)
+from bench.timing import PeakMemory, Timer, free, median_ms_and_peak, sync, time_steps  # noqa: E402,F401  (re-exported)
 
 
 def optional(module: str, name: str):

@@ -173,21 +173,13 @@ def matmul_tflops(device, dry_run: bool = False) -> float:
 
 # ---------------------------------------------------------------- training
 
-def time_steps(step, inputs: list, batches: list[PackedBatch], s: Settings, device) -> dict:
-    """s.warmup untimed step(input) calls, then s.steps timed ones: real tokens/s (median) and each step's seconds."""
-    for x in inputs[:s.warmup]:
-        step(x)
-    seconds = [timed(lambda: step(x), device) for x in inputs[s.warmup:s.warmup + s.steps]]
-    return {"tokens_per_second": statistics.median(b.num_tokens / t for b, t in zip(batches[s.warmup:], seconds)),
-            "step_times": seconds}
-
-
 def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
     with common.PeakMemory(device) as mem:
         model = build_ours(raw, device, dtype)
         opt = AdamW(parameter_groups(model, 0.01), lr=1e-5, weight_decay=0.01)
         step = lambda b: train_step(model, opt, [b], b.num_target_tokens, device, None, 1.0)  # noqa: E731
-        result = time_steps(step, batches, batches, s, device)
+        steps = batches[:s.warmup + s.steps]
+        result = common.time_steps(step, steps, [b.num_tokens for b in steps], s.warmup, device)
         result["host_syncs"] = host_syncs(lambda: step(batches[0]), device)
     phases = {"forward": [], "backward": [], "optimizer": []}
     for b in batches[:s.phase_steps]:

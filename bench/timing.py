@@ -116,3 +116,14 @@ def median_ms_and_peak(fn, timer: Timer) -> tuple[float, int]:
     with PeakMemory(timer.device) as mem:
         ms = timer.median_ms(fn)
     return ms, mem.bytes
+
+
+def time_steps(step, inputs: list, tokens: list[int], warmup: int, device) -> dict:
+    """step(x) for the first `warmup` inputs untimed, then each other one timed: tokens/s of the median step
+    (tokens[i]: the real tokens of inputs[i]) and each timed step's seconds."""
+    timer = Timer(torch.device(device))
+    for x in inputs[:warmup]:
+        step(x)
+    seconds = [timer.seconds(lambda: step(x))[1] for x in inputs[warmup:]]
+    return {"tokens_per_second": statistics.median(n / t for n, t in zip(tokens[warmup:], seconds)),
+            "step_times": seconds}

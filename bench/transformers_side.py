@@ -229,8 +229,6 @@ def train(raw: dict, inputs: list, real_tokens: list[int], warmup: int, device, 
     one step, split into micro-batches only when it does not fit. The first `warmup` steps are untimed.
     Returns real tokens/s (median step), the step times, peak memory (model and optimizer included) and
     the padding; the model stays the worker's, for generate_timed."""
-    import statistics
-
     import torch
     timing = _timing()
     STATE.pop("model", None)
@@ -264,14 +262,10 @@ def train(raw: dict, inputs: list, real_tokens: list[int], warmup: int, device, 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        timer = timing.Timer(torch.device(device))
-        for x in inputs[:warmup]:
-            step(x)
-        seconds = [timer.seconds(lambda: step(x))[1] for x in inputs[warmup:]]
+        timed = timing.time_steps(step, inputs, real_tokens, warmup, device)
     del opt
     STATE["model"] = model
-    return {"tokens_per_second": statistics.median(n / t for n, t in zip(real_tokens[warmup:], seconds)),
-            "step_times": seconds, "peak_memory_bytes": mem.bytes, "micro_batches": splits["n"],
+    return {**timed, "peak_memory_bytes": mem.bytes, "micro_batches": splits["n"],
             "padded_tokens": sum(x[0].numel() for x in inputs[warmup:]), "real_tokens": sum(real_tokens[warmup:]),
             "attention": model.config._attn_implementation}
 
