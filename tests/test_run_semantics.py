@@ -292,5 +292,5 @@ def test_the_loader_refuses_what_cannot_be_recited(tmp_path):
     (("--lang", "fr"), "argument --lang: invalid choice: 'fr'"),
 ])
 def test_values_that_make_no_sense_are_refused_before_loading(capsys, tmp_path, args, message):
-    status, err = run_cli(capsys, "memorize", "--model", "tiny-qwen2", "--poems", 4, *args)
+    status, err = run_cli(capsys, "memorize", "--model", "tiny-qwen2", "--poems", 4, "--out", tmp_path / "run", *args)
     assert status == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
