@@ -1,19 +1,23 @@
 """Data parallelism over torch.distributed (NCCL on GPUs, gloo on the CPU), as torchrun starts it.
 
     rank, world, device = init_distributed(device)         # (0, 1, device) without torchrun
-    sync = GradSync(opt) if world > 1 else None             # after the optimizer: hooks on its buffers
+    model = shard_model(model, world, torch.bfloat16)       # FSDP2; before the optimizer (world > 1)
     mine = shard_step(step_batches, world, rank, micro_batch_tokens)    # each step (the same batches on every rank)
-    train_step(model, opt, mine, step_target_tokens, device, sync, ...)  # engine/train.py: backwards, sync.wait, step
-    summary, records = evaluate_sharded(model, tokenizer, poems, lang, fmt, world, rank)  # rank 0 gets them
+    train_step(model, opt, mine, step_target_tokens, device, ...)       # engine/train.py: backwards, step
+    with gathered(model) as whole:                           # every rank; the plain model over gathered weights
+        summary, records = evaluate_sharded(whole, tokenizer, poems, lang, fmt, world, rank)  # rank 0 gets them
 
 One step is the same global step as in one process: every rank sees the whole step (the data
 order stays a pure function of seed and epoch), takes a token-balanced share of its sequences,
 normalizes its loss by the step's global target-token count, and the gradients are summed over
 ranks, so the update equals one process's up to fp32 summation order.
 
-Communication per step: the optimizer's fp32 gradient buffers, 4 bytes per parameter, all-reduced
-once (a ring all-reduce moves ~2x that over each rank's link), in buckets that start during the
-backward of the step's last micro-batch.
+The model is sharded with PyTorch's FSDP2 (fully_shard per block and at the root): each rank holds
+1/N of the fp32 weights (the master weights), of the fp32 gradients and of the AdamW moments, and
+engine.optim.AdamW steps its local shards. Communication per step and micro-batch, each rank: the
+weights all-gathered in the compute dtype (2 bytes a parameter, twice for models above
+RESHARD_ABOVE), the gradients reduce-scattered in fp32 (4 bytes), each (N - 1)/N of it over its link
+(step_traffic_bytes); FSDP2 overlaps them with the blocks' compute.
 """
 from __future__ import annotations
 
@@ -32,7 +36,6 @@ from engine.packing import PackedBatch, bins_best_fit, collate
 # NCCL's whole default timeout of 10. An hour covers that several times over and still reports
 # a real hang (a dead rank) within the hour.
 TIMEOUT = timedelta(hours=1)
-BUCKET_BYTES = 25 * 2 ** 20     # torch DDP's default bucket size
 
 
 def init_distributed(device: str) -> tuple[int, int, str]:
@@ -76,77 +79,91 @@ def examples_of(batch: PackedBatch) -> list[Example]:
 def shard_step(micro_batches: list[PackedBatch], world: int, rank: int, micro_batch_tokens: int) -> list[PackedBatch]:
     """This rank's micro-batches of one optimizer step: the step's sequences split into `world`
     token-balanced shares (by sequences, so a step of one packed micro-batch is shared too), this
-    rank's share packed into micro-batches of at most micro_batch_tokens. One process: unchanged."""
+    rank's share packed into micro-batches of at most micro_batch_tokens. Every rank gets as many
+    micro-batches as the busiest: FSDP2's collectives pair up forward by forward, so a rank with less
+    to do runs idle ones (one token, nothing to predict: zero loss and gradient). One process: unchanged."""
     if world == 1:
         return micro_batches
     sequences = [e for b in micro_batches for e in examples_of(b)]
-    mine = [sequences[i] for i in balanced_shares([len(e) for e in sequences], world)[rank]]
-    bins = bins_best_fit([len(e) for e in mine], list(range(len(mine))), micro_batch_tokens)
-    return [collate([mine[i] for i in sorted(b)]) for b in bins]
+    packed = []
+    for share in balanced_shares([len(e) for e in sequences], world):
+        bins = bins_best_fit([len(sequences[i]) for i in share], list(range(len(share))), micro_batch_tokens)
+        packed.append([[sequences[share[i]] for i in sorted(b)] for b in bins])
+    idle = [[IDLE]] * (max(map(len, packed)) - len(packed[rank]))
+    return [collate(examples) for examples in packed[rank] + idle]
 
 
-# ---------------------------------------------------------------- gradient synchronization
+IDLE = Example((0,), ())      # an idle micro-batch's one token: no target
 
-class GradSync:
-    """Sums the optimizer's fp32 gradient buffers over ranks, overlapped with the backward.
 
-    The buffers are cut into contiguous buckets of ~bucket_bytes in reverse parameter order (about
-    the order the backward produces gradients). A post-accumulate-grad hook on each parameter,
-    registered after the optimizer's (which has by then moved the gradient into the buffer),
-    counts down its bucket; a complete bucket's async all_reduce starts at once, but buckets start
-    in one fixed order on every rank (as torch DDP's reducer does) so the collectives pair up even
-    when ranks finish buckets in different orders or run different numbers of micro-batches.
-    wait() starts what is left (parameters without a gradient this step, a rank without
-    sequences) and waits for all. Inside no_sync() the hooks only accumulate (all micro-batches
-    of a step but the last)."""
+# ---------------------------------------------------------------- FSDP2
 
-    def __init__(self, opt, bucket_bytes: int = BUCKET_BYTES):
-        self.syncing = True
-        self.buckets: list[torch.Tensor] = []
-        self.sizes: list[int] = []                  # parameters per bucket
-        for g in reversed(opt.groups):
-            end = start = g.grad.numel()
-            count = 0
-            for p in reversed(g.params):
-                start, count = start - p.numel(), count + 1
-                p.register_post_accumulate_grad_hook(lambda p, bucket=len(self.buckets): self._ready(bucket))
-                if 4 * (end - start) >= bucket_bytes or p is g.params[0]:
-                    self.buckets.append(g.grad[start:end])
-                    self.sizes.append(count)
-                    end, count = start, 0
-        self._reset()
+# Above this many parameters each block's gathered weights are freed after its forward and gathered
+# again for its backward (FSDP2's reshard_after_forward). Below it, they stay gathered from the
+# forward to the end of the backward: one all-gather per block and step instead of two, for 2 bytes
+# a parameter held through the step (3.4 GB at the paper's largest, 1.7B; a 7B model's 14 GB would
+# crowd out activations).
+RESHARD_ABOVE = 3_000_000_000
 
-    def _reset(self) -> None:
-        self.pending, self.launched, self.works = list(self.sizes), 0, []
 
-    def _ready(self, bucket: int) -> None:
-        if not self.syncing:
-            return
-        self.pending[bucket] -= 1
-        while self.launched < len(self.buckets) and self.pending[self.launched] <= 0:
-            self._launch()
+def blocks(model) -> torch.nn.ModuleList:
+    """The model's transformer blocks (its one ModuleList)."""
+    return next(module for module in model.modules() if isinstance(module, torch.nn.ModuleList))
 
-    def _launch(self) -> None:
-        self.works.append(dist.all_reduce(self.buckets[self.launched], async_op=True))
-        self.launched += 1
 
-    @contextlib.contextmanager
-    def no_sync(self):
-        self.syncing = False
-        try:
-            yield
-        finally:
-            self.syncing = True
+def shard_model(model, world: int, compute_dtype: torch.dtype):
+    """FSDP2 over `world` ranks: each block sharded on its own, then the root (embedding, final norm,
+    output layer). The model comes in fp32: its shards are the master weights; the forward and backward
+    run in compute_dtype (MixedPrecisionPolicy) and gradients are reduce-scattered in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(model.device.type, (world,))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    reshard = model.num_parameters() > RESHARD_ABOVE
+    units = [fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard) for block in blocks(model)]
+    model = fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    for unit in units + [model]:
+        # summed, not averaged: each rank's loss is already divided by the whole step's target count
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)    # a plain SUM (gloo has no PREMUL_SUM)
+    return model
 
-    def wait(self, *tensors: torch.Tensor) -> None:
-        """Finish this step's all-reduces, then sum `tensors` (e.g. the step's loss) over ranks in place."""
-        while self.launched < len(self.buckets):
-            self._launch()
-        for work in self.works:
-            work.wait()
-        for t in tensors:
-            dist.all_reduce(t)
-        self._reset()
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """The whole model on every rank, for evaluation, scoring and saving: under FSDP2 every unit's
+    weights are gathered (in the compute dtype) and a plain module of the same class is built over
+    them, without copies and without FSDP's hooks, so one rank alone may run forward passes (rank 0
+    scores) and the decoder runs as in one process (CUDA graphs included); resharded after. Every
+    rank must enter it. One process: the model itself."""
+    if not is_sharded(model):
+        yield model
+        return
+    units = [module for module in model.modules() if is_sharded(module)]
+    for unit in units:
+        unit.unshard()
+    try:
+        with torch.device("meta"):
+            plain = type(model)(model.config)
+        plain.load_state_dict({name: p.detach() for name, p in model.named_parameters()}, assign=True)
+        plain.source_dir = getattr(model, "source_dir", None)
+        yield plain.eval()
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def step_traffic_bytes(parameters: int, world: int, param_bytes: int = 2, reshard: bool = False) -> int:
+    """Bytes each rank sends (and receives) in one step's collectives under FSDP2, ring algorithms: the
+    all-gather of the weights in the compute dtype (twice with resharding after the forward) and the
+    reduce-scatter of the fp32 gradients, each (N - 1) / N of the whole."""
+    share = (world - 1) / world
+    return round(share * parameters * (param_bytes * (2 if reshard else 1) + 4))
 
 
 # ---------------------------------------------------------------- sharded evaluation

@@ -4,18 +4,23 @@ The update is torch.optim.AdamW's (decoupled weight decay, bias correction), don
 kernels.adamw_step: one fused Triton pass on the GPU, torch foreach ops on the CPU (in slices of
 CPU_STEP_ELEMENTS, so its temporaries stay a few MB instead of 4 bytes per parameter).
 
-Memory layout: each parameter group's tensors are moved into one flat buffer, and the model's
-parameters become views into it, as Megatron's contiguous buffers do. Each group also owns one
-fp32 flat gradient buffer, `group.grad` (Megatron's main_grad; each parameter's slice is
-`p.main_grad`), so micro-batch accumulation and the data-parallel all-reduce sum in fp32 whatever
-the model's dtype:
-  - fp32 model: `p.grad` is the parameter's view into `group.grad` (zero-copy: autograd
-    accumulates straight into the buffer);
-  - bf16 model: a post-accumulate-grad hook adds each bf16 `.grad` into the fp32 buffer as soon
-    as autograd produces it and frees it (`p.grad` is None between backwards), so one
-    parameter's bf16 gradient is alive at a time, not a second copy of the model.
-With bf16 weights the optimizer keeps fp32 master weights; the moments are fp32 always.
-Create the optimizer after moving the model to its device and dtype, and do not move it after.
+Memory layout, one of two per parameter group (both stepped by the same loop over `parts()`):
+  - flat, a model of its own (one process): the group's tensors are moved into one flat buffer and
+    the model's parameters become views into it, as Megatron's contiguous buffers do. The group also
+    owns one fp32 flat gradient buffer, `group.grad` (Megatron's main_grad; each parameter's slice
+    is `p.main_grad`), so micro-batch accumulation sums in fp32 whatever the model's dtype:
+      - fp32 model: `p.grad` is the parameter's view into `group.grad` (zero-copy: autograd
+        accumulates straight into the buffer);
+      - bf16 model: a post-accumulate-grad hook adds each bf16 `.grad` into the fp32 buffer as soon
+        as autograd produces it and frees it (`p.grad` is None between backwards), so one
+        parameter's bf16 gradient is alive at a time, not a second copy of the model.
+    With bf16 weights the optimizer keeps fp32 master weights; the moments are fp32 always.
+  - sharded, a model under FSDP2 (engine/distributed.py, several processes): each parameter is a
+    DTensor whose local shard is this rank's part of the fp32 weights, i.e. the master weights;
+    FSDP2 gathers them in bf16 for the forward and reduce-scatters the gradients in fp32 into
+    `p.grad` (no hooks of ours). The step updates the local shards (`to_local()`), and the clipping
+    norm sums the shards' squares over the ranks, so each rank holds 1/N of the 16 bytes a parameter.
+Create the optimizer after moving (or sharding) the model, and do not move it after.
 
 Gradient semantics (what step() sees), chosen so that torch.optim habits cannot silently train
 on stale or zero gradients:
@@ -37,6 +42,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from kernels.adamw import adamw_step, bytes_per_element
 from kernels.dispatch import use_triton
@@ -69,6 +76,14 @@ class GradientError(RuntimeError):
 
 
 class _Group:
+    """One parameter group's tensors, in one of two layouts (the module docstring):
+      - flat (a model of its own): the group's weights moved into one buffer, an fp32 gradient buffer
+        beside it, fp32 masters when the weights are not fp32, the moments;
+      - sharded (FSDP2, engine/distributed.py): each parameter is a DTensor whose local shard holds this
+        rank's fp32 weights (the masters themselves); FSDP2's reduce-scatter leaves the fp32 gradient
+        shard in p.grad; the moments are shaped like the local shards.
+    `parts()` gives the same five lists for both, so step() and the norm have one code path."""
+
     def __init__(self, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
         if len({(p.dtype, p.device) for p in params}) != 1:
             raise ValueError("all parameters of an optimizer group must share one dtype and device")
@@ -76,6 +91,14 @@ class _Group:
             raise ValueError("every parameter given to the optimizer must require a gradient: leave frozen "
                              "parameters out of its groups")
         self.params, self.lr, self.weight_decay = params, lr, weight_decay
+        self.sharded = isinstance(params[0], DTensor)
+        if self.sharded:
+            if params[0].dtype != torch.float32:
+                raise ValueError("shard the model in fp32 (FSDP2's shards are the master weights; its "
+                                 "MixedPrecisionPolicy computes in bf16)")
+            self.exp_avg = [torch.zeros_like(p.to_local()) for p in params]
+            self.exp_avg_sq = [torch.zeros_like(p.to_local()) for p in params]
+            return
         self.flat = torch.cat([p.detach().reshape(-1) for p in params])
         self.master = self.flat if self.flat.dtype == torch.float32 else self.flat.float()
         self.grad = torch.zeros_like(self.master)
@@ -93,6 +116,31 @@ class _Group:
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
 
+    def parts(self) -> tuple[list, list, list, list, list | None]:
+        """(masters, gradients, exp_avgs, exp_avg_sqs, the model's lower-precision copies or None), 1-D."""
+        if not self.sharded:
+            return ([self.master], [self.grad], [self.exp_avg], [self.exp_avg_sq],
+                    None if self.master is self.flat else [self.flat])
+        flat = lambda tensors: [t.reshape(-1) for t in tensors]
+        return (flat(p.to_local() for p in self.params), flat(p.grad.to_local() for p in self.params),
+                flat(self.exp_avg), flat(self.exp_avg_sq), None)
+
+    def named_state(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """{"weights" | "exp_avg" | "exp_avg_sq": {name: fp32 tensor shaped like the parameter}}: views
+        of the live tensors (DTensors when sharded), to save and to load into in place."""
+        if self.sharded:
+            wrap = lambda p, t: DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
+                                                   shape=p.shape, stride=p.stride())
+            return {"weights": dict(zip(names, self.params)),
+                    "exp_avg": {n: wrap(p, t) for n, p, t in zip(names, self.params, self.exp_avg)},
+                    "exp_avg_sq": {n: wrap(p, t) for n, p, t in zip(names, self.params, self.exp_avg_sq)}}
+        state, offset = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}}, 0
+        for name, p in zip(names, self.params):
+            for key, buffer in (("weights", self.master), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                state[key][name] = buffer[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return state
+
     def take_grad(self, p: torch.nn.Parameter) -> None:
         """After autograd accumulated into p.grad: move a gradient that is not the buffer view into
         the buffer (bf16: add this micro-batch's; fp32: a fresh tensor after zero_grad replaces)."""
@@ -107,7 +155,13 @@ class _Group:
             p.grad = None
 
     def collect(self, index: int) -> None:
-        """Before the buffer is read: adopt assigned gradients, refuse lost ones (module docstring)."""
+        """Before the gradients are read: adopt assigned gradients, refuse lost ones (module docstring)."""
+        if self.sharded:
+            for i, p in enumerate(self.params):
+                if p.grad is None:
+                    raise GradientError(f"parameter {i} of optimizer group {index} (shape {list(p.shape)}) has no "
+                                        "gradient shard: every rank must run the step's forward and backward")
+            return
         for i, (p, (weight, main_grad)) in enumerate(zip(self.params, self.slices)):
             if p.data_ptr() != weight.data_ptr():
                 raise GradientError(f"parameter {i} of optimizer group {index} (shape {list(p.shape)}) no longer "
@@ -124,6 +178,21 @@ class _Group:
             elif grad.data_ptr() != main_grad.data_ptr():
                 main_grad.copy_(grad)
                 p.grad = main_grad if self.views_grad else None
+
+    def zero_grad(self) -> None:
+        if self.sharded:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.to_local().zero_()
+            return
+        self.grad.zero_()
+        for p in self.params:
+            p.grad = p.main_grad if self.views_grad else None
+
+    def copy_masters_to_model(self) -> None:
+        """After the masters were loaded: the model's lower-precision weights from them (flat layout)."""
+        if not self.sharded and self.master is not self.flat:
+            self.flat.copy_(self.master)
 
 
 class AdamW:
@@ -155,31 +224,31 @@ class AdamW:
     def step(self, max_grad_norm: float | None = None):
         """One AdamW update from the accumulated gradients, which it then zeroes. With max_grad_norm:
         clipped first, as clip_grad_norm_ then step() would, but in two passes over the gradients
-        (the norm, then the update that applies the clipping factor and zeroes them, STEP_PASSES);
-        returns the norm before clipping (a device tensor, no host sync)."""
+        (the norm, then the update that applies the clipping factor and zeroes them); returns the
+        norm before clipping (a device tensor, no host sync; across all shards when sharded)."""
         self.collect_grads()
         norm = scale = None
         if max_grad_norm is not None:
             norm, scale = self._norm_and_scale(max_grad_norm)
         self.step_count += 1
         for g in self.groups:
-            n = g.master.numel()
-            size = n if use_triton(g.master) else CPU_STEP_ELEMENTS   # the Triton kernel has no temporaries
-            for start in range(0, n, size):
-                part = slice(start, start + size)
-                adamw_step([g.master[part]], [g.grad[part]], [g.exp_avg[part]], [g.exp_avg_sq[part]],
-                           None if g.master is g.flat else [g.flat[part]], step=self.step_count, lr=g.lr,
-                           beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=g.weight_decay,
-                           grad_scale=scale, zero_grads=True)
+            masters, grads, exp_avgs, exp_avg_sqs, copies = g.parts()
+            for i, master in enumerate(masters):
+                n = master.numel()
+                size = max(1, n) if use_triton(master) else CPU_STEP_ELEMENTS   # Triton: no temporaries
+                for start in range(0, n, size):
+                    part = slice(start, start + size)
+                    adamw_step([master[part]], [grads[i][part]], [exp_avgs[i][part]], [exp_avg_sqs[i][part]],
+                               None if copies is None else [copies[i][part]], step=self.step_count, lr=g.lr,
+                               beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=g.weight_decay,
+                               grad_scale=scale, zero_grads=True)
         return norm
 
     @torch.no_grad()
     def zero_grad(self) -> None:
         """Discard the gradients accumulated so far (step() already leaves them zero)."""
         for g in self.groups:
-            g.grad.zero_()
-            for p in g.params:
-                p.grad = p.main_grad if g.views_grad else None
+            g.zero_grad()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -188,32 +257,65 @@ class AdamW:
         self.collect_grads()
         norm, scale = self._norm_and_scale(max_norm)
         for g in self.groups:
-            g.grad.mul_(scale)
+            torch._foreach_mul_(g.parts()[1], scale.reshape(()))
         return norm
 
     def _norm_and_scale(self, max_norm: float):
-        norm = torch.stack([torch.linalg.vector_norm(g.grad) for g in self.groups]).norm()
+        """The global gradient norm (over every shard of every rank when sharded) and the clipping factor."""
+        grads = [t for g in self.groups for t in g.parts()[1]]
+        squares = torch.stack([torch.linalg.vector_norm(t) for t in grads]).square().sum()
+        if any(g.sharded for g in self.groups) and dist.is_initialized():
+            dist.all_reduce(squares)
+        norm = squares.sqrt()
         return norm, (max_norm / (norm + 1e-6)).clamp(max=1.0).reshape(1)
 
-    def state_dict(self) -> dict:
-        return {"step": self.step_count, "betas": self.betas, "eps": self.eps, "groups": [
-            {"lr": g.lr, "weight_decay": g.weight_decay, "numel": g.master.numel(), "exp_avg": g.exp_avg,
-             "exp_avg_sq": g.exp_avg_sq, "master": None if g.master is g.flat else g.master}
-            for g in self.groups]}
+    def state_dict(self, names: list[list[str]] | None = None) -> dict:
+        """The optimizer's whole state. Its tensors ("weights": the fp32 masters, "exp_avg", "exp_avg_sq")
+        are keyed by parameter name (names: per group, as model_names gives them; default: positions)
+        and are views of the live tensors (DTensors when sharded), so that torch.distributed.checkpoint
+        saves them, and loads into them in place, on any number of ranks."""
+        names = names or [[f"{i}.{j}" for j in range(len(g.params))] for i, g in enumerate(self.groups)]
+        state = {"step": self.step_count, "betas": list(self.betas), "eps": self.eps,
+                 "groups": [{"lr": g.lr, "weight_decay": g.weight_decay} for g in self.groups],
+                 "weights": {}, "exp_avg": {}, "exp_avg_sq": {}}
+        for g, group_names in zip(self.groups, names):
+            for key, tensors in g.named_state(group_names).items():
+                state[key].update(tensors)
+        return state
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        if [s["numel"] for s in state["groups"]] != [g.master.numel() for g in self.groups]:
-            raise ValueError("optimizer state does not match the model's parameter groups: was it saved for "
-                             "another model?")
+    def load_state_dict(self, state: dict, names: list[list[str]] | None = None) -> None:
+        """The state state_dict(names) gave (its tensors copied in, unless they are this optimizer's own
+        views, as after a checkpoint load in place), then the model's weights from the masters."""
+        mine = self.state_dict(names)
+        for key in ("weights", "exp_avg", "exp_avg_sq"):
+            if state[key].keys() != mine[key].keys() or any(
+                    state[key][name].shape != tensor.shape for name, tensor in mine[key].items()):
+                raise ValueError("optimizer state does not match the model's parameters: was it saved for "
+                                 "another model?")
+            for name, tensor in mine[key].items():
+                if state[key][name] is not tensor:
+                    tensor.copy_(state[key][name])
         self.step_count, self.betas, self.eps = state["step"], tuple(state["betas"]), state["eps"]
-        for g, s in zip(self.groups, state["groups"]):
-            g.lr, g.weight_decay = s["lr"], s["weight_decay"]
-            g.exp_avg.copy_(s["exp_avg"])
-            g.exp_avg_sq.copy_(s["exp_avg_sq"])
-            if s["master"] is not None and g.master is not g.flat:
-                g.master.copy_(s["master"])
-                g.flat.copy_(g.master)
+        for g, saved in zip(self.groups, state["groups"]):
+            g.lr, g.weight_decay = saved["lr"], saved["weight_decay"]
+            g.copy_masters_to_model()
+
+    def resident_bytes(self) -> int:
+        """Bytes of this process's weights, gradients, masters and moments (local shards when sharded),
+        measured from the tensors."""
+        total = 0
+        for g in self.groups:
+            masters, grads, exp_avgs, exp_avg_sqs, copies = g.parts()
+            tensors = masters + grads + exp_avgs + exp_avg_sqs + (copies or [])
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+
+def model_names(model: torch.nn.Module, opt: AdamW) -> list[list[str]]:
+    """Each optimizer group's parameter names in the model (what its state is keyed by)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names[id(p)] for p in g.params] for g in opt.groups]
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -1,7 +1,7 @@
 """A run's folder on disk: its name, its lock, its checkpoints, its metrics.jsonl, the finished runs.
 
     runs/MODEL-LANG-LENGTH/
-        .lock  config.json  metrics.jsonl  latest  checkpoint-EPOCH/{model/, trainer.pt}  (the last two)
+        .lock  config.json  metrics.jsonl  latest  checkpoint-EPOCH/{state/, model/, trainer.pt}  (the last two)
         results.json  generations.jsonl  report.md  curve.png  model/      (once finished)
 
 A run holds an OS lock (flock) on .lock for its whole life, so a second run on the folder is
@@ -10,6 +10,12 @@ A checkpoint is written into a hidden temporary folder, renamed into place, and 
 by the `latest` pointer (itself replaced atomically), so a kill at any moment leaves either the
 previous checkpoint or the new one, never half of one; the one before stays as a fallback for a
 checkpoint that a failing disk corrupted later.
+
+A checkpoint's state/ is a torch.distributed.checkpoint (DCP) folder of the optimizer's tensors by
+parameter name: the fp32 master weights and both AdamW moments, each rank writing its own shards, so
+a run saved on N ranks resumes on M (DCP reshards on load) and, where N == M, bit for bit. model/ is
+the gathered model in Hugging Face's format (for eval, a seed, the finite-weights check); trainer.pt
+the progress, the optimizer's scalars, the RNG and the run's settings, written last.
 """
 from __future__ import annotations
 
@@ -20,12 +26,15 @@ import os
 import random
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
-from models.weights import atomic_write, checkpoint_files, iter_tensors, load_weights
+from models.weights import atomic_write, checkpoint_files, iter_tensors
 
 LOCK = ".lock"
 OURS = {LOCK, "memorize.log", "train.log"}    # what a sweep, a lock or the log puts into a folder first
@@ -159,40 +168,75 @@ def claimed(out: Path, check):
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(out: Path, model, tokenizer, opt, epoch: int, step: int, totals: dict, settings: dict,
-                    keep: int = 2) -> None:
-    """checkpoint-{epoch}/ (HF model + trainer.pt, the run's settings in both), then the `latest` pointer
-    swapped atomically; the `keep` newest checkpoints up to this one stay, older (and stale newer) ones go."""
+STATE_TENSORS = ("weights", "exp_avg", "exp_avg_sq")     # the optimizer state's tensors, saved in state/ (DCP)
+
+
+def save_checkpoint(out: Path, whole, tokenizer, optimizer_state: dict, epoch: int, step: int, totals: dict,
+                    settings: dict, keep: int = 2, rank: int = 0) -> None:
+    """checkpoint-{epoch}/ (state/, model/, trainer.pt; the run's settings in the last two), then the
+    `latest` pointer swapped atomically; the `keep` newest checkpoints up to this one stay, older (and
+    stale newer) ones go. Every rank calls it: each writes its shards of optimizer_state
+    (AdamW.state_dict) into state/; rank 0, holding `whole` (the gathered model), writes the rest."""
     final = out / f"checkpoint-{epoch}"
-    with written_whole(final, f"the checkpoint {final}", "earlier checkpoints are intact") as tmp:
-        model.save_pretrained(tmp / "model", tokenizer)
-        write_json(tmp / "model" / TRAINING_FILE, training_record(settings))
-        torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "totals": totals,
-                    "config": settings, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                                "numpy": np.random.get_state(), "cuda": torch.cuda.get_rng_state_all()
-                                                if torch.cuda.is_available() else None}},
-                   tmp / "trainer.pt")
-    point_latest(out, final)
-    kept = [path for path in checkpoints(out) if _epoch(path) <= epoch][:keep]
-    for old in out.glob("checkpoint-*"):
-        if old not in kept:
-            shutil.rmtree(old, ignore_errors=True)
+    with written_whole(final, f"the checkpoint {final}", "earlier checkpoints are intact", rank) as tmp:
+        with one_process_quiet():
+            dcp.save({key: optimizer_state[key] for key in STATE_TENSORS}, checkpoint_id=tmp / "state",
+                     no_dist=not dist.is_initialized())
+        if rank == 0:
+            whole.save_pretrained(tmp / "model", tokenizer)
+            write_json(tmp / "model" / TRAINING_FILE, training_record(settings))
+            scalars = {key: value for key, value in optimizer_state.items() if key not in STATE_TENSORS}
+            torch.save({"optimizer": scalars, "epoch": epoch, "step": step, "totals": totals, "config": settings,
+                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                "numpy": np.random.get_state(), "cuda": torch.cuda.get_rng_state_all()
+                                if torch.cuda.is_available() else None}},
+                       tmp / "trainer.pt")
+    if rank == 0:
+        point_latest(out, final)
+        kept = [path for path in checkpoints(out) if _epoch(path) <= epoch][:keep]
+        for old in out.glob("checkpoint-*"):
+            if old not in kept:
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()             # the checkpoint is whole for every rank when this returns
+
+
+def first_failure(error: Exception) -> Exception:
+    """The error itself, or under DCP's CheckpointException (which holds each failed rank's) the first rank's."""
+    failures = getattr(error, "failures", None)
+    return first_failure(next(iter(failures.values()))[0]) if isinstance(failures, dict) and failures else error
 
 
 @contextlib.contextmanager
-def written_whole(final: Path, what: str, intact: str):
+def one_process_quiet():
+    """DCP in one process warns that torch.distributed is uninitialized, which is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+@contextlib.contextmanager
+def written_whole(final: Path, what: str, intact: str, rank: int | None = None):
     """Yields a hidden temporary folder beside `final` to write into; renamed to `final` when the block
     ends. Any failure on the way (a full disk shows as OSError, SafetensorError or torch's 'unexpected
-    pos') removes the temporary folder and becomes one TrainingError saying what to do."""
+    pos') removes the temporary folder and becomes one TrainingError saying what to do. With `rank`,
+    every rank of the run writes into the folder: rank 0 makes it and renames it, the others wait for it."""
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    making = rank in (None, 0)
     try:
-        tmp.mkdir(parents=True)
+        if making:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if rank is not None and dist.is_initialized():
+            dist.barrier()
         yield tmp
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if making:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except (Exception, dcp.CheckpointException) as e:     # the latter: a BaseException
+        if making:
+            shutil.rmtree(tmp, ignore_errors=True)
+        e = first_failure(e)
         reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
         raise TrainingError(f"cannot write {what} ({reason}): free disk space or fix the permissions of "
                             f"{final.parent}, then continue with --resume ({intact})") from None
@@ -233,13 +277,13 @@ def resume_candidates(out: Path) -> list[Path]:
     return found
 
 
-def restore_newest(out: Path, model, opt) -> tuple[Path | None, tuple]:
+def restore_newest(out: Path, opt, names) -> tuple[Path | None, tuple]:
     """Restore the newest readable checkpoint, naming any that failed and the one used instead.
-    (None, ()) when the folder has no checkpoint; TrainingError when none can be read."""
+    (None, ()) when the folder has no checkpoint; TrainingError when none can be read. Every rank calls it."""
     failures = []
     for checkpoint in resume_candidates(out):
         try:
-            state = restore(checkpoint, model, opt)
+            state = restore(checkpoint, opt, names)
         except TrainingError as e:
             failures.append(str(e))
             print(f"warning: {e}", file=sys.stderr)
@@ -253,18 +297,26 @@ def restore_newest(out: Path, model, opt) -> tuple[Path | None, tuple]:
     return None, ()
 
 
-def restore(checkpoint: Path, model, opt) -> tuple[int, int, dict]:
-    """Load model weights, optimizer and RNG state; returns (epochs done, steps done, running totals).
+def restore(checkpoint: Path, opt, names) -> tuple[int, int, dict]:
+    """Load the optimizer's state (master weights, moments; the model's weights follow from the masters)
+    and the RNG; returns (epochs done, steps done, running totals). names: engine.optim.model_names.
     TrainingError names the file that cannot be read."""
     try:
-        load_weights(model, checkpoint / "model")
-    except Exception as e:
-        raise TrainingError(f"cannot read the weights in {checkpoint / 'model'} ({type(e).__name__}: {e})") from None
-    try:
         state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
-        opt.load_state_dict(state["optimizer"])
     except Exception as e:
         raise TrainingError(f"cannot read {checkpoint / 'trainer.pt'} ({type(e).__name__}: {e})") from None
+    if not (checkpoint / "state").is_dir():
+        raise TrainingError(f"{checkpoint} has no state/ folder: it was written by an engine before sharded "
+                            "checkpoints (commit 036ce1b or older), which can resume it")
+    live = opt.state_dict(names)
+    tensors = {key: live[key] for key in STATE_TENSORS}
+    try:
+        with one_process_quiet():
+            dcp.load(tensors, checkpoint_id=checkpoint / "state", no_dist=not dist.is_initialized())   # in place
+        opt.load_state_dict({**state["optimizer"], **tensors}, names)
+    except (Exception, dcp.CheckpointException) as e:
+        e = first_failure(e)
+        raise TrainingError(f"cannot read {checkpoint / 'state'} ({type(e).__name__}: {e})") from None
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

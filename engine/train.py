@@ -5,9 +5,9 @@
 One optimizer step sees up to `batch_tokens` tokens: the epoch's packed micro-batches (each at
 most `micro_batch_tokens`) are grouped in order into steps, and the step's loss is the sum of
 token cross-entropies divided by the step's target-token count (known on the host from the
-packing, so no sync). With torchrun, each rank trains on a token-balanced share of every step's
-sequences and the fp32 gradient buffers are all-reduced in buckets during the backward of its last
-micro-batch (engine/distributed.py): the same update as one process, up to summation order.
+packing, so no sync). With torchrun, the model is sharded with FSDP2 and each rank
+trains on a token-balanced share of every step's sequences (engine/distributed.py): the same
+update as one process, up to summation order.
 The data order is a pure function of (seed, epoch) and checkpoints are taken at epoch ends (every
 `checkpoint_every` epochs), so a killed run resumed with --resume ends with the same weights as
 an uninterrupted one.
@@ -36,10 +36,10 @@ import torch.distributed as dist
 
 from engine.console import Console, duration, size
 from engine.data import encode_examples, fingerprint, load_poems, local_path, model_format
-from engine.distributed import GradSync, all_gather, evaluate_sharded, init_distributed, shard_step
+from engine.distributed import all_gather, evaluate_sharded, gathered, init_distributed, shard_model, shard_step
 from engine.dynamics import EVALS_FILE, dynamics_summary, eval_lines
 from engine.evaluate import resolve_device
-from engine.optim import AdamW, lr_at, parameter_groups
+from engine.optim import AdamW, lr_at, model_names, parameter_groups
 from engine.provenance import model_source, now, provenance
 from engine.packing import PackedBatch, pack
 from engine.report import write_run_report
@@ -300,21 +300,20 @@ def plan_steps(batches: list[PackedBatch], batch_tokens: int) -> list[list[Packe
     return steps + [current] if current else steps
 
 
-def train_step(model, opt: AdamW, micro_batches: list[PackedBatch], n_targets: int, device, sync: GradSync | None,
-               max_grad_norm: float):
-    """Forward/backward over this rank's micro-batches of the step (the gradient all-reduce starts in
-    the last one's backward), clip, AdamW (which consumes the gradients).
-    Returns (summed loss of the step as a device tensor, grad norm as a device tensor)."""
+def train_step(model, opt: AdamW, micro_batches: list[PackedBatch], n_targets: int, device, max_grad_norm: float,
+               world: int = 1):
+    """Forward/backward over this rank's micro-batches of the step (under FSDP2 each backward
+    reduce-scatters its gradients into the fp32 shards), clip, AdamW (which consumes the gradients).
+    Returns (summed loss of the step over all ranks as a device tensor, grad norm as a device tensor)."""
     loss_sum = torch.zeros((), device=device)
-    for i, batch in enumerate(micro_batches):
+    for batch in micro_batches:
         batch = batch.to(device, non_blocking=True)
-        with sync.no_sync() if sync and i < len(micro_batches) - 1 else contextlib.nullcontext():
-            loss = model.loss(batch.input_ids, batch.shifted_labels(), batch.cu_seqlens, batch.position_ids,
-                              batch.max_seqlen, reduction="sum") / n_targets
-            loss.backward()
+        loss = model.loss(batch.input_ids, batch.shifted_labels(), batch.cu_seqlens, batch.position_ids,
+                          batch.max_seqlen, reduction="sum") / n_targets
+        loss.backward()
         loss_sum += loss.detach()
-    if sync:
-        sync.wait(loss_sum)
+    if world > 1:
+        dist.all_reduce(loss_sum)
     norm = opt.step(max_grad_norm)     # clipping inside the update's pass
     return loss_sum, norm
 
@@ -329,12 +328,14 @@ class Run:
     rank: int
     world: int
     device: str
-    model: object
+    model: object                     # under FSDP2 (several ranks) the sharded fp32 model
+    dtype: torch.dtype                # what the forward and backward compute in (and model/ is saved in)
     tokenizer: object
     fmt: str
     poems: list
     examples: list
     opt: AdamW
+    names: list                       # the optimizer's parameter names per group (its state's keys)
     total_steps: int
     warmup_steps: int
     fingerprint: str                  # the training poems' (engine.data.fingerprint): what a resume must train on
@@ -342,7 +343,6 @@ class Run:
     step: int = 0                     # optimizer steps done
     totals: dict = field(default_factory=lambda: {"train_seconds": 0.0, "train_tokens": 0, "eval_seconds": 0.0})
     last_eval: tuple | None = None    # (summary, records) of the latest recitation evaluation; (None, None) off rank 0
-    sync: GradSync | None = None      # the gradient all-reduce (torchrun with more than one rank)
     rank_tokens: int = 0              # tokens this rank trained on since this process started
     base_bits: list | None = None     # each poem's target NLL in bits under the base model (rank 0)
     last_bits: list | None = None     # the same at the latest evaluation (rank 0)
@@ -384,10 +384,11 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
         run.console = Console(out / "train.log", enabled=rank == 0)
         with cpu_threads(run.device, run.model.num_parameters()):
             run.console.say(start_summary(run))
-            if rank == 0:                      # before resume() loads trained weights
-                run.base_bits = score(run)
-                run.console.say(f"base model: {sum(run.base_bits) / 1000:,.1f} kbit of target information in the "
-                                f"poems (scored in {duration(run.totals['score_seconds'])})")
+            with gathered(run.model) as whole:
+                if rank == 0:                  # before resume() loads trained weights
+                    run.base_bits = score(run, whole)
+                    run.console.say(f"base model: {sum(run.base_bits) / 1000:,.1f} kbit of target information in "
+                                    f"the poems (scored in {duration(run.totals['score_seconds'])})")
             resumed = resume(run) is not None
             if rank == 0:                      # the lines after the checkpoint are redone; a fresh run keeps none
                 keep_jsonl(run.out / "metrics.jsonl", lambda line: resumed and line["step"] <= run.step)
@@ -400,7 +401,9 @@ def memorize(config: TrainConfig, progress: bool = True) -> dict:
                     keep_jsonl(run.out / EVALS_FILE, lambda line: line["epoch"] < run.epoch)
                 recite(run)
             tokens_per_rank = all_gather(run.rank_tokens, world)
-            return finish(run, tokens_per_rank) if rank == 0 else {}
+            state_bytes = all_gather(run.opt.resident_bytes(), world)
+            with gathered(run.model) as whole:
+                return finish(run, whole, tokens_per_rank, state_bytes) if rank == 0 else {}
 
 
 def train(run: Run, progress: bool) -> None:
@@ -423,9 +426,11 @@ def train(run: Run, progress: bool) -> None:
                                     f"{record['bits_gained'] / 1000:,.1f} kbit gained "
                                     f"({duration(run.eval_durations[-1])})")
             run.log(**record)
-            if run.rank == 0 and run.due(config.checkpoint_every):
-                save_checkpoint(run.out, run.model, run.tokenizer, run.opt, run.epoch, run.step, run.totals,
-                                saved_run_config(run), config.keep_checkpoints)
+            if run.due(config.checkpoint_every):
+                with gathered(run.model) as whole:
+                    save_checkpoint(run.out, whole, run.tokenizer, run.opt.state_dict(run.names),
+                                    run.epoch, run.step, run.totals, saved_run_config(run), config.keep_checkpoints,
+                                    run.rank)
                 run.console.say(f"epoch {run.epoch}/{config.epochs}: checkpoint {run.out / f'checkpoint-{run.epoch}'}")
             if run.world > 1:
                 dist.barrier()
@@ -492,20 +497,21 @@ def setup(config: TrainConfig, rank: int, world: int, device: str) -> Run:
     if warmup > total_steps:
         raise ConfigError(f"--warmup-steps {warmup} is longer than the run ({total_steps} steps): the learning "
                           f"rate would never reach --lr; use fewer (the default, 3%, is {max(1, round(0.03 * total_steps))})")
-    model = load_model(config.model, device=device, seed=config.seed)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    # several ranks: loaded in fp32, whose shards become the master weights (FSDP2 computes in dtype)
+    model = load_model(config.model, device=device, seed=config.seed, dtype=torch.float32 if world > 1 else dtype)
     check_vocabulary(examples, tokenizer, model.config.vocab_size, config.model)
+    if world > 1:
+        model = shard_model(model, world, dtype)
     opt = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
                 weight_decay=config.weight_decay)
-    return Run(config, Path(config.out), rank, world, device, model, tokenizer, fmt, poems, examples, opt, total_steps,
-               warmup, fingerprint(poems), sync=GradSync(opt) if world > 1 else None)
+    return Run(config, Path(config.out), rank, world, device, model, dtype, tokenizer, fmt, poems, examples, opt,
+               model_names(model, opt), total_steps, warmup, fingerprint(poems))
 
 
 def checkpoint_bytes(run: Run) -> int:
-    """One checkpoint's size: the model in its dtype, and the optimizer's fp32 moments (and fp32 master
-    weights when the model is not fp32)."""
-    params = run.model.num_parameters()
-    weights = sum(p.numel() * p.element_size() for p in run.model.parameters())
-    return weights + params * (8 if run.model.dtype == torch.float32 else 12)
+    """One checkpoint's size: the model in its dtype (model/), the fp32 master weights and both moments (state/)."""
+    return run.model.num_parameters() * (run.dtype.itemsize + 12)
 
 
 def start_summary(run: Run) -> str:
@@ -522,14 +528,15 @@ def start_summary(run: Run) -> str:
     threads = torch.get_num_threads()
     threads = f", {threads} thread{'s' * (threads != 1)}" if run.device == "cpu" else ""
     return "\n".join([
-        f"run: {config.model} ({model.num_parameters() / 1e6:,.1f}M parameters, {str(model.dtype).removeprefix('torch.')}) "
+        f"run: {config.model} ({model.num_parameters() / 1e6:,.1f}M parameters, {str(run.dtype).removeprefix('torch.')}) "
         f"memorizes {len(run.poems)} {config.lang}-{config.length} poems in the {run.fmt} format, seed {config.seed}",
         f"weights: {weights}",
         f"poems: {config.source or 'the frozen CN set (data/)'}, fingerprint {run.fingerprint[:12]}",
         f"steps: {config.epochs} epochs x {steps_per_epoch} = {run.total_steps} steps of <= {config.batch_tokens} "
         f"tokens, lr {config.lr:g} ({config.schedule}, {run.warmup_steps} warmup), evaluation every "
         f"{config.eval_every} epochs",
-        f"device: {run.device}{threads}" + (f", {run.world} processes" if run.world > 1 else ""),
+        f"device: {run.device}{threads}" + (f", {run.world} processes (FSDP2: each holds 1/{run.world} of the "
+                                            "weights, gradients and optimizer state)" if run.world > 1 else ""),
         f"out: {run.out} (log: train.log); {keeping}"])
 
 
@@ -547,7 +554,7 @@ def resume(run: Run) -> Path | None:
     config.json. Returns the checkpoint resumed from, if any."""
     checkpoint = None
     if run.config.resume:
-        checkpoint, state = restore_newest(run.out, run.model, run.opt)
+        checkpoint, state = restore_newest(run.out, run.opt, run.names)
         if checkpoint is not None:
             run.epoch, run.step, run.totals = state
             run.first_step = run.step
@@ -574,7 +581,7 @@ def train_epoch(run: Run, bar) -> dict:
             mine = [batch.pin_memory() for batch in mine]
         run.rank_tokens += sum(batch.num_tokens for batch in mine)
         try:
-            loss, norm = train_step(run.model, run.opt, mine, n_targets, run.device, run.sync, config.max_grad_norm)
+            loss, norm = train_step(run.model, run.opt, mine, n_targets, run.device, config.max_grad_norm, run.world)
         except torch.OutOfMemoryError:
             raise TrainingError(
                 f"out of memory on a micro-batch of up to {config.micro_batch_tokens} tokens: lower "
@@ -609,32 +616,35 @@ def recite(run: Run) -> dict | None:
     summary, the others None), its speed fields renamed so they don't read as training speed; on
     rank 0 the poems' bits under the model too, and each poem's result appended to evals.jsonl."""
     start = time.perf_counter()
-    summary, records = evaluate_sharded(run.model, run.tokenizer, run.poems, run.config.lang, run.fmt, run.world,
-                                        run.rank)
-    run.totals["eval_seconds"] += time.perf_counter() - start
+    with gathered(run.model) as whole:
+        summary, records = evaluate_sharded(whole, run.tokenizer, run.poems, run.config.lang, run.fmt, run.world,
+                                            run.rank)
+        run.totals["eval_seconds"] += time.perf_counter() - start
+        if summary is not None:
+            run.last_bits = score(run, whole)
     run.model.train()
     run.last_eval = summary, records
     if summary is not None:
         summary["eval_tokens_per_second"] = summary.pop("tokens_per_second")
         summary["last_eval_seconds"] = summary.pop("eval_seconds")
-        run.last_bits = score(run)
         summary["bits"] = sum(run.last_bits)
         append_jsonl(run.out / EVALS_FILE, eval_lines(run.epoch, records, run.last_bits))
     run.eval_durations.append(time.perf_counter() - start)
     return summary
 
 
-def score(run: Run) -> list[float]:
-    """Each training poem's target NLL in bits under the model now (engine/scoring.py), timed."""
+def score(run: Run, model) -> list[float]:
+    """Each training poem's target NLL in bits under `model` (the run's, gathered), timed (engine/scoring.py)."""
     start = time.perf_counter()
     # forward only, nothing kept for backward: batches larger than training's cost no more memory
-    bits = poem_bits(run.model, run.examples, max(run.config.micro_batch_tokens, SCORE_BATCH_TOKENS))
+    bits = poem_bits(model, run.examples, max(run.config.micro_batch_tokens, SCORE_BATCH_TOKENS))
     run.totals["score_seconds"] = run.totals.get("score_seconds", 0.0) + time.perf_counter() - start
     return bits
 
 
-def finish(run: Run, tokens_per_rank: list[int]) -> dict:
-    """The final model, results.json and the run's report; returns results.json's content."""
+def finish(run: Run, whole, tokens_per_rank: list[int], state_bytes_per_rank: list[int]) -> dict:
+    """The final model (`whole`: the run's, gathered), results.json and the run's report; returns
+    results.json's content."""
     summary, records = run.last_eval
     for record, base, trained in zip(records, run.base_bits, run.last_bits):
         record.update(base_bits=round(base, 4), bits=round(trained, 4))
@@ -642,7 +652,7 @@ def finish(run: Run, tokens_per_rank: list[int]) -> dict:
     with written_whole(run.out / "model", f"the final model {run.out / 'model'}",
                        "the last checkpoint is intact" if config.checkpoint_every else
                        "no checkpoint was kept: --checkpoint-every 0") as tmp:
-        run.model.save_pretrained(tmp, run.tokenizer)
+        whole.save_pretrained(tmp, run.tokenizer)
         write_json(tmp / TRAINING_FILE, training_record(saved_run_config(run)))
     results = {
         "model": config.model, "lang": config.lang, "length": config.length, "n_poems": len(run.poems),
@@ -650,7 +660,9 @@ def finish(run: Run, tokens_per_rank: list[int]) -> dict:
         "tokens_per_second": totals["train_tokens"] / totals["train_seconds"] if totals["train_seconds"] else None,
         "peak_memory_bytes": peak_memory_bytes(run.device), "parameters": run.model.num_parameters(),
         "device": torch.cuda.get_device_name(run.device) if run.device.startswith("cuda") else "cpu",
-        "world_size": run.world, "train_tokens_per_rank": tokens_per_rank, "config": saved_run_config(run),
+        "world_size": run.world, "train_tokens_per_rank": tokens_per_rank,
+        # weights, gradients, masters and moments each rank held (measured from the tensors: 1/N each under FSDP2)
+        "state_bytes_per_rank": state_bytes_per_rank, "config": saved_run_config(run),
         "memorization": {**bits_summary(run.base_bits, run.last_bits, run.model.num_parameters(), summary["correct"]),
                          "target_tokens": sum(len(example.target_ids) for example in run.examples)},
         "dynamics": dynamics_summary(read_jsonl(run.out / EVALS_FILE)),
@@ -663,7 +675,7 @@ def finish(run: Run, tokens_per_rank: list[int]) -> dict:
     run.console.say(f"done: {summary['correct']}/{summary['n']} poems recited exactly ({100 * summary['accuracy']:.2f}%) "
                     f"after {config.epochs} epochs; {duration(totals['train_seconds'])} training, "
                     f"{duration(totals['eval_seconds'])} evaluation, {duration(totals.get('score_seconds', 0))} scoring")
-    run.console.say(f"wrote {run.out}: model/ ({size(model_bytes)}, {str(run.model.dtype).removeprefix('torch.')}), "
+    run.console.say(f"wrote {run.out}: model/ ({size(model_bytes)}, {str(run.dtype).removeprefix('torch.')}), "
                     "report.md, results.json, train.log" + ("" if config.checkpoint_every else
                                                             " (no checkpoints: --checkpoint-every 0)"))
     return results

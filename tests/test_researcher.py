@@ -38,7 +38,7 @@ def test_the_console_and_train_log_say_what_the_run_does(finished):
     log = [re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", "", line) for line in (out / "train.log").read_text().splitlines()]
     assert log[0].startswith("run: tiny-qwen2 (4.0M parameters, float32) memorizes 4 cn-256 poems in the plain format")
     assert [line.split(":")[0] for line in log[1:6]] == ["weights", "poems", "steps", "device", "out"]
-    assert "a checkpoint every 10 epochs, 47.4 MB each" in log[5]
+    assert "a checkpoint every 10 epochs, 63.2 MB each" in log[5]
     assert "epoch 1/2: reciting 4 poems ..." in log
     assert any(re.match(r"epoch 2/2: \d/4 recited exactly \(\d+\.\d\d%\), loss ", line) for line in log)
     assert sum(line.startswith("metrics ") for line in log) == len((out / "metrics.jsonl").read_text().splitlines())
