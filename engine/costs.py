@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.data import encode_examples, load_poems, model_format
+from engine.distributed import RESHARD_ABOVE, blocks
 from engine.report import (ACCURACY_LABEL, PAPER_ACCURACY, bits_per_parameter, cell, duration, markdown_table, pooled,
                            pyplot, save_figure, seed_groups)
 from engine.runs import find_runs, run_gpu_seconds, write_text
@@ -96,6 +97,69 @@ def memory_split(config: ModelConfig, parameters: int, micro_batch_tokens: int) 
     parts = {"weights": BF16 * parameters, "gradients": gradients, "optimizer": 3 * FP32 * parameters,
              "activations": activation_bytes(config, micro_batch_tokens)}
     return {**parts, "total": sum(parts.values())}
+
+
+# Usable memory of the cards (nvidia-smi's total), and the share of it a run's modeled peak may take: the
+# rest is the CUDA context, the caching allocator's fragmentation and the communication buffers.
+CARD_MIB = {"A100 40GB": 40960, "L40S 48GB": 46068, "A100 80GB": 81920, "H100 80GB": 81559, "H200 141GB": 143771}
+PLAN_SHARE = 0.90
+RANKS = (1, 2, 4, 8, 16, 32, 64)
+SCALE_MODELS = ["qwen2.5-3b", "qwen2.5-7b"]    # beyond the paper: the ranks table goes up to them
+
+
+def unit_parameters(config: ModelConfig, parameters: int) -> tuple[int, int]:
+    """(one block's parameters, the root's: embedding, final norm, untied head), FSDP2's units."""
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    block = sum(p.numel() for p in blocks(model)[0].parameters())
+    return block, parameters - config.num_layers * block
+
+
+def memory_per_rank(config: ModelConfig, parameters: int, micro_batch_tokens: int, world: int) -> dict:
+    """Peak training memory of one rank: memory_split for one process; under FSDP2 (engine/distributed.py)
+    1/N of the fp32 weights (the masters), gradients and moments, the weights gathered in bf16 (all of
+    them through the step up to RESHARD_ABOVE parameters; else two blocks in flight and the root), the
+    largest unit's unsharded bf16 gradient and its fp32 copy for the reduce-scatter, and the activations
+    of one micro-batch (each rank runs whole micro-batches)."""
+    if world == 1:
+        return memory_split(config, parameters, micro_batch_tokens)
+    block, root = unit_parameters(config, parameters)
+    gathered = parameters if parameters <= RESHARD_ABOVE else 2 * block + root
+    parts = {"weights": FP32 * parameters / world + BF16 * gathered,
+             "gradients": FP32 * parameters / world + (BF16 + FP32) * max(block, root),
+             "optimizer": 2 * FP32 * parameters / world,
+             "activations": activation_bytes(config, micro_batch_tokens)}
+    return {**parts, "total": sum(parts.values())}
+
+
+def smallest_world(config: ModelConfig, parameters: int, micro_batch_tokens: int, card_mib: int) -> int | None:
+    """The fewest ranks (of RANKS) whose modeled peak per rank fits PLAN_SHARE of a card; None: none does."""
+    budget = PLAN_SHARE * card_mib * 2 ** 20
+    return next((n for n in RANKS if memory_per_rank(config, parameters, micro_batch_tokens, n)["total"] <= budget),
+                None)
+
+
+def ranks_table(models: list[str], micro_batch_tokens: int) -> str:
+    """Per model: the modeled peak memory of a rank for 1..8 ranks, and the fewest ranks each card needs."""
+    header = ["model", "params", *(f"{n} rank{'s' * (n > 1)} GiB" for n in RANKS[:4]), *(f"N on {card}" for card in CARD_MIB)]
+    body = []
+    for name in models:
+        config = model_config(name)
+        params = count_parameters(config)
+        body.append([name, f"{params / 1e9:.2f}B",
+                     *(_gib(memory_per_rank(config, params, micro_batch_tokens, n)["total"]) for n in RANKS[:4]),
+                     *(str(smallest_world(config, params, micro_batch_tokens, mib) or f">{RANKS[-1]}")
+                       for mib in CARD_MIB.values())])
+    notes = [f"Memory per rank (a model, not a measurement) at micro-batches of {micro_batch_tokens} tokens: one "
+             "process as above; N ranks under FSDP2 hold 1/N of the fp32 weights, gradients and moments (16 bytes a "
+             f"parameter in all), the bf16 weights gathered (all of them through the step up to "
+             f"{RESHARD_ABOVE / 1e9:.0f}B parameters, else two blocks and the root), one unit's unsharded gradient, "
+             f"and one micro-batch's activations. N on a card: the fewest ranks whose peak fits {PLAN_SHARE:.0%} of "
+             "it; fewer --micro-batch-tokens lower the activations (gradient accumulation keeps the step).",
+             "Communication per step and micro-batch, each rank: (N-1)/N x (2 bytes gathered + 4 reduce-scattered) "
+             "a parameter (engine.distributed.step_traffic_bytes): 3 bytes a parameter on 2 ranks (1.5 GB a step "
+             "for a 0.5B model), 5.25 on 8; FSDP2 overlaps it with the blocks' compute."]
+    return markdown_table(header, body) + "\n\n" + "\n".join(notes)
 
 
 def projected_eval_seconds(config: ModelConfig, parameters: int, prompt_tokens: list[int],
@@ -177,7 +241,8 @@ def profile(models: list[str] | None = None, lang: str = "cn", length: int = 256
             return train_flops(config, params, lengths) * run["epochs"]
         row.update(information_view(row, finished.get((name, lang, length), []), run_flops))
         rows.append(row)
-    table = profile_table(rows, lang, length, epochs, eval_every, micro_batch_tokens) + "\n\n" + information_table(rows)
+    table = "\n\n".join([profile_table(rows, lang, length, epochs, eval_every, micro_batch_tokens), information_table(rows),
+                          ranks_table(models + [name for name in SCALE_MODELS if name not in models], micro_batch_tokens)])
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         write_text(Path(out) / "profile.json", json.dumps(rows, indent=2))

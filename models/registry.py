@@ -37,8 +37,9 @@ def _tiny_qwen2(hidden: int, layers: int) -> dict:
                  rope_theta=10000.0, max_position_embeddings=1024)
 
 
-def _qwen2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool = True) -> dict:
-    return {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": hidden, "intermediate_size": intermediate,
+def _qwen2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool = True,
+           vocab: int = 151936) -> dict:
+    return {"model_type": "qwen2", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
             "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
             "tie_word_embeddings": tied, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
             "max_position_embeddings": 32768}
@@ -55,6 +56,9 @@ REGISTRY = {spec.name: spec for spec in [
     ModelSpec("qwen2-1.5b", "Qwen/Qwen2-1.5B-Instruct", True, _qwen2(1536, 8960, 28, 12, 2)),
     ModelSpec("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", True, _qwen2(896, 4864, 24, 14, 2)),
     ModelSpec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", True, _qwen2(1536, 8960, 28, 12, 2)),
+    # beyond the paper, for several GPUs (FSDP2): what a rank holds, and how many ranks a card needs
+    ModelSpec("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", True, _qwen2(2048, 11008, 36, 16, 2)),
+    ModelSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", True, _qwen2(3584, 18944, 28, 28, 4, tied=False, vocab=152064)),
     ModelSpec("bloom-389m-zh", "Langboat/bloom-389m-zh", config=_bloom(1024, vocab=42437)),
     ModelSpec("bloom-1b4-zh", "Langboat/bloom-1b4-zh", config=_bloom(2048, vocab=46145)),
     ModelSpec("bloom-560m", "bigscience/bloom-560m", config=_bloom(1024)),

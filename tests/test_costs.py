@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from engine.costs import count_parameters, model_config, profile, this_device, train_flops
+from engine.costs import (CARD_MIB, count_parameters, memory_per_rank, memory_split, model_config, profile,
+                          smallest_world, this_device, train_flops, unit_parameters)
 from engine.data import default_format, encode_examples, load_poems
 from models import PAPER_MODELS, REGISTRY, ModelConfig, load_tokenizer, model_class
 
@@ -30,7 +31,7 @@ def hand_count(config: ModelConfig) -> int:
 
 
 @pytest.mark.parametrize("name", ["qwen2-0.5b", "qwen2-1.5b", "qwen1.5-0.5b", "bloom-560m", "bloom-389m-zh",
-                                  "tiny-qwen2", "tiny-bloom"])
+                                  "tiny-qwen2", "tiny-bloom", "qwen2.5-3b", "qwen2.5-7b"])
 def test_parameter_count_is_the_sum_of_the_config_tensors(name):
     config = model_config(name)
     assert count_parameters(config) == hand_count(config)
@@ -39,6 +40,32 @@ def test_parameter_count_is_the_sum_of_the_config_tensors(name):
 def test_parameter_counts_match_the_published_ones():
     assert count_parameters(model_config("qwen2-0.5b")) == 494_032_768
     assert count_parameters(model_config("bloom-560m")) == 559_214_592
+    assert count_parameters(model_config("qwen2.5-7b")) == 7_615_616_512      # the model card's 7.61B
+
+
+@pytest.mark.parametrize("name", ["qwen2-0.5b", "qwen2.5-7b"])
+def test_memory_per_rank_shards_the_state_and_keeps_what_each_rank_must_hold(name):
+    config = model_config(name)
+    params = count_parameters(config)
+    block, root = unit_parameters(config, params)
+    assert config.num_layers * block + root == params and 0 < block < params
+    assert memory_per_rank(config, params, 4096, 1) == memory_split(config, params, 4096)
+    one, two, eight = (memory_per_rank(config, params, 4096, n) for n in (1, 2, 8))
+    # the sharded state (fp32 weights, gradients, two moments) is 16 bytes a parameter over N ranks
+    state = lambda m, n: m["total"] - m["activations"] - (2 * params if params <= 3e9 else 2 * (2 * block + root)) \
+        - 6 * max(block, root)
+    assert state(two, 2) == pytest.approx(16 * params / 2) and state(eight, 8) == pytest.approx(16 * params / 8)
+    assert one["activations"] == two["activations"] == eight["activations"]
+    assert eight["total"] < two["total"]
+
+
+def test_the_fewest_ranks_that_fit_a_card():
+    small, large = (model_config(name) for name in ("qwen2-0.5b", "qwen2.5-7b"))
+    h100 = CARD_MIB["H100 80GB"]
+    assert smallest_world(small, count_parameters(small), 8192, h100) == 1
+    n = smallest_world(large, count_parameters(large), 2048, h100)
+    assert n > 1 and memory_per_rank(large, count_parameters(large), 2048, n)["total"] <= 0.9 * h100 * 2 ** 20
+    assert memory_per_rank(large, count_parameters(large), 2048, n // 2)["total"] > 0.9 * h100 * 2 ** 20
 
 
 def test_train_flops_counts_every_matmul_of_every_token():
