@@ -89,7 +89,7 @@ def test_train_step(benchmark, preset):
     step = steps[0]
     n = sum(b.num_target_tokens for b in step)
     benchmark.group = f"{preset} training step"
-    timed(benchmark, lambda: train_step(model, opt, step, n, DEVICE, None, 1.0))
+    timed(benchmark, lambda: train_step(model, opt, step, n, DEVICE, 1.0))
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-bloom"])

@@ -177,7 +177,7 @@ def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
     with common.PeakMemory(device) as mem:
         model = build_ours(raw, device, dtype)
         opt = AdamW(parameter_groups(model, 0.01), lr=1e-5, weight_decay=0.01)
-        step = lambda b: train_step(model, opt, [b], b.num_target_tokens, device, None, 1.0)  # noqa: E731
+        step = lambda b: train_step(model, opt, [b], b.num_target_tokens, device, 1.0)  # noqa: E731
         steps = batches[:s.warmup + s.steps]
         result = common.time_steps(step, steps, [b.num_tokens for b in steps], s.warmup, device)
         result["host_syncs"] = host_syncs(lambda: step(batches[0]), device)

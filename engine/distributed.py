@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from engine.data import IGNORE, Example
 from engine.packing import PackedBatch, bins_best_fit, collate
+from models import model_class
 
 # Rank 0 writes checkpoints while the other ranks wait in a barrier: a 1.5B model's ~25 GB
 # (bf16 weights, fp32 masters and moments) at 50 MB/s (a slow network disk) takes ~9 minutes,
@@ -148,8 +149,8 @@ def gathered(model):
     for unit in units:
         unit.unshard()
     try:
-        with torch.device("meta"):
-            plain = type(model)(model.config)
+        with torch.device("meta"):                  # the model's own class (FSDP2 subclassed it)
+            plain = model_class(model.config)(model.config)
         plain.load_state_dict({name: p.detach() for name, p in model.named_parameters()}, assign=True)
         plain.source_dir = getattr(model, "source_dir", None)
         yield plain.eval()
