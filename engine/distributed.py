@@ -32,9 +32,9 @@ from engine.data import IGNORE, Example
 from engine.packing import PackedBatch, bins_best_fit, collate
 from models import model_class
 
-# Rank 0 writes checkpoints while the other ranks wait in a barrier: a 1.5B model's ~25 GB
-# (bf16 weights, fp32 masters and moments) at 50 MB/s (a slow network disk) takes ~9 minutes,
-# NCCL's whole default timeout of 10. An hour covers that several times over and still reports
+# A checkpoint's writes end in a barrier: a 1.5B model's ~21 GB (bf16 model/, fp32 masters and
+# moments) at 50 MB/s (a slow network disk, all ranks writing their shards to it) take ~7 minutes,
+# most of NCCL's default timeout of 10. An hour covers that several times over and still reports
 # a real hang (a dead rank) within the hour.
 TIMEOUT = timedelta(hours=1)
 
