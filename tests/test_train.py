@@ -163,9 +163,15 @@ def ranked_runs(model_dir, tmp_path_factory):
     """The same run in 1, 2 and 4 gloo processes (the engine's launcher, as torchrun would start them)."""
     root = tmp_path_factory.mktemp("ranks")
     for n in (1, 2, 4):
-        subprocess.run(cli("--model", model_dir, *RANKS_ARGS, "--out", root / str(n), "--nproc-per-node", n), env=ENV,
-                       check=True, capture_output=True)
+        succeeds(cli("--model", model_dir, *RANKS_ARGS, "--out", root / str(n), "--nproc-per-node", n))
     return root
+
+
+def succeeds(command) -> str:
+    """Runs the command; its stderr (a failure shows it)."""
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
 
 
 def same_run(got: Path, want: Path, tolerance: float) -> None:
@@ -216,8 +222,8 @@ def after_epoch(run: Path, epoch: int, copy: Path) -> Path:
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_a_run_saved_on_two_ranks_resumes_on_any_number(ranked_runs, tmp_path, n):
-    resumed = after_epoch(ranked_runs / "2", 1, tmp_path / "resumed")
-    subprocess.run(cli("--resume", "--out", resumed, "--nproc-per-node", n), env=ENV, check=True, capture_output=True)
+    resumed = after_epoch(ranked_runs / "2", 2, tmp_path / "resumed")      # the newest two are kept: 2 and 3
+    assert f"resuming {resumed} after epoch 2 (step" in succeeds(cli("--resume", "--out", resumed, "--nproc-per-node", n))
     assert json.loads((resumed / "results.json").read_text())["world_size"] == n
     same_run(resumed, ranked_runs / "2", 0 if n == 2 else TOLERANCE)      # bit for bit on as many ranks
 
@@ -244,7 +250,7 @@ def test_a_killed_rank_then_resume_gives_the_uninterrupted_weights(ranked_runs, 
     assert killed.wait(timeout=120) == 2 and "rank 1" in killed.stderr.read()
     done = int((out / "latest").read_text().split("-")[1])
     assert 1 <= done < 3, "the run must be killed mid-way for this test to mean anything"
-    subprocess.run(cli("--resume", "--out", out, "--nproc-per-node", 2), env=ENV, check=True, capture_output=True)
+    assert f"resuming {out} after epoch {done}" in succeeds(cli("--resume", "--out", out, "--nproc-per-node", 2))
     same_run(out, ranked_runs / "2", 0)
 
 
