@@ -24,6 +24,7 @@ class PackedBatch:
     cu_seqlens: torch.Tensor     # [B+1] int32, sequence boundaries in the stream
     max_seqlen: int              # host int, the longest sequence
     labels: torch.Tensor         # [T] int64, aligned with input_ids: -100 on prompts
+    target_rows: torch.Tensor | None = None   # [K] int64, the positions that predict a target (prediction_rows)
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +44,11 @@ class PackedBatch:
         shifted[self.cu_seqlens[1:].long() - 1] = IGNORE
         return shifted
 
+    def prediction_rows(self) -> torch.Tensor:
+        """The positions t whose next token is a target (shifted_labels()[t] != -100): the only rows the
+        output layer and the loss need (a prompt's rows predict nothing that is trained)."""
+        return (self.shifted_labels() != IGNORE).nonzero().squeeze(1)
+
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
@@ -51,17 +57,19 @@ class PackedBatch:
 
     def _map(self, fn) -> "PackedBatch":
         return PackedBatch(fn(self.input_ids), fn(self.position_ids), fn(self.cu_seqlens), self.max_seqlen,
-                           fn(self.labels))
+                           fn(self.labels), None if self.target_rows is None else fn(self.target_rows))
 
 
 def collate(examples: list[Example]) -> PackedBatch:
     lengths = [len(example) for example in examples]
-    return PackedBatch(
+    batch = PackedBatch(
         input_ids=torch.tensor([t for example in examples for t in example.input_ids], dtype=torch.int64),
         position_ids=torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]),
         cu_seqlens=cu_seqlens(lengths),
         max_seqlen=max(lengths),
         labels=torch.tensor([t for example in examples for t in example.labels], dtype=torch.int64))
+    batch.target_rows = batch.prediction_rows()      # on the host, so a GPU step needs no sync for them
+    return batch
 
 
 def bins_best_fit(lengths: list[int], order: list[int], budget_tokens: int) -> list[list[int]]:

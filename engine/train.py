@@ -309,7 +309,7 @@ def train_step(model, opt: AdamW, micro_batches: list[PackedBatch], n_targets: i
     for batch in micro_batches:
         batch = batch.to(device, non_blocking=True)
         loss = model.loss(batch.input_ids, batch.shifted_labels(), batch.cu_seqlens, batch.position_ids,
-                          batch.max_seqlen, reduction="sum") / n_targets
+                          batch.max_seqlen, reduction="sum", target_rows=batch.target_rows) / n_targets
         loss.backward()
         loss_sum += loss.detach()
     if world > 1:

@@ -154,10 +154,16 @@ class CausalLM(nn.Module):
         """hidden [N, H] -> [N] int64: the argmax of the fp32 logits, never materialized whole."""
         return greedy_tokens(hidden, self.output_weight())
 
-    def loss(self, input_ids, labels, cu_seqlens, position_ids=None, max_seqlen=None, reduction="mean"):
+    def loss(self, input_ids, labels, cu_seqlens, position_ids=None, max_seqlen=None, reduction="mean",
+             target_rows=None):
         """Cross-entropy of next-token predictions: labels[t] is the token to predict at position t
-        (-100: none), already shifted within each sequence. The logits are never materialized."""
+        (-100: none), already shifted within each sequence. The logits are never materialized.
+        target_rows (int64 [K], e.g. PackedBatch.target_rows: the positions whose label is not -100): the
+        output layer and the loss run on those rows only; the others (a prompt's) contribute nothing
+        either way, so the result is the same, for a fraction of the output layer's FLOPs and bytes."""
         hidden = self(input_ids, cu_seqlens, position_ids, max_seqlen, return_hidden=True)
+        if target_rows is not None and len(target_rows):   # none (an idle micro-batch): every row, none trained
+            hidden, labels = hidden.index_select(0, target_rows), labels.index_select(0, target_rows)
         return linear_cross_entropy(hidden, self.output_weight(), labels, reduction=reduction)
 
     @property
