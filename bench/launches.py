@@ -244,8 +244,8 @@ def _mlp_gate(c: ModelConfig, dtype) -> list[Problem]:
 
 
 def _loss(c: ModelConfig, dtype) -> list[Problem]:
-    """The fused output layer + cross-entropy: the per-row softmax kernel on fp32 logit chunks,
-    training (writes dlogits) and evaluation (loss only)."""
+    """The fused output layer + cross-entropy: the per-row softmax kernel on logit chunks, training
+    (logits in the inputs' dtype, dlogits written over them) and evaluation (fp32 logits, loss only)."""
     T, H, V = TOKENS, c.hidden_size, c.vocab_size
     h, w = _meta(T, H, dtype=dtype, grad=True), _meta(V, H, dtype=dtype, grad=True)
     labels = _meta(T, dtype=torch.int64)
@@ -256,10 +256,10 @@ def _loss(c: ModelConfig, dtype) -> list[Problem]:
         loss_ops.LinearCrossEntropyFunction.apply(h, w, labels, -100, "mean", budget, rows)
         loss_ops.LinearCrossEntropyFunction.apply(h.detach(), w.detach(), labels, -100, "mean", budget, rows)
 
-    def ce_rows(launch):  # one chunk; training reads it twice (lse, then softmax) and writes dlogits
+    def ce_rows(launch):  # one chunk; training: its logits (the inputs' dtype) read twice, dlogits written over them
         rows, train = launch.grid[0], launch.constexprs["WRITE_GRAD"]
-        per_row = V * (8 + dtype.itemsize) if train else 4 * V
-        return Cost(f"{shape}, chunk of {rows} rows", rows * per_row + 16 * rows, (6 if train else 3) * rows * V)
+        per_row = 3 * dtype.itemsize * V if train else 4 * V
+        return Cost(f"{shape}, chunk of {rows} rows", rows * per_row + 12 * rows, (6 if train else 3) * rows * V)
 
     return [Problem(run, {"_ce_rows_kernel": ce_rows}, shape)]
 
