@@ -233,12 +233,13 @@ def _mlp_gate(c: ModelConfig, dtype) -> list[Problem]:
     """SwiGLU (Qwen2) or GELU (BLOOM), forward and backward, on [T, intermediate]."""
     T, I, es = TOKENS, c.intermediate_size, dtype.itemsize
     shape = f"{_tag(dtype)} T={T} I={I}"
-    a, b, dy = _meta(T, I, dtype=dtype, grad=True), _meta(T, I, dtype=dtype, grad=True), _meta(T, I, dtype=dtype)
+    a, dy = _meta(T, I, dtype=dtype, grad=True), _meta(T, I, dtype=dtype)
     if c.model_type == "bloom":
         return [Problem(lambda: torch.autograd.grad(gelu_ops.GELUFunction.apply(a), a, dy),
                         {"_gelu_forward_kernel": lambda launch: Cost(shape, es * T * I * 2, 10 * T * I),
                          "_gelu_backward_kernel": lambda launch: Cost(shape, es * T * I * 3, 20 * T * I)}, shape)]
-    return [Problem(lambda: torch.autograd.grad(swiglu_ops.SwiGLUFunction.apply(a, b), (a, b), dy),
+    gate_up = _meta(T, 2 * I, dtype=dtype, grad=True)
+    return [Problem(lambda: torch.autograd.grad(swiglu_ops.SwiGLUFunction.apply(gate_up), gate_up, dy),
                     {"_swiglu_forward_kernel": lambda launch: Cost(shape, es * T * I * 3, 6 * T * I),
                      "_swiglu_backward_kernel": lambda launch: Cost(shape, es * T * I * 5, 12 * T * I)}, shape)]
 

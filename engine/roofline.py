@@ -7,7 +7,7 @@ and the time each would take at the card's measured matmul and copy ceilings (ke
 This is a model, not a measurement: a phase takes max(FLOPs / matmul ceiling, bytes / copy ceiling),
 each kernel is its own phase part (no overlap between kernels), caches hold nothing between kernels.
 The traffic comes from the same plans the code runs: the model's own nn.Linear modules (built on the
-meta device) give the GEMMs, kernels.linear_cross_entropy.traffic the fused loss's chunks,
+meta device; Qwen2's fused qkv and gate_up projections are one GEMM each) give the GEMMs, kernels.linear_cross_entropy.traffic the fused loss's chunks,
 engine.optim.step_traffic the optimizer's passes; change a kernel's plan and its bytes change here.
 bf16 weights and activations, fp32 masters and moments, one micro-batch per step (the defaults);
 sequences of `seq_len` tokens (attention keys: (seq_len + 1) / 2 per token on average).
@@ -74,9 +74,11 @@ def train_step_phases(config: ModelConfig, tokens: int = DEFAULT_TOKENS, seq_len
                   (2 * T * i * o, e * (T * i + T * o + i * o))]
     ctx = (seq_len + 1) / 2
     attention = [(3 * 4 * T * ctx * q_dim, e * T * (3 * q_dim + 5 * kv_dim) + e * T * (2 * q_dim + 2 * kv_dim))] * L
-    if qwen:   # 2 RMSNorms with the residual add fused per layer + the final one; RoPE on q and k
+    if qwen:   # 2 RMSNorms with the residual add fused per layer + the final one; RoPE on q and k (its
+        # backward also copies dv into the fused qkv gradient); SwiGLU on the fused gate_up
         norms = [(0, 4 * e * T * h), (0, 4 * e * T * h)] * (2 * L + 1)
-        elementwise = [(0, 2 * e * T * (q_dim + kv_dim))] * 2 * L + [(0, 3 * e * T * inter), (0, 5 * e * T * inter)] * L
+        rope = [(0, 2 * e * T * (q_dim + kv_dim)), (0, 2 * e * T * (q_dim + 2 * kv_dim))]
+        elementwise = (rope + [(0, 3 * e * T * inter), (0, 5 * e * T * inter)]) * L
     else:      # 2 LayerNorms per layer + embedding's + final; residual adds in torch; GELU
         norms = [(0, 2 * e * T * h), (0, 3 * e * T * h)] * (2 * L + 2)
         elementwise = [(0, 3 * e * T * h)] * 2 * L + [(0, 2 * e * T * inter), (0, 3 * e * T * inter)] * L

@@ -13,7 +13,9 @@ def test_layer_gemm_flops_are_6_per_weight_per_token():
     gemms = next(p for p in train_step_phases(c, tokens=1000) if p.name == "layer GEMMs")
     weights = sum(i * o for i, o in layer_linears(c))
     assert gemms.flops == 6 * 1000 * weights
-    assert len(layer_linears(c)) == 7 * c.num_layers     # q, k, v, o, gate, up, down
+    assert len(layer_linears(c)) == 4 * c.num_layers     # qkv (fused), o, gate_up (fused), down
+    assert (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim) in layer_linears(c)
+    assert (c.hidden_size, 2 * c.intermediate_size) in layer_linears(c)
 
 
 def test_phase_time_is_the_slower_ceiling():
