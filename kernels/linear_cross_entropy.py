@@ -20,7 +20,8 @@ the GEMMs stay large), with no host synchronization anywhere. Per chunk:
                                         zeroing pass), later ones add; with a single chunk and
                                         bf16 inputs, written straight in bf16 (no accumulator)
 The gradients are computed in the forward pass and kept; backward scales them by the scalar
-grad_output (in place: backward may run once per forward). `traffic` counts the bytes.
+grad_output (in place, or for the fp32 accumulator in the pass that rounds it to the weight's
+dtype: backward may run once per forward). `traffic` counts the bytes.
 
 The logits dtype: training, the inputs' own (bf16 for a bf16 model, as transformers computes
 them before upcasting for its loss); forward only (evaluation, scoring), fp32. bf16 logits carry
@@ -30,7 +31,7 @@ read twice by the row kernel and overwritten by dz, which the gradient GEMMs rea
 Scoring (bits memorized) keeps fp32 logits: there every token's loss is the result. On a GPU the
 rows of the logits buffer are padded to 16 bytes (odd vocabularies: aligned vector loads and
 cuBLAS kernels); on the CPU they are dense (a BLAS may read past a row's logical end).
-grad_W is accumulated in fp32 over the chunks and rounded to the weight's dtype once.
+grad_W is accumulated in fp32 over the chunks and rounded to the weight's dtype once, in backward.
 """
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ def traffic(T: int, H: int, V: int, dtype: torch.dtype, budget_bytes: int = LOGI
     chunks, as _fused_forward and backward run them: per chunk of n rows the logits GEMM (W and h
     read, z written), the row kernel (z read twice, dz written over it), the grad_hidden GEMM (dz and
     W read, grad_h written) and the grad_W GEMM (dz and h read, the fp32 accumulator written by the
-    first chunk, read and written by the others); once, the accumulator rounded to the weight's dtype,
-    and backward's scaling in place."""
+    first chunk, read and written by the others); in backward, grad_hidden scaled in place and grad_W
+    scaled (the fp32 accumulator: scaled and rounded to the weight's dtype in the same pass)."""
     e = dtype.itemsize
     plan = chunk_plan(T, H, V, dtype, budget_bytes)
     z = plan.logits_dtype.itemsize
@@ -113,8 +114,9 @@ def traffic(T: int, H: int, V: int, dtype: torch.dtype, budget_bytes: int = LOGI
         parts["row kernel (lse, dz)"] += 3 * z * n * V + 12 * n
         parts["grad_hidden GEMM"] += z * n * V + e * V * H + e * n * H
         parts["grad_W GEMM"] += z * n * V + e * n * H + (4 if accumulates else e) * V * H * (1 if start == 0 else 2)
-    rounding = (4 + e) * V * H if accumulates and dtype != torch.float32 else 0
-    parts["grad_W round, scale"] = rounding + 2 * e * V * H + 2 * e * T * H
+    # backward: the fp32 accumulator scaled and rounded to the weight's dtype in one pass, else grad_W scaled in place
+    scale_w = (4 + e) * V * H if accumulates and dtype != torch.float32 else 2 * e * V * H
+    parts["grad_W round, scale"] = scale_w + 2 * e * T * H
     return parts
 
 
@@ -220,7 +222,8 @@ def _loss_scale(labels, ignore_index, reduction):
 
 
 def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes, need_gh, need_gw, ce_rows):
-    """(loss, grad_hidden or None, grad_weight or None), gradients for grad_output = 1."""
+    """(loss, grad_hidden or None, grad_weight or None), gradients for grad_output = 1; grad_weight is the
+    fp32 accumulator when chunk_plan uses one (backward rounds it)."""
     T, H = hidden.shape
     V = weight.shape[0]
     grads = need_gh or need_gw
@@ -250,7 +253,7 @@ def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes
     loss = row_loss.sum()
     if reduction == "mean":
         loss = loss / n_valid
-    return loss, grad_hidden, None if grad_w is None else grad_w.to(weight.dtype)
+    return loss, grad_hidden, grad_w
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -259,7 +262,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, grad_hidden, grad_weight = _fused_forward(hidden, weight, labels, ignore_index, reduction,
                                                         budget_bytes, need_gh, need_gw, ce_rows)
-        ctx.grads = (grad_hidden, grad_weight)
+        ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype
         return loss
 
     @staticmethod
@@ -271,8 +274,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.grads = None
         if grad_hidden is not None:
             grad_hidden.mul_(grad_loss)
-        if grad_weight is not None:
+        if grad_weight is not None and grad_weight.dtype == ctx.weight_dtype:
             grad_weight.mul_(grad_loss)
+        elif grad_weight is not None:     # the fp32 accumulator: scaled and rounded in one pass
+            grad_weight = torch.mul(grad_weight, grad_loss,
+                                    out=torch.empty(grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device))
         return grad_hidden, grad_weight, None, None, None, None, None
 
 

@@ -36,12 +36,12 @@ def budget(chunk, V, dtype):
     return chunk * dtype.itemsize * V
 
 
-def fused(hidden, weight, labels, reduction, chunk, backend="triton"):
-    """The chunked op: Triton rows ("triton") or torch rows ("torch", fp32 only)."""
+def fused(hidden, weight, labels, reduction, chunk, backend="triton", grad_output=1.0):
+    """The chunked op: Triton rows ("triton") or torch rows ("torch", fp32 only); gradients of grad_output * loss."""
     with kernels.backend(backend):
         loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction,
                                     budget_bytes=budget(chunk, weight.shape[0], hidden.dtype))
-    loss.backward()
+    (grad_output * loss).backward()
     return loss.detach(), hidden.grad, weight.grad
 
 
@@ -180,15 +180,17 @@ def test_chunk_plan_at_qwen2_0_5b_shape_fits_1_2gb():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_several_chunks_and_one_chunk_match_float64_reference(dtype):
     """Chunks of 128 rows (6, the last one short): grad_W written by the first chunk and added by the
-    next; with one chunk (bf16) grad_W written straight in bf16."""
+    next, scaled by grad_output and rounded in backward; with one chunk (bf16) grad_W written straight
+    in bf16 and scaled in place."""
     T, H, V = 5 * CHUNK_MULTIPLE + 3, 32, 517
     for chunk in (CHUNK_MULTIPLE, 6 * CHUNK_MULTIPLE):
         hidden, weight, labels = make_inputs(T, H, V, dtype)
         labels[::9] = -100
         plan = chunk_plan(T, H, V, dtype, budget(chunk, V, dtype))
         assert plan.chunk_tokens == min(chunk, T) and plan.accumulates(T, dtype) == (chunk < T or dtype == torch.float32)
-        loss, grad_h, grad_w = fused(hidden, weight, labels, "mean", chunk)
+        loss, grad_h, grad_w = fused(hidden, weight, labels, "mean", chunk, grad_output=-2.5)
         ref_loss, ref_h, ref_w = reference(hidden, weight, labels, "mean")
+        ref_h, ref_w = -2.5 * ref_h, -2.5 * ref_w
         assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < (1e-5 if dtype == torch.float32 else 1e-3)
         assert rel_err(grad_h, ref_h) < TOL[dtype] and rel_err(grad_w, ref_w) < TOL[dtype]
         assert grad_w.dtype == dtype
