@@ -3,7 +3,7 @@ import torch
 
 from engine.costs import model_config
 from engine.optim import step_traffic
-from engine.roofline import layer_linears, roofline_table, summary, train_step_phases
+from engine.roofline import layer_linears, roofline_table, stage_seconds, summary, train_step_phases
 from kernels.hardware import PROJECTION
 from kernels.linear_cross_entropy import chunk_plan, traffic
 
@@ -44,3 +44,12 @@ def test_loss_and_optimizer_bytes_follow_their_plans():
 def test_table_names_every_model_and_its_largest_phases():
     table = roofline_table(["qwen2-0.5b", "bloom-1b4-zh"])
     assert "qwen2-0.5b" in table and "bloom-1b4-zh" in table and "layer GEMMs" in table
+
+
+def test_stage_split_sums_to_the_step():
+    """The forward / backward / optimizer split bench/throughput.py prints next to its measured one."""
+    for name in ("qwen2-0.5b", "bloom-1b4-zh"):
+        c = model_config(name)
+        split = stage_seconds(c, 4096, 100)
+        assert abs(sum(split.values()) - sum(p.seconds for p in train_step_phases(c, 4096, 100))) < 1e-12
+        assert split["forward"] > 0 and split["backward"] > split["optimizer"] > 0
