@@ -188,29 +188,33 @@ def _tag(dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _norm(c: ModelConfig, dtype) -> list[Problem]:
-    """Forward and backward of the model's norm: RMSNorm with and without the fused residual
-    (Qwen2), LayerNorm (BLOOM)."""
+    """Forward and backward of the model's norm, with and without the fused residual: RMSNorm (Qwen2),
+    LayerNorm (BLOOM)."""
     T, H, es = TOKENS, c.hidden_size, dtype.itemsize
     x, dy = _meta(T, H, dtype=dtype, grad=True), _meta(T, H, dtype=dtype)
     w, b = _meta(H, dtype=dtype, grad=True), _meta(H, dtype=dtype, grad=True)
-    shape = f"{_tag(dtype)} T={T} H={H}"
-    if c.model_type == "bloom":
-        def run():
-            torch.autograd.grad(layer_norm_ops.LayerNormFunction.apply(x, w, b, 1e-5), (x, w, b), dy)
-        return [Problem(run, {
-            "_layer_norm_forward_kernel": lambda launch: Cost(shape, es * T * H * 2 + 8 * T, 8 * T * H),
-            "_layer_norm_backward_kernel": lambda launch: Cost(shape, es * T * H * 3 + 8 * T, 12 * T * H)}, shape)]
     r = _meta(T, H, dtype=dtype, grad=True)
+    shape = f"{_tag(dtype)} T={T} H={H}"
+    bloom = c.model_type == "bloom"
+    stats = 8 if bloom else 4     # fp32 mean and rstd, or rstd, per row
+
+    def fwd(launch):  # reads x (+ residual), writes y (+ the sum)
+        return Cost(shape, es * T * H * (4 if launch.constexprs["HAS_RESIDUAL"] else 2) + stats * T,
+                    (8 if bloom else 4) * T * H)
+
+    def bwd(launch):  # reads dy, s (+ the sum's gradient), writes dx
+        return Cost(shape, es * T * H * (4 if launch.constexprs["HAS_DS_OUT"] else 3) + stats * T,
+                    (12 if bloom else 8) * T * H)
+
+    if bloom:
+        def run():
+            torch.autograd.grad(layer_norm_ops.LayerNormFunction.apply(x, w, b, 1e-5, None), (x, w, b), dy)
+            torch.autograd.grad(layer_norm_ops.LayerNormFunction.apply(x, w, b, 1e-5, r), (x, w, b, r), (dy, dy))
+        return [Problem(run, {"_layer_norm_forward_kernel": fwd, "_layer_norm_backward_kernel": bwd}, shape)]
 
     def run():
         torch.autograd.grad(rms_norm_ops.RMSNormFunction.apply(x, w, 1e-6, None), (x, w), dy)
         torch.autograd.grad(rms_norm_ops.RMSNormFunction.apply(x, w, 1e-6, r), (x, w, r), (dy, dy))
-
-    def fwd(launch):  # reads x (+ residual), writes y (+ the sum)
-        return Cost(shape, es * T * H * (4 if launch.constexprs["HAS_RESIDUAL"] else 2) + 4 * T, 4 * T * H)
-
-    def bwd(launch):  # reads dy, s (+ the sum's gradient), writes dx
-        return Cost(shape, es * T * H * (4 if launch.constexprs["HAS_DS_OUT"] else 3) + 4 * T, 8 * T * H)
 
     return [Problem(run, {"_rms_norm_forward_kernel": fwd, "_rms_norm_backward_kernel": bwd}, shape)]
 

@@ -80,14 +80,16 @@ def train_step_kernels(config: ModelConfig, tokens: int = DEFAULT_TOKENS,
     ctx = (seq_len + 1) / 2
     attention = [(4 * T * ctx * q_dim, e * T * (2 * q_dim + 2 * kv_dim), FWD),
                  (8 * T * ctx * q_dim, e * T * (3 * q_dim + 5 * kv_dim), BWD)] * L
-    if qwen:   # 2 RMSNorms with the residual add fused per layer + the final one; RoPE on q and k (its
-        # backward also copies dv into the fused qkv gradient); SwiGLU on the fused gate_up
-        norms = [(0, 4 * e * T * h, FWD), (0, 4 * e * T * h, BWD)] * (2 * L + 1)
+    # every residual add is fused into the norm after it (2 L norms: x and the stream read, the sum and the
+    # output written; backward also reads the sum's gradient); the first block's input norm (and BLOOM's
+    # embedding norm) have no add
+    norms = [(0, 4 * e * T * h, FWD), (0, 4 * e * T * h, BWD)] * (2 * L) + \
+        [(0, 2 * e * T * h, FWD), (0, 3 * e * T * h, BWD)] * (1 if qwen else 2)
+    if qwen:   # RoPE on q and k (its backward also copies dv into the fused qkv gradient); SwiGLU on the fused gate_up
         rope = [(0, 2 * e * T * (q_dim + kv_dim), FWD), (0, 2 * e * T * (q_dim + 2 * kv_dim), BWD)]
         elementwise = (rope + [(0, 3 * e * T * inter, FWD), (0, 5 * e * T * inter, BWD)]) * L
-    else:      # 2 LayerNorms per layer + embedding's + final; residual adds in torch; GELU
-        norms = [(0, 2 * e * T * h, FWD), (0, 3 * e * T * h, BWD)] * (2 * L + 2)
-        elementwise = [(0, 3 * e * T * h, FWD)] * 2 * L + [(0, 2 * e * T * inter, FWD), (0, 3 * e * T * inter, BWD)] * L
+    else:      # GELU
+        elementwise = [(0, 2 * e * T * inter, FWD), (0, 3 * e * T * inter, BWD)] * L
     V = config.vocab_size
     gemm_flops = {"logits GEMM": 2 * T * V * h, "grad_hidden GEMM": 2 * T * V * h, "grad_W GEMM": 2 * T * V * h}
     loss = [(gemm_flops.get(part, 0), nbytes, BWD if part == "grad_W round, scale" else FWD)
@@ -98,7 +100,7 @@ def train_step_kernels(config: ModelConfig, tokens: int = DEFAULT_TOKENS,
     with torch.device("meta"):
         n = model_class(config)(config).num_parameters()
     optimizer = [(0, nbytes, BWD if "hooks" in part else OPT) for part, nbytes in step_traffic(n, BF16).items()]
-    return {"layer GEMMs": gemms, "attention": attention, "norms": norms, "rope + activations + adds": elementwise,
+    return {"layer GEMMs": gemms, "attention": attention, "norms": norms, "rope + activations": elementwise,
             "LM head + loss": loss, "embedding": embedding, "optimizer": optimizer}
 
 

@@ -239,8 +239,9 @@ class LayerNorm(nn.Module):
         super().__init__()
         self.weight, self.bias, self.eps = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim)), eps
 
-    def forward(self, x):
-        return layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(self, x, residual=None):
+        """norm(x), or with `residual`: (norm(x + residual), x + residual) in one pass."""
+        return layer_norm(x, self.weight, self.bias, self.eps, residual)
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:
