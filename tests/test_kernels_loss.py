@@ -233,3 +233,17 @@ def test_no_gradients_computed_under_no_grad(reduction, monkeypatch):
         loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, budget_bytes=budget(CHUNK_MULTIPLE, 259, torch.float32))
     assert len(calls) == 2          # two chunks' logits, no grad_hidden / grad_W products
     assert abs(loss.item() - reference(hidden, weight, labels, reduction)[0].item()) < 1e-4 * abs(loss.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="padded logits rows exist on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_odd_vocabulary_on_a_gpu_pads_the_logits_rows(dtype):
+    """V = 1003: the cuBLAS GEMMs write and read logits rows padded to 16 bytes (a strided out= view)."""
+    T, H, V = 2 * CHUNK_MULTIPLE + 7, 64, 1003
+    assert padded_width(V, dtype, torch.device("cuda")) > V
+    hidden, weight, labels = (t.cuda() for t in make_inputs(T, H, V, dtype))
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss, grad_h, grad_w = fused(hidden, weight, labels, "mean", CHUNK_MULTIPLE)
+    ref_loss, ref_h, ref_w = reference(hidden.cpu(), weight.cpu(), labels.cpu(), "mean")
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < (1e-5 if dtype == torch.float32 else 1e-3)
+    assert rel_err(grad_h.cpu(), ref_h) < TOL[dtype] and rel_err(grad_w.cpu(), ref_w) < TOL[dtype]
