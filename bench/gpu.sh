@@ -62,13 +62,16 @@ step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS
     # packed every 15 s while it runs too: the rows and parts a benchmark writes as it measures them
-    # reach $OUT even if the whole call is cut before the step ends
-    ( while sleep 15; do pack; done ) > /dev/null 2>&1 &
+    # reach $OUT even if the whole call is cut before the step ends. The packer stops between two packs
+    # (the stop file), so no pack of it writes $OUT while the step's own final pack does.
+    rm -f "$WORK/stop"
+    ( n=0; while [ ! -e "$WORK/stop" ]; do sleep 1; n=$((n + 1)); [ $((n % 15)) -eq 0 ] && pack; done ) \
+        > /dev/null 2>&1 &
     local packer=$!
     timeout -s INT --kill-after=10 "$((limit * SLOWER))" "$@" > "$WORK/logs/$name.log" 2>&1
     local rc=$?
-    kill "$packer" 2>/dev/null
-    wait "$packer" 2>/dev/null
+    touch "$WORK/stop"
+    wait "$packer"
     printf '%-12s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$((SECONDS - t0))" "$((limit * SLOWER))" | tee -a "$OUT/summary.log"
     tail -n 25 "$WORK/logs/$name.log"
     pack

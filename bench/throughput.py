@@ -341,7 +341,8 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
 
                 entry, details["models"][model] = bench_model(model, s, device, dtype, result["peak_tflops"],
                                                               result["matmul_tflops"], save)
-                result["models"][model] = result["partial"].pop(model) and entry
+                result["partial"].pop(model)
+                result["models"][model] = entry
                 details["models"][model]["bench_seconds"] = time.perf_counter() - t0
                 print(common.table(COLUMNS, [row(model, result["models"][model], details["models"][model])])[-1],
                       flush=True)
