@@ -133,7 +133,7 @@ def bench_loss(models, tokens, timer: common.Timer, dtype, strict: bool, save) -
                 rows.append(row)
                 print(row, flush=True)
             save(rows)
-            del h, w, y
+            h = w = y = None           # freed before the next shape's inputs
     return rows
 
 
