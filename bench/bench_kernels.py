@@ -92,7 +92,7 @@ def cases(quick: bool, dry_run: bool) -> list[Case]:
             out.append(Case("rope", f"T={t} {model} {hq}/{hkv}x{d}", [((t, hq, d), 1.0), ((t, hkv, d), 1.0)], (n, n),
                             rope_dim=d))
         for i in sizes["intermediate"]:
-            out.append(Case("swiglu", f"T={t} I={i}", [((t, i), 2.0), ((t, i), 1.0)], (3 * t * i, 5 * t * i)))
+            out.append(Case("swiglu", f"T={t} I={i}", [((t, 2 * i), 2.0)], (3 * t * i, 5 * t * i)))
         for i in sizes["bloom_mlp"]:
             out.append(Case("gelu", f"T={t} 4H={i}", [((t, i), 2.0)], (2 * t * i, 3 * t * i)))
     return out
@@ -135,7 +135,7 @@ def _liger_ops() -> dict[str, Callable]:
         ops["rope"] = lambda q, k, pos, cos, sin: rope_fn.apply(q[None].transpose(1, 2), k[None].transpose(1, 2),
                                                                 cos, sin)[:2]
     if (silu_mul := liger("swiglu", "LigerSiLUMulFunction")) is not None:
-        ops["swiglu"] = silu_mul.apply
+        ops["swiglu"] = lambda gate_up: silu_mul.apply(*gate_up.chunk(2, dim=-1))
     return ops
 
 

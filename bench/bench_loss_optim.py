@@ -99,7 +99,7 @@ def check_correctness(model: str, T: int, device, dtype) -> dict:
     """Our loss and grads vs the fp32 reference, several chunks (exercises cuBLAS out_dtype paths)."""
     H, V = head_shape(model)
     h, w, y = loss_inputs(T, H, V, device, dtype, seed=1)
-    linear_cross_entropy(h, w, y, budget_bytes=max(T // 4, 1) * 4 * V).backward()
+    linear_cross_entropy(h, w, y, budget_bytes=max(T // 4, 1) * dtype.itemsize * V).backward()   # ~4 chunks
     ours = (h.grad, w.grad)
     hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = linear_cross_entropy_reference(hr, wr, y)
@@ -133,7 +133,7 @@ def bench_loss(models, tokens, timer: common.Timer, dtype, strict: bool, save) -
                 rows.append(row)
                 print(row, flush=True)
             save(rows)
-            del h, w, y
+            h = w = y = None           # freed before the next shape's inputs
     return rows
 
 

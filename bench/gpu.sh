@@ -7,7 +7,8 @@
 #     bash bench/gpu.sh --dry-run OUT       # on a CPU: every step at tiny sizes (CI runs it)
 #
 # Each step runs under its own `timeout`, so a failure or a hang loses only that step, and every
-# step's numbers are packed into $OUT before the next starts. The timeout sends SIGINT first (10 s
+# step's numbers are packed into $OUT before the next starts (and every 15 s while it runs: the
+# throughput bench writes each model's parts, a partial row, the moment they are measured). The timeout sends SIGINT first (10 s
 # before SIGKILL): pytest then stops like a Ctrl-C and still prints its short summary (-rfE
 # --tb=short), a Python benchmark gets KeyboardInterrupt and its traceback says where it was.
 # The first three steps (tests, qwen2-0.5b training ours vs transformers [vs Liger], generation)
@@ -60,8 +61,17 @@ pack() {  # every result and log so far, and each markdown table, into $OUT
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS
+    # packed every 15 s while it runs too: the rows and parts a benchmark writes as it measures them
+    # reach $OUT even if the whole call is cut before the step ends. The packer stops between two packs
+    # (the stop file), so no pack of it writes $OUT while the step's own final pack does.
+    rm -f "$WORK/stop"
+    ( n=0; while [ ! -e "$WORK/stop" ]; do sleep 1; n=$((n + 1)); [ $((n % 15)) -eq 0 ] && pack; done ) \
+        > /dev/null 2>&1 &
+    local packer=$!
     timeout -s INT --kill-after=10 "$((limit * SLOWER))" "$@" > "$WORK/logs/$name.log" 2>&1
     local rc=$?
+    touch "$WORK/stop"
+    wait "$packer"
     printf '%-12s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$((SECONDS - t0))" "$((limit * SLOWER))" | tee -a "$OUT/summary.log"
     tail -n 25 "$WORK/logs/$name.log"
     pack

@@ -188,29 +188,33 @@ def _tag(dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _norm(c: ModelConfig, dtype) -> list[Problem]:
-    """Forward and backward of the model's norm: RMSNorm with and without the fused residual
-    (Qwen2), LayerNorm (BLOOM)."""
+    """Forward and backward of the model's norm, with and without the fused residual: RMSNorm (Qwen2),
+    LayerNorm (BLOOM)."""
     T, H, es = TOKENS, c.hidden_size, dtype.itemsize
     x, dy = _meta(T, H, dtype=dtype, grad=True), _meta(T, H, dtype=dtype)
     w, b = _meta(H, dtype=dtype, grad=True), _meta(H, dtype=dtype, grad=True)
-    shape = f"{_tag(dtype)} T={T} H={H}"
-    if c.model_type == "bloom":
-        def run():
-            torch.autograd.grad(layer_norm_ops.LayerNormFunction.apply(x, w, b, 1e-5), (x, w, b), dy)
-        return [Problem(run, {
-            "_layer_norm_forward_kernel": lambda launch: Cost(shape, es * T * H * 2 + 8 * T, 8 * T * H),
-            "_layer_norm_backward_kernel": lambda launch: Cost(shape, es * T * H * 3 + 8 * T, 12 * T * H)}, shape)]
     r = _meta(T, H, dtype=dtype, grad=True)
+    shape = f"{_tag(dtype)} T={T} H={H}"
+    bloom = c.model_type == "bloom"
+    stats = 8 if bloom else 4     # fp32 mean and rstd, or rstd, per row
+
+    def fwd(launch):  # reads x (+ residual), writes y (+ the sum)
+        return Cost(shape, es * T * H * (4 if launch.constexprs["HAS_RESIDUAL"] else 2) + stats * T,
+                    (8 if bloom else 4) * T * H)
+
+    def bwd(launch):  # reads dy, s (+ the sum's gradient), writes dx
+        return Cost(shape, es * T * H * (4 if launch.constexprs["HAS_DS_OUT"] else 3) + stats * T,
+                    (12 if bloom else 8) * T * H)
+
+    if bloom:
+        def run():
+            torch.autograd.grad(layer_norm_ops.LayerNormFunction.apply(x, w, b, 1e-5, None), (x, w, b), dy)
+            torch.autograd.grad(layer_norm_ops.LayerNormFunction.apply(x, w, b, 1e-5, r), (x, w, b, r), (dy, dy))
+        return [Problem(run, {"_layer_norm_forward_kernel": fwd, "_layer_norm_backward_kernel": bwd}, shape)]
 
     def run():
         torch.autograd.grad(rms_norm_ops.RMSNormFunction.apply(x, w, 1e-6, None), (x, w), dy)
         torch.autograd.grad(rms_norm_ops.RMSNormFunction.apply(x, w, 1e-6, r), (x, w, r), (dy, dy))
-
-    def fwd(launch):  # reads x (+ residual), writes y (+ the sum)
-        return Cost(shape, es * T * H * (4 if launch.constexprs["HAS_RESIDUAL"] else 2) + 4 * T, 4 * T * H)
-
-    def bwd(launch):  # reads dy, s (+ the sum's gradient), writes dx
-        return Cost(shape, es * T * H * (4 if launch.constexprs["HAS_DS_OUT"] else 3) + 4 * T, 8 * T * H)
 
     return [Problem(run, {"_rms_norm_forward_kernel": fwd, "_rms_norm_backward_kernel": bwd}, shape)]
 
@@ -233,19 +237,20 @@ def _mlp_gate(c: ModelConfig, dtype) -> list[Problem]:
     """SwiGLU (Qwen2) or GELU (BLOOM), forward and backward, on [T, intermediate]."""
     T, I, es = TOKENS, c.intermediate_size, dtype.itemsize
     shape = f"{_tag(dtype)} T={T} I={I}"
-    a, b, dy = _meta(T, I, dtype=dtype, grad=True), _meta(T, I, dtype=dtype, grad=True), _meta(T, I, dtype=dtype)
+    a, dy = _meta(T, I, dtype=dtype, grad=True), _meta(T, I, dtype=dtype)
     if c.model_type == "bloom":
         return [Problem(lambda: torch.autograd.grad(gelu_ops.GELUFunction.apply(a), a, dy),
                         {"_gelu_forward_kernel": lambda launch: Cost(shape, es * T * I * 2, 10 * T * I),
                          "_gelu_backward_kernel": lambda launch: Cost(shape, es * T * I * 3, 20 * T * I)}, shape)]
-    return [Problem(lambda: torch.autograd.grad(swiglu_ops.SwiGLUFunction.apply(a, b), (a, b), dy),
+    gate_up = _meta(T, 2 * I, dtype=dtype, grad=True)
+    return [Problem(lambda: torch.autograd.grad(swiglu_ops.SwiGLUFunction.apply(gate_up), gate_up, dy),
                     {"_swiglu_forward_kernel": lambda launch: Cost(shape, es * T * I * 3, 6 * T * I),
                      "_swiglu_backward_kernel": lambda launch: Cost(shape, es * T * I * 5, 12 * T * I)}, shape)]
 
 
 def _loss(c: ModelConfig, dtype) -> list[Problem]:
-    """The fused output layer + cross-entropy: the per-row softmax kernel on fp32 logit chunks,
-    training (writes dlogits) and evaluation (loss only)."""
+    """The fused output layer + cross-entropy: the per-row softmax kernel on logit chunks, training
+    (logits in the inputs' dtype, dlogits written over them) and evaluation (fp32 logits, loss only)."""
     T, H, V = TOKENS, c.hidden_size, c.vocab_size
     h, w = _meta(T, H, dtype=dtype, grad=True), _meta(V, H, dtype=dtype, grad=True)
     labels = _meta(T, dtype=torch.int64)
@@ -256,10 +261,10 @@ def _loss(c: ModelConfig, dtype) -> list[Problem]:
         loss_ops.LinearCrossEntropyFunction.apply(h, w, labels, -100, "mean", budget, rows)
         loss_ops.LinearCrossEntropyFunction.apply(h.detach(), w.detach(), labels, -100, "mean", budget, rows)
 
-    def ce_rows(launch):  # one chunk; training reads it twice (lse, then softmax) and writes dlogits
+    def ce_rows(launch):  # one chunk; training: its logits (the inputs' dtype) read twice, dlogits written over them
         rows, train = launch.grid[0], launch.constexprs["WRITE_GRAD"]
-        per_row = V * (8 + dtype.itemsize) if train else 4 * V
-        return Cost(f"{shape}, chunk of {rows} rows", rows * per_row + 16 * rows, (6 if train else 3) * rows * V)
+        per_row = 3 * dtype.itemsize * V if train else 4 * V
+        return Cost(f"{shape}, chunk of {rows} rows", rows * per_row + 12 * rows, (6 if train else 3) * rows * V)
 
     return [Problem(run, {"_ce_rows_kernel": ce_rows}, shape)]
 

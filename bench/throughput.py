@@ -33,12 +33,17 @@ memory above the process before the model was built, sampled every 2 ms), evalua
 (new tokens, prefill included) and its achieved GB/s (weights once per decode step plus the KV
 cache read; prefill included, so a lower bound of the decode loop's).
 
+On a known GPU each model's step split is also modeled (engine/roofline.py at the measured batches'
+tokens and sequence length, on the card's ceilings) and printed next to the measured one.
+
 Writes under --out throughput-<device>.json (the schema cli.py profile reads: device, peak_tflops,
 matmul_tflops, models.{name}.{params, train_tokens_per_second, mfu, step_seconds.{forward,
-backward, optimizer}, peak_memory_bytes, eval_tokens_per_second, eval_gb_per_second, baseline,
-ratio.{train, eval}}), throughput-<device>.md and throughput-<device>-detail.json (per-step times,
-FLOPs/token, shuffled baseline, Liger, MFU vs the matmul ceiling, the host's time to pack an
-epoch, errors, skipped models).
+backward, optimizer}, modeled_step_seconds (same keys; null off a known GPU), peak_memory_bytes,
+eval_tokens_per_second, eval_gb_per_second, baseline, ratio.{train, eval}}; partial.{name}: the
+parts measured so far of a model still running or cut short), throughput-<device>.md and
+throughput-<device>-detail.json (per-step times, FLOPs/token, shuffled baseline, Liger, MFU vs the
+matmul ceiling, the host's time to pack an epoch, errors, skipped models). The files are rewritten
+the moment each part of a model (our training, our evaluation, theirs) is measured.
 """
 from __future__ import annotations
 
@@ -61,6 +66,7 @@ from engine.data import Example, encode_examples, load_poems  # noqa: E402
 from engine.generate import greedy_generate  # noqa: E402
 from engine.optim import AdamW, parameter_groups  # noqa: E402
 from engine.packing import PackedBatch, collate, pack  # noqa: E402
+from engine.roofline import stage_seconds  # noqa: E402
 from engine.train import train_step  # noqa: E402
 from models import REGISTRY, ModelConfig, build_model, load_tokenizer  # noqa: E402
 
@@ -191,7 +197,7 @@ def train_ours(raw, batches, s: Settings, device, dtype) -> tuple[dict, object]:
             device))
         phases["backward"].append(timed(lambda: holder["loss"].backward(), device))
         phases["optimizer"].append(timed(lambda: (opt.clip_grad_norm_(1.0), opt.step(), opt.zero_grad()), device))
-    del opt
+    opt = None                 # the optimizer state freed before the evaluation
     result.update(step_seconds={k: statistics.median(v) for k, v in phases.items()}, peak_memory_bytes=mem.bytes)
     return result, model
 
@@ -236,43 +242,56 @@ def workload(name: str, s: Settings) -> tuple[dict, list[Example], list[PackedBa
     return raw, examples, (batches * (-(-need // len(batches))))[:need]
 
 
-def bench_model(name: str, s: Settings, device, dtype, peak, matmul) -> tuple[dict, dict]:
+def modeled_stages(raw: dict, batches: list[PackedBatch], device) -> dict | None:
+    """engine.roofline's speed of light of these batches' step split as train_ours times it ({forward,
+    backward, optimizer} seconds) on this card's ceilings; None off a known GPU."""
+    hw = common.hardware(device)
+    if hw is None:
+        return None
+    tokens = statistics.mean(b.num_tokens for b in batches)
+    seq_len = tokens / statistics.mean(b.num_sequences for b in batches)
+    return stage_seconds(ModelConfig.from_dict(raw, "bench config"), round(tokens), seq_len, hw)
+
+
+def bench_model(name: str, s: Settings, device, dtype, peak, matmul, save) -> tuple[dict, dict]:
+    """(entry, detail) of one model; save(entry, detail) after each part is measured (ours' training,
+    ours' evaluation, theirs, theirs shuffled), so a run cut short leaves the parts it finished."""
     raw, examples, batches = workload(name, s)
     prompts = [list(e.prompt_ids) for e in examples[:s.eval_prompts]]
+    entry, detail = {}, {"settings": s.__dict__}
     # each model is dropped before the next is built: PeakMemory frees memory on entry
     ours, model = train_ours(raw, batches, s, device, dtype)
     params, fpt = model.num_parameters(), flops_per_token(model, batches)
+    achieved = ours["tokens_per_second"] * fpt / 1e12
+    entry.update(params=params, train_tokens_per_second=ours["tokens_per_second"], mfu=achieved / peak if peak else None,
+                 step_seconds=ours["step_seconds"], modeled_step_seconds=modeled_stages(raw, batches[:s.phase_steps],
+                                                                                        device),
+                 peak_memory_bytes=ours["peak_memory_bytes"])
+    detail.update(flops_per_token=fpt, achieved_tflops=achieved, mfu_vs_matmul=achieved / matmul if matmul else None,
+                  train=ours)
+    save(entry, detail)
     ours_eval = eval_ours(model, prompts, s, device)
+    entry.update(eval_tokens_per_second=ours_eval["tokens_per_second"], eval_gb_per_second=ours_eval["gb_per_second"])
+    detail["eval"] = ours_eval
+    save(entry, detail)
     del model
     common.free(device)
     with TransformersSide(threads=torch.get_num_threads() if device.type == "cpu" else None) as side:
         theirs = train_theirs(side, raw, batches, s, device, dtype)
         theirs_eval = eval_theirs(side, prompts, s)
-        shuffled = train_theirs(side, raw, shuffled_batches(examples, batches), s, device, dtype)
-
-    achieved = ours["tokens_per_second"] * fpt / 1e12
-    entry = {
-        "params": params,
-        "train_tokens_per_second": ours["tokens_per_second"],
-        "mfu": achieved / peak if peak else None,
-        "step_seconds": ours["step_seconds"],
-        "peak_memory_bytes": ours["peak_memory_bytes"],
-        "eval_tokens_per_second": ours_eval["tokens_per_second"],
-        "eval_gb_per_second": ours_eval["gb_per_second"],
-        "baseline": {"train_tokens_per_second": theirs["tokens_per_second"],
-                     "eval_tokens_per_second": theirs_eval["tokens_per_second"],
-                     "peak_memory_bytes": theirs["peak_memory_bytes"]},
-        "ratio": {"train": ours["tokens_per_second"] / theirs["tokens_per_second"],
-                  "eval": ours_eval["tokens_per_second"] / theirs_eval["tokens_per_second"]},
-    }
-    detail = {"flops_per_token": fpt, "achieved_tflops": achieved,
-              "mfu_vs_matmul": achieved / matmul if matmul else None,
-              "baseline_mfu": theirs["tokens_per_second"] * fpt / 1e12 / peak if peak else None,
-              "train": ours, "eval": ours_eval, "baseline_train": theirs, "baseline_eval": theirs_eval,
-              "baseline_shuffled_train": shuffled, "settings": s.__dict__,
-              # what packing an epoch of the 2,000 poems costs the host (median ms)
-              "pack_epoch_ms": common.Timer(torch.device("cpu"), 1, 5).median_ms(
-                  lambda: pack(examples, s.batch_tokens, seed=0, epoch=1))}
+        entry.update(baseline={"train_tokens_per_second": theirs["tokens_per_second"],
+                               "eval_tokens_per_second": theirs_eval["tokens_per_second"],
+                               "peak_memory_bytes": theirs["peak_memory_bytes"]},
+                     ratio={"train": ours["tokens_per_second"] / theirs["tokens_per_second"],
+                            "eval": ours_eval["tokens_per_second"] / theirs_eval["tokens_per_second"]})
+        detail.update(baseline_mfu=theirs["tokens_per_second"] * fpt / 1e12 / peak if peak else None,
+                      baseline_train=theirs, baseline_eval=theirs_eval)
+        save(entry, detail)
+        detail["baseline_shuffled_train"] = train_theirs(side, raw, shuffled_batches(examples, batches), s, device,
+                                                         dtype)
+    # what packing an epoch of the 2,000 poems costs the host (median ms)
+    detail["pack_epoch_ms"] = common.Timer(torch.device("cpu"), 1, 5).median_ms(
+        lambda: pack(examples, s.batch_tokens, seed=0, epoch=1))
     return entry, detail
 
 
@@ -294,7 +313,7 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
         torch.set_num_threads(1)               # both sides on one thread: stabler timings on a shared machine
     hw = common.hardware(device)
     result = {"device": common.device_name(device), "peak_tflops": hw.peak_bf16_flops / 1e12 if hw else None,
-              "matmul_tflops": matmul_tflops(device, dry_run), "models": {}}
+              "matmul_tflops": matmul_tflops(device, dry_run), "models": {}, "partial": {}}
     details = {**common.meta(device), "dtype": str(dtype), "skipped": [], "errors": {}, "liger": {}, "models": {}}
     out = Path(out_dir)
     # looked up, not imported: Liger imports transformers, which runs only in the transformers side's processes
@@ -314,9 +333,16 @@ def run(models: list[str] | None, quick: bool, out_dir, device=None, time_budget
                     details["liger"][model] = train_theirs(side, raw, batches, s, device, dtype, liger=True)
             else:
                 t0 = time.perf_counter()
-                result["models"][model], details["models"][model] = bench_model(model, s, device, dtype,
-                                                                                result["peak_tflops"],
-                                                                                result["matmul_tflops"])
+
+                def save(entry, detail, model=model):      # a partial row, written the moment a part is measured
+                    result["partial"][model], details["models"][model] = entry, detail
+                    write(out, result, details)
+                    print(common.table(COLUMNS, [row(f"{model} (partial)", entry, detail)])[-1], flush=True)
+
+                entry, details["models"][model] = bench_model(model, s, device, dtype, result["peak_tflops"],
+                                                              result["matmul_tflops"], save)
+                result["partial"].pop(model)
+                result["models"][model] = entry
                 details["models"][model]["bench_seconds"] = time.perf_counter() - t0
                 print(common.table(COLUMNS, [row(model, result["models"][model], details["models"][model])])[-1],
                       flush=True)
@@ -345,15 +371,30 @@ COLUMNS = ["model", "params", "train tok/s ours", "theirs", "ratio", "MFU (peak)
 
 
 def row(name: str, m: dict, d: dict) -> list[str]:
-    """One model's cells of the main table (COLUMNS)."""
-    b, st = m["baseline"], m["step_seconds"]
+    """One model's cells of the main table (COLUMNS); "-" for the parts a partial entry lacks."""
+    b, ratio = m.get("baseline", {}), m.get("ratio", {})
     pct = lambda x: f"{100 * x:.1f}%" if x is not None else "-"  # noqa: E731
-    return [name, f"{m['params'] / 1e6:.1f}M", f"{m['train_tokens_per_second']:,.0f}",
-            f"{b['train_tokens_per_second']:,.0f}", f"**{m['ratio']['train']:.2f}x**", pct(m["mfu"]),
-            pct(d["mfu_vs_matmul"]), " / ".join(f"{st[k] * 1e3:.0f}" for k in ("forward", "backward", "optimizer")),
-            f"{m['peak_memory_bytes'] / 2**30:.2f} / {b['peak_memory_bytes'] / 2**30:.2f}",
-            f"{m['eval_tokens_per_second']:,.0f}", f"{b['eval_tokens_per_second']:,.0f}",
-            f"**{m['ratio']['eval']:.2f}x**", f"{m['eval_gb_per_second']:.1f}"]
+    num = lambda x, fmt: format(x, fmt) if x is not None else "-"  # noqa: E731
+    gib = lambda x: f"{x / 2**30:.2f}" if x is not None else "-"  # noqa: E731
+    st = m.get("step_seconds")
+    split = " / ".join(f"{st[k] * 1e3:.0f}" for k in ("forward", "backward", "optimizer")) if st else "-"
+    return [name, num(m.get("params") and m["params"] / 1e6, ".1f") + "M", num(m.get("train_tokens_per_second"), ",.0f"),
+            num(b.get("train_tokens_per_second"), ",.0f"), f"**{num(ratio.get('train'), '.2f')}x**", pct(m.get("mfu")),
+            pct(d.get("mfu_vs_matmul")), split, f"{gib(m.get('peak_memory_bytes'))} / {gib(b.get('peak_memory_bytes'))}",
+            num(m.get("eval_tokens_per_second"), ",.0f"), num(b.get("eval_tokens_per_second"), ",.0f"),
+            f"**{num(ratio.get('eval'), '.2f')}x**", num(m.get("eval_gb_per_second"), ".1f")]
+
+
+def modeled_rows(models: dict) -> list[list[str]]:
+    """Per model with a modeled split: measured / modeled ms of forward, backward, optimizer and the step."""
+    rows = []
+    for name, m in models.items():
+        measured, modeled = m.get("step_seconds"), m.get("modeled_step_seconds")
+        if measured and modeled:
+            stages = ("forward", "backward", "optimizer")
+            pairs = [(measured[k], modeled[k]) for k in stages] + [(sum(measured.values()), sum(modeled.values()))]
+            rows.append([name] + [f"{a * 1e3:.1f} / {b * 1e3:.1f} ({a / b:.2f}x)" for a, b in pairs])
+    return rows
 
 
 def baseline_cells(r: dict) -> list[str]:
@@ -363,26 +404,34 @@ def baseline_cells(r: dict) -> list[str]:
 
 
 def markdown(result: dict, details: dict) -> str:
-    main = [row(n, m, details["models"][n]) for n, m in result["models"].items()]
+    partial = result.get("partial", {})
+    main = [row(n, m, details["models"][n]) for n, m in result["models"].items()] + \
+        [row(f"{n} (partial)", m, details["models"][n]) for n, m in partial.items()]
     shuffled = [[n, *baseline_cells(d["baseline_train"]), *baseline_cells(d["baseline_shuffled_train"]),
                  f"{d['train']['tokens_per_second'] / d['baseline_shuffled_train']['tokens_per_second']:.2f}x"]
-                for n, d in details["models"].items()]
+                for n, d in details["models"].items() if "baseline_shuffled_train" in d]
+    modeled = modeled_rows({**result["models"], **partial})
     lines = [f"# Throughput on {result['device']} (torch {details['torch']}, {details['dtype']})", "",
              f"Matmul ceiling measured: {result['matmul_tflops']:.3g} TFLOP/s; datasheet bf16 peak: "
              f"{result['peak_tflops'] or '-'}. Training: real tokens/s (median step), ours packed vs transformers "
-             "padded. Step split (ms): forward / backward / optimizer. Memory GiB: ours / theirs.", "",
-             *common.table(COLUMNS, main, "l" + "r" * 12), "",
-             "Theirs on our batches (same examples per step: our packer groups similar lengths, so little "
-             "padding) and on shuffled batches (what a shuffling DataLoader gives: same sequences per step, "
-             "lengths mixed):", "",
-             *common.table(["model", "theirs, our batches: tok/s", "padding", "theirs, shuffled: tok/s", "padding",
-                            "ours / shuffled"], shuffled, "lrrrrr")]
+             "padded. Step split (ms): forward / backward / optimizer. Memory GiB: ours / theirs. A partial row "
+             "is a model whose run was cut short: the parts it finished.", "",
+             *common.table(COLUMNS, main, "l" + "r" * 12), ""]
+    if modeled:
+        lines += ["Measured / modeled ms per part of our step (engine/roofline.py, the speed of light on this card's "
+                  "ceilings at the measured batches' tokens and sequence length; measured / modeled in brackets):",
+                  "", *common.table(["model", "forward", "backward", "optimizer", "step"], modeled, "lrrrr"), ""]
+    lines += ["Theirs on our batches (same examples per step: our packer groups similar lengths, so little "
+              "padding) and on shuffled batches (what a shuffling DataLoader gives: same sequences per step, "
+              "lengths mixed):", "",
+              *common.table(["model", "theirs, our batches: tok/s", "padding", "theirs, shuffled: tok/s", "padding",
+                             "ours / shuffled"], shuffled, "lrrrrr")]
     for n, r in details["liger"].items():
         ratio = result["models"][n]["train_tokens_per_second"] / r["tokens_per_second"]
         lines.append(f"\n{n} + Liger: {r['tokens_per_second']:,.0f} tok/s, "
                      f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB (ours / liger = {ratio:.2f}x)")
     for n, d in details["models"].items():
-        if d["train"]["host_syncs"]:
+        if d.get("train", {}).get("host_syncs"):
             lines.append(f"\n{n}: {len(d['train']['host_syncs'])} host syncs in one training step: "
                          f"{'; '.join(sorted(set(d['train']['host_syncs'])))}")
     for n, e in details["errors"].items():

@@ -15,8 +15,16 @@ No padding anywhere, and no host sync per token (gpt-fast / nano-vllm style):
      finished sequences then leave the batch: the live tensors are compacted, the cache does
      not move because every live sequence carries its slot id. A sequence that finished between
      two checks keeps decoding in place (its position frozen); those tokens are cut away.
-  4. on CUDA the decode step (forward + argmax) is a CUDA graph per bucketed batch size,
-     captured once per greedy_generate call and replayed every step of every batch (DecodeStep).
+  4. on CUDA the decode step (forward + argmax) is a CUDA graph per bucketed batch size, recorded
+     on first use and replayed every step of every batch (DecodeStep). The decode state (its KV
+     cache, static buffers and graphs) is kept on the model for the next call, so the evaluations
+     of a training run record each graph batch size once per process: a later call reuses it when
+     its cache holds the new plan and the model's weights are still the tensors the graphs read
+     (the optimizer updates them in place); otherwise it is freed first and a new one is built.
+     What stays alive between calls: that KV cache (slots x longest span x
+     KVCache.bytes_per_token), kept only if it is at most KEEP_SHARE of the GPU's memory, and the
+     graphs' private pool (one decode step's activations at the largest batch size and its argmax
+     logits tile, <= ARGMAX_TILE_BYTES); `release_decode_state(model)` frees them at once.
      Everything else is the same code on every device.
 """
 from __future__ import annotations
@@ -32,6 +40,7 @@ from models.base import KVCache
 
 CPU_KV_BUDGET = 4 << 30           # bytes of KV cache per batch on the CPU
 GPU_KV_SHARE = 0.5                # of the free GPU memory, the rest is for activations and graphs
+KEEP_SHARE = 0.125                # of the GPU's memory: the largest decode state kept between calls
 
 
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], eos_token_ids: list[int],
@@ -43,7 +52,8 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
     (None: 4 GiB on the CPU, half the free memory on a GPU). check_every: decode steps between
     host checks for finished sequences. prefill_tokens: prompt tokens per prefill forward (bounds
     activation memory). stats: filled with batches, steps, prefill and generated token counts, and
-    graph_captures (CUDA graphs recorded: one per graph batch size used).
+    graph_captures (CUDA graphs this call recorded: one per graph batch size it used that the kept
+    decode state had not recorded yet).
     """
     caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(caps) != len(prompts):
@@ -51,10 +61,12 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
     if any(len(p) == 0 for p in prompts) or any(cap < 0 for cap in caps):
         raise ValueError("every prompt needs at least one token and every max_new_tokens must be >= 0")
     bytes_per_token = KVCache.bytes_per_token(model.config, model.dtype)
+    capture = graph_recorder(model) if cuda_graphs else None
+    kept = getattr(model, "decode_state", None) if capture else None
     if not kv_budget_bytes:
         on_gpu = model.device.type == "cuda"
-        kv_budget_bytes = int(GPU_KV_SHARE * torch.cuda.mem_get_info(model.device)[0]) if on_gpu else CPU_KV_BUDGET
-    capture = graph_recorder(model) if cuda_graphs else None
+        free = torch.cuda.mem_get_info(model.device)[0] + (kept.nbytes if kept else 0) if on_gpu else 0
+        kv_budget_bytes = int(GPU_KV_SHARE * free) if on_gpu else CPU_KV_BUDGET
     todo = [i for i in range(len(prompts)) if caps[i] > 0]
     # a sequence needs cache rows for its prompt and all its new tokens but the last
     spans = {i: len(prompts[i]) + caps[i] - 1 for i in todo}
@@ -62,14 +74,19 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
     results: list[list[int]] = [[] for _ in prompts]
     stats = stats if stats is not None else {}
     stats.update(batches=0, steps=0, prefill_tokens=0, generated_tokens=0, graph_captures=0)
+    step, recorded = None, 0
+    if capture and batches:
+        if kept is None or not kept.holds(model, batches, spans):
+            release_decode_state(model)          # freed before the new cache is allocated
+            kept = DecodeStep(model, batches, spans, capture)
+        step, recorded = kept, len(kept.replays)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            step = None
             for batch in batches:
                 if step is None:
-                    step = DecodeStep(model, batches if capture else [batch], spans, capture)
+                    step = DecodeStep(model, [batch], spans)
                 first = prefill_batch(model, [prompts[i] for i in batch], step.cache, prefill_tokens)
                 out, steps = decode_batch(step, first, [len(prompts[i]) for i in batch], [caps[i] for i in batch],
                                           eos_token_ids, check_every)
@@ -79,12 +96,28 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
                 stats["batches"] += 1
                 stats["steps"] += steps
                 stats["prefill_tokens"] += sum(len(prompts[i]) for i in batch)
-                stats["graph_captures"] = len(step.replays)
+                stats["graph_captures"] = len(step.replays) - recorded
                 if capture is None:
                     step = None             # frees this batch's cache before the next one is allocated
     finally:
         model.train(was_training)
+        if capture and batches:
+            keep(model, step)
     return results
+
+
+def keep(model, step) -> None:
+    """Keeps the decode state on the model for the next call if it is small enough (KEEP_SHARE of
+    the GPU's memory; CPU_KV_BUDGET off a GPU, where only the tests' stand-in recorder gets here)."""
+    device = model.device
+    limit = KEEP_SHARE * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" \
+        else CPU_KV_BUDGET
+    model.decode_state = step if step.nbytes <= limit else None
+
+
+def release_decode_state(model) -> None:
+    """Frees the decode state (KV cache, static buffers, CUDA graphs) a greedy_generate call kept on the model."""
+    model.decode_state = None
 
 
 def plan_batches(todo: list[int], spans: dict[int, int], bytes_per_token: int, budget: int,
@@ -217,6 +250,10 @@ def graph_recorder(model):
     return capture
 
 
+def weight_addresses(model) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for p in model.parameters())
+
+
 class DecodeStep:
     """One token per live sequence -> its greedy next token: (tokens, positions, slot_ids) [B] -> [B].
 
@@ -231,6 +268,7 @@ class DecodeStep:
         slots = max(len(b) for b in batches) + 1
         self.cache = KVCache(model.config, slots, max(spans[b[0]] for b in batches), model.device, model.dtype)
         self.model, self.scratch, self.capture = model, slots - 1, capture
+        self.weights = weight_addresses(model)                  # what recorded graphs read
         self.replays: dict[int, Callable[[], None]] = {}       # graph batch size -> replay
         if capture is not None:
             size, device = graph_batch_size(self.scratch), model.device
@@ -238,6 +276,18 @@ class DecodeStep:
             self.positions = torch.zeros(size, dtype=torch.int64, device=device)
             self.slots = torch.full((size,), self.scratch, dtype=torch.int64, device=device)
             self.next_tokens = torch.zeros(size, dtype=torch.int64, device=device)
+
+    def holds(self, model, batches: list[list[int]], spans: dict[int, int]) -> bool:
+        """Whether this state can decode `batches` of `model`: the same weight tensors (graphs read
+        their addresses), enough slots besides the scratch one, and rows for the longest span."""
+        return (model is self.model and weight_addresses(model) == self.weights
+                and max(len(b) for b in batches) <= self.scratch
+                and max(spans[b[0]] for b in batches) <= self.cache.max_len)
+
+    @property
+    def nbytes(self) -> int:
+        """The KV cache's bytes (the static buffers are a few KB)."""
+        return sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
 
     def eager(self, tokens, positions, slots):
         hidden = self.model.decode_step(tokens, positions, self.cache, slots, return_hidden=True)

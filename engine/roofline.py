@@ -7,7 +7,7 @@ and the time each would take at the card's measured matmul and copy ceilings (ke
 This is a model, not a measurement: a phase takes max(FLOPs / matmul ceiling, bytes / copy ceiling),
 each kernel is its own phase part (no overlap between kernels), caches hold nothing between kernels.
 The traffic comes from the same plans the code runs: the model's own nn.Linear modules (built on the
-meta device) give the GEMMs, kernels.linear_cross_entropy.traffic the fused loss's chunks,
+meta device; Qwen2's fused qkv and gate_up projections are one GEMM each) give the GEMMs, kernels.linear_cross_entropy.traffic the fused loss's chunks,
 engine.optim.step_traffic the optimizer's passes; change a kernel's plan and its bytes change here.
 bf16 weights and activations, fp32 masters and moments, one micro-batch per step (the defaults);
 sequences of `seq_len` tokens (attention keys: (seq_len + 1) / 2 per token on average).
@@ -39,17 +39,20 @@ class Phase:
     bound: str            # "matmul" or "memory"
 
 
+FWD, BWD, OPT = "forward", "backward", "optimizer"   # where a kernel runs, as bench/throughput.py times a step
+
+
 def _kernel(flops: float, nbytes: float, hw: Hardware) -> tuple[float, str]:
     compute, memory = flops / hw.roofline_matmul_flops, nbytes / hw.roofline_bytes_per_second
     return max(compute, memory), "matmul" if compute >= memory else "memory"
 
 
-def phase(name: str, kernels: list[tuple[float, float]], hw: Hardware) -> Phase:
-    """A phase made of kernels (flops, bytes) run one after another."""
-    timed = [_kernel(f, b, hw) for f, b in kernels]
+def phase(name: str, kernels: list[tuple], hw: Hardware) -> Phase:
+    """A phase made of kernels (flops, bytes[, stage]) run one after another."""
+    timed = [_kernel(f, b, hw) for f, b, *_ in kernels]
     seconds = sum(t for t, _ in timed)
     matmul = sum(t for t, bound in timed if bound == "matmul")
-    return Phase(name, sum(f for f, _ in kernels), sum(b for _, b in kernels), seconds,
+    return Phase(name, sum(k[0] for k in kernels), sum(k[1] for k in kernels), seconds,
                  "matmul" if matmul >= seconds / 2 else "memory")
 
 
@@ -61,37 +64,59 @@ def layer_linears(config: ModelConfig) -> list[tuple[int, int]]:
             if isinstance(m, nn.Linear) and "lm_head" not in name]
 
 
-def train_step_phases(config: ModelConfig, tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
-                      hw: Hardware = PROJECTION) -> list[Phase]:
+def train_step_kernels(config: ModelConfig, tokens: int = DEFAULT_TOKENS,
+                       seq_len: int = DEFAULT_SEQ_LEN) -> dict[str, list[tuple[float, float, str]]]:
+    """Phase name -> its kernels (flops, bytes, stage): stage is FWD, BWD or OPT, where the kernel runs
+    in bench/throughput.py's split of a step (the fused loss computes its gradients in the forward;
+    the hooks' gradient adds run during the backward)."""
     T, h, L, e = tokens, config.hidden_size, config.num_layers, BF16
     q_dim, kv_dim, inter = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, \
         config.intermediate_size
     qwen = config.model_type == "qwen2"
-    linears = layer_linears(config)
     gemms = []
-    for i, o in linears:   # forward, grad of the input, grad of the weight (bf16, then the hook's add)
-        gemms += [(2 * T * i * o, e * (T * i + i * o + T * o)), (2 * T * i * o, e * (T * o + i * o + T * i)),
-                  (2 * T * i * o, e * (T * i + T * o + i * o))]
+    for i, o in layer_linears(config):   # forward, grad of the input, grad of the weight (bf16, then the hook's add)
+        gemms += [(2 * T * i * o, e * (T * i + i * o + T * o), FWD), (2 * T * i * o, e * (T * o + i * o + T * i), BWD),
+                  (2 * T * i * o, e * (T * i + T * o + i * o), BWD)]
     ctx = (seq_len + 1) / 2
-    attention = [(3 * 4 * T * ctx * q_dim, e * T * (3 * q_dim + 5 * kv_dim) + e * T * (2 * q_dim + 2 * kv_dim))] * L
-    if qwen:   # 2 RMSNorms with the residual add fused per layer + the final one; RoPE on q and k
-        norms = [(0, 4 * e * T * h), (0, 4 * e * T * h)] * (2 * L + 1)
-        elementwise = [(0, 2 * e * T * (q_dim + kv_dim))] * 2 * L + [(0, 3 * e * T * inter), (0, 5 * e * T * inter)] * L
-    else:      # 2 LayerNorms per layer + embedding's + final; residual adds in torch; GELU
-        norms = [(0, 2 * e * T * h), (0, 3 * e * T * h)] * (2 * L + 2)
-        elementwise = [(0, 3 * e * T * h)] * 2 * L + [(0, 2 * e * T * inter), (0, 3 * e * T * inter)] * L
+    attention = [(4 * T * ctx * q_dim, e * T * (2 * q_dim + 2 * kv_dim), FWD),
+                 (8 * T * ctx * q_dim, e * T * (3 * q_dim + 5 * kv_dim), BWD)] * L
+    # every residual add is fused into the norm after it (2 L norms: x and the stream read, the sum and the
+    # output written; backward also reads the sum's gradient); the first block's input norm (and BLOOM's
+    # embedding norm) have no add
+    norms = [(0, 4 * e * T * h, FWD), (0, 4 * e * T * h, BWD)] * (2 * L) + \
+        [(0, 2 * e * T * h, FWD), (0, 3 * e * T * h, BWD)] * (1 if qwen else 2)
+    if qwen:   # RoPE on q and k (its backward also copies dv into the fused qkv gradient); SwiGLU on the fused gate_up
+        rope = [(0, 2 * e * T * (q_dim + kv_dim), FWD), (0, 2 * e * T * (q_dim + 2 * kv_dim), BWD)]
+        elementwise = (rope + [(0, 3 * e * T * inter, FWD), (0, 5 * e * T * inter, BWD)]) * L
+    else:      # GELU
+        elementwise = [(0, 2 * e * T * inter, FWD), (0, 3 * e * T * inter, BWD)] * L
     V = config.vocab_size
-    loss_bytes = loss_traffic(T, h, V, torch.bfloat16)
     gemm_flops = {"logits GEMM": 2 * T * V * h, "grad_hidden GEMM": 2 * T * V * h, "grad_W GEMM": 2 * T * V * h}
-    loss = [(gemm_flops.get(part, 0), nbytes) for part, nbytes in loss_bytes.items()]
+    loss = [(gemm_flops.get(part, 0), nbytes, BWD if part == "grad_W round, scale" else FWD)
+            for part, nbytes in loss_traffic(T, h, V, torch.bfloat16).items()]
     # embedding: gather forward; backward a dense [V, h] gradient written, added to the head's when tied
-    embedding = [(0, e * T * h), (0, e * V * h + e * T * h + (3 * e * V * h if config.tie_word_embeddings else 0))]
+    embedding = [(0, e * T * h, FWD),
+                 (0, e * V * h + e * T * h + (3 * e * V * h if config.tie_word_embeddings else 0), BWD)]
     with torch.device("meta"):
         n = model_class(config)(config).num_parameters()
-    optimizer = [(0, nbytes) for nbytes in step_traffic(n, BF16).values()]
-    return [phase("layer GEMMs", gemms, hw), phase("attention", attention, hw), phase("norms", norms, hw),
-            phase("rope + activations + adds", elementwise, hw), phase("LM head + loss", loss, hw),
-            phase("embedding", embedding, hw), phase("optimizer", optimizer, hw)]
+    optimizer = [(0, nbytes, BWD if "hooks" in part else OPT) for part, nbytes in step_traffic(n, BF16).items()]
+    return {"layer GEMMs": gemms, "attention": attention, "norms": norms, "rope + activations": elementwise,
+            "LM head + loss": loss, "embedding": embedding, "optimizer": optimizer}
+
+
+def train_step_phases(config: ModelConfig, tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
+                      hw: Hardware = PROJECTION) -> list[Phase]:
+    return [phase(name, kernels, hw) for name, kernels in train_step_kernels(config, tokens, seq_len).items()]
+
+
+def stage_seconds(config: ModelConfig, tokens: int = DEFAULT_TOKENS, seq_len: float = DEFAULT_SEQ_LEN,
+                  hw: Hardware = PROJECTION) -> dict[str, float]:
+    """The modeled step split as bench/throughput.py measures it: {forward, backward, optimizer} seconds."""
+    split = dict.fromkeys((FWD, BWD, OPT), 0.0)
+    for kernels in train_step_kernels(config, tokens, seq_len).values():
+        for flops, nbytes, stage in kernels:
+            split[stage] += _kernel(flops, nbytes, hw)[0]
+    return split
 
 
 def decode_step_phases(config: ModelConfig, batch: int = EVAL_BATCH, context: int = DEFAULT_SEQ_LEN,

@@ -9,27 +9,29 @@ label ignored, "mean" is 0/0 = NaN as in torch (gradients are then zero); "sum" 
 
 Chunked path (Triton: fp32 or bf16 hidden/weight of one dtype; torch: fp32, the CPU default,
 with the row step in torch ops instead of the Triton kernel). Tokens are processed in chunks of C
-rows, C chosen by `chunk_plan` from a memory budget for the fp32 logits chunk [C, V] (not
-from V/H, so the GEMMs stay large), with no host synchronization anywhere. Per chunk:
-    z = h_c @ W^T                       cuBLAS, bf16 inputs, fp32 output [C, V]
-    one program per row: lse = logsumexp(z) (online, fp32), loss_t = lse - z[label], then
-    dz = (softmax(z) - onehot(label)) * scale (scale = 1 / n_valid for "mean", a device
-    tensor; 0 on ignored rows), stored in the matmul dtype into the gradient group's rows
-and per group of G rows (G >= C, from a second budget for bf16 dz [G, V]; for fp32
-inputs dz overwrites z in place and G = C):
-    grad_h[g] = dz_g @ W                [G, H], hidden's dtype
-    grad_W  (+)= dz_g^T @ h_g           [V, H]: the first group writes the fp32 accumulator (no
-                                        zeroing pass), later ones add; with a single group and
+rows, C chosen by `chunk_plan` from a memory budget for the logits chunk [C, V] (not from V/H, so
+the GEMMs stay large), with no host synchronization anywhere. Per chunk:
+    z = h_c @ W^T                       cuBLAS, fp32 accumulation, stored [C, V] in the logits dtype
+    one program per row: lse = logsumexp(z) (online, fp32), loss_t = lse - z[label], then, training,
+    dz = (softmax(z) - onehot(label)) * scale (scale = 1 / n_valid for "mean", a device tensor; 0 on
+    ignored rows) computed in fp32 and written over z in place
+    grad_h[c] = dz @ W                  [C, H], hidden's dtype
+    grad_W  (+)= dz^T @ h_c             [V, H]: the first chunk writes the fp32 accumulator (no
+                                        zeroing pass), later ones add; with a single chunk and
                                         bf16 inputs, written straight in bf16 (no accumulator)
-Groups cut the passes over W and over the fp32 grad_W ([V, H], 545 MB at Qwen2-0.5B) from one
-per chunk to one per group: `traffic` counts them.
 The gradients are computed in the forward pass and kept; backward scales them by the scalar
-grad_output (in place: backward may run once per forward).
+grad_output (in place, or for the fp32 accumulator in the pass that rounds it to the weight's
+dtype: backward may run once per forward). `traffic` counts the bytes.
 
-Why fp32 logits: a memorized token has loss ~1e-3 while its logit is ~30, where bf16 spacing
-is 0.125; bf16 logits would bury the loss curve in rounding. dz lies in [-1, 1] and feeds
-bf16 GEMMs, so bf16 is enough for it: it lives in a dense bf16 buffer of G rows of its own.
-grad_W is accumulated in fp32 over the groups and rounded to the weight's dtype once.
+The logits dtype: training, the inputs' own (bf16 for a bf16 model, as transformers computes
+them before upcasting for its loss); forward only (evaluation, scoring), fp32. bf16 logits carry
+a relative rounding of at most 2^-9 (0.06 at a logit of 30: a memorized token's loss of 1e-3 is
+then known to about 6%, as in transformers), and cost half the bytes: z is written once in bf16,
+read twice by the row kernel and overwritten by dz, which the gradient GEMMs read in bf16 anyway.
+Scoring (bits memorized) keeps fp32 logits: there every token's loss is the result. On a GPU the
+rows of the logits buffer are padded to 16 bytes (odd vocabularies: aligned vector loads and
+cuBLAS kernels); on the CPU they are dense (a BLAS may read past a row's logical end).
+grad_W is accumulated in fp32 over the chunks and rounded to the weight's dtype once, in backward.
 """
 from __future__ import annotations
 
@@ -41,75 +43,80 @@ import torch.nn.functional as F
 from kernels.dispatch import tl, triton, use_triton
 from kernels.launch import on_device
 
-LOGITS_BUDGET_BYTES = 384 << 20  # fp32 logits chunk: 640 rows at V=151,936 (peak < 1 GB at 32K x 896)
-GRADIENT_BUDGET_BYTES = 512 << 20  # bf16 dz of a gradient group: 1,664 rows at V=151,936
+LOGITS_BUDGET_BYTES = 512 << 20  # logits chunk: 1,664 bf16 rows (training) or 768 fp32 rows at V=151,936
 CHUNK_MULTIPLE = 128  # chunk rows in whole GEMM tiles
+ROW_ALIGN_BYTES = 16  # logits rows padded to this on a GPU
 
 
 class ChunkPlan(NamedTuple):
     chunk_tokens: int  # rows of hidden per chunk
     peak_extra_bytes: int  # most memory the op holds at once beyond its inputs
-    group_tokens: int = 0  # rows per gradient group (a multiple of chunk_tokens; with grads)
+    logits_dtype: torch.dtype = torch.float32
 
     def accumulates(self, T: int, dtype: torch.dtype) -> bool:
-        """Whether grad_W goes through the fp32 accumulator (several groups, or fp32 anyway)."""
-        return dtype == torch.float32 or self.group_tokens < T
+        """Whether grad_W goes through the fp32 accumulator (several chunks, or fp32 anyway)."""
+        return dtype == torch.float32 or self.chunk_tokens < T
+
+
+def logits_dtype(dtype: torch.dtype, grads: bool) -> torch.dtype:
+    """Training keeps the inputs' dtype (dz overwrites z); forward only computes fp32 logits."""
+    return dtype if grads else torch.float32
+
+
+def padded_width(V: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Row stride of the logits buffer: V rounded up to ROW_ALIGN_BYTES on a GPU, V on the CPU."""
+    if device.type == "cpu":
+        return V
+    per = ROW_ALIGN_BYTES // dtype.itemsize
+    return -(-V // per) * per
 
 
 def chunk_plan(T: int, H: int, V: int, dtype: torch.dtype, budget_bytes: int = LOGITS_BUDGET_BYTES,
-               grads: bool = True, gradient_budget_bytes: int = GRADIENT_BUDGET_BYTES) -> ChunkPlan:
-    """Chunk and gradient-group sizes for T tokens and the peak memory, everything the op allocates counted.
+               grads: bool = True) -> ChunkPlan:
+    """Chunk size for T tokens and the peak memory, everything the op allocates counted.
 
-    Rows per chunk: the largest multiple of CHUNK_MULTIPLE whose fp32 logits [C, V] fit in
-    budget_bytes (at least CHUNK_MULTIPLE, at most T). Rows per group: fp32, the chunk (dz is z);
-    else the largest multiple of CHUNK_MULTIPLE whose dz [G, V] fits gradient_budget_bytes (at least one
-    chunk, at most T; its last chunk may be short). The peak, with grads: during the loop logits + dz group +
-    fp32 grad_W accumulator (if used) + grad_hidden + per-token losses; at the end accumulator + grad_W
-    in `dtype` + grad_hidden + losses.
+    Rows per chunk: the largest multiple of CHUNK_MULTIPLE whose logits [C, V] in the logits dtype fit
+    in budget_bytes (at least CHUNK_MULTIPLE, at most T). The peak, with grads: during the loop logits
+    + fp32 grad_W accumulator (if used) + grad_hidden + per-token losses; at the end accumulator +
+    grad_W in `dtype` + grad_hidden + losses.
     """
-    rows = max(CHUNK_MULTIPLE, budget_bytes // (4 * V) // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
+    z_dtype = logits_dtype(dtype, grads)
+    rows = max(CHUNK_MULTIPLE, budget_bytes // (z_dtype.itemsize * V) // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
     chunk = min(rows, T)
-    logits = 4 * chunk * V
+    logits = z_dtype.itemsize * chunk * V
     per_token = 4 * T
     if not grads:
-        return ChunkPlan(chunk, logits + per_token)
-    size = torch.empty((), dtype=dtype).element_size()
-    if dtype == torch.float32:
-        group, dz = chunk, 0
-    else:
-        rows = gradient_budget_bytes // (size * V) // CHUNK_MULTIPLE * CHUNK_MULTIPLE
-        group = min(max(chunk, rows), T)
-        dz = size * group * V
-    plan = ChunkPlan(chunk, 0, group)
-    grad_hidden = size * T * H
+        return ChunkPlan(chunk, logits + per_token, z_dtype)
+    plan = ChunkPlan(chunk, 0, z_dtype)
+    grad_hidden = dtype.itemsize * T * H
     accumulator = 4 * V * H if plan.accumulates(T, dtype) else 0
-    rounded = size * V * H if accumulator and dtype != torch.float32 else 0
-    peak = max(logits + dz, rounded) + accumulator + grad_hidden + per_token
+    rounded = dtype.itemsize * V * H if accumulator and dtype != torch.float32 else 0
+    peak = max(logits, rounded) + accumulator + grad_hidden + per_token
     return plan._replace(peak_extra_bytes=peak)
 
 
 def traffic(T: int, H: int, V: int, dtype: torch.dtype, budget_bytes: int = LOGITS_BUDGET_BYTES) -> dict[str, int]:
     """Bytes each part of a training call (gradients of hidden and weight) moves, from chunk_plan's
     chunks, as _fused_forward and backward run them: per chunk of n rows the logits GEMM (W and h
-    read, fp32 z written), the row kernel (z read twice, dz written), the grad_hidden GEMM (dz and W
-    read, grad_h written) and the grad_W GEMM (dz and h read, the fp32 accumulator read and written);
-    once, the accumulator zeroed and rounded to the weight's dtype, and backward's scaling in place."""
-    e = torch.empty((), dtype=dtype).element_size()
+    read, z written), the row kernel (z read twice, dz written over it), the grad_hidden GEMM (dz and
+    W read, grad_h written) and the grad_W GEMM (dz and h read, the fp32 accumulator written by the
+    first chunk, read and written by the others); in backward, grad_hidden scaled in place and grad_W
+    scaled (the fp32 accumulator: scaled and rounded to the weight's dtype in the same pass)."""
+    e = dtype.itemsize
     plan = chunk_plan(T, H, V, dtype, budget_bytes)
+    z = plan.logits_dtype.itemsize
     accumulates = plan.accumulates(T, dtype)
     parts = dict.fromkeys(("logits GEMM", "row kernel (lse, dz)", "grad_hidden GEMM", "grad_W GEMM",
                            "grad_W round, scale"), 0)
     for start in range(0, T, plan.chunk_tokens):
         n = min(plan.chunk_tokens, T - start)
-        parts["logits GEMM"] += e * V * H + e * n * H + 4 * n * V
-        parts["row kernel (lse, dz)"] += 8 * n * V + e * n * V + 8 * n
-    for start in range(0, T, plan.group_tokens):
-        n = min(plan.group_tokens, T - start)
-        parts["grad_hidden GEMM"] += e * n * V + e * V * H + e * n * H
-        # the first group writes grad_W (fp32 accumulator, or the result itself), later ones read and write it
-        parts["grad_W GEMM"] += e * n * V + e * n * H + (4 if accumulates else e) * V * H * (1 if start == 0 else 2)
-    rounding = (4 + e) * V * H if accumulates and dtype != torch.float32 else 0
-    parts["grad_W round, scale"] = rounding + 2 * e * V * H + 2 * e * T * H
+        parts["logits GEMM"] += e * V * H + e * n * H + z * n * V
+        parts["row kernel (lse, dz)"] += 3 * z * n * V + 12 * n
+        parts["grad_hidden GEMM"] += z * n * V + e * V * H + e * n * H
+        parts["grad_W GEMM"] += z * n * V + e * n * H + (4 if accumulates else e) * V * H * (1 if start == 0 else 2)
+    # backward: the fp32 accumulator scaled and rounded to the weight's dtype in one pass, else grad_W scaled in place
+    scale_w = (4 + e) * V * H if accumulates and dtype != torch.float32 else 2 * e * V * H
+    parts["grad_W round, scale"] = scale_w + 2 * e * T * H
     return parts
 
 
@@ -125,7 +132,7 @@ def ce_rows_config(V: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _ce_rows_kernel(Z, DZ, LABELS, LOSS, SCALE, V, stride_z, stride_dz, ignore_index,
+def _ce_rows_kernel(Z, LABELS, LOSS, SCALE, V, stride_z, ignore_index,
                     WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
@@ -137,35 +144,33 @@ def _ce_rows_kernel(Z, DZ, LABELS, LOSS, SCALE, V, stride_z, stride_dz, ignore_i
     s = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
-        z = tl.load(z_row + start + cols, mask=mask, other=float("-inf"))
+        z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, z)
         s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
         m = m_new
     m_row = tl.max(m, axis=0)
     lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
     in_range = valid & (label >= 0) & (label < V)
-    z_label = tl.load(z_row + label, mask=in_range, other=0.0)
+    z_label = tl.load(z_row + label, mask=in_range, other=0.0).to(tl.float32)
     tl.store(LOSS + row, tl.where(valid, lse - z_label, 0.0))
     if WRITE_GRAD:
         coef = tl.where(valid, tl.load(SCALE), 0.0)
-        dz_row = DZ + row * stride_dz
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
-            z = tl.load(z_row + start + cols, mask=mask, other=0.0)
+            z = tl.load(z_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             g = (tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)) * coef
-            # dz may alias z (fp32 inputs: overwritten in place): every warp finishes its loads
-            # before any store lands
+            # dz overwrites z in place: every warp finishes its loads before any store lands
             tl.debug_barrier()
-            tl.store(dz_row + start + cols, g.to(DZ.dtype.element_ty), mask=mask)
+            tl.store(z_row + start + cols, g.to(Z.dtype.element_ty), mask=mask)
 
 
-def _ce_rows_torch(z, dz, labels, row_loss, scale, ignore_index):
-    """`triton_ce_rows` in torch ops for fp32 on the CPU: dz is z itself, overwritten in place."""
+def _ce_rows_torch(z, labels, row_loss, scale, ignore_index, write_grad):
+    """`triton_ce_rows` in torch ops for fp32 on the CPU."""
     valid = labels != ignore_index
     lse = torch.logsumexp(z, dim=1)
     picked = z.gather(1, labels.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
     row_loss.copy_(torch.where(valid, lse - picked, 0.0))
-    if dz is not None:
+    if write_grad:
         rows = valid.nonzero()[:, 0]
         z.sub_(lse[:, None]).exp_()
         z[rows, labels[rows]] -= 1.0
@@ -173,13 +178,12 @@ def _ce_rows_torch(z, dz, labels, row_loss, scale, ignore_index):
 
 
 @on_device
-def triton_ce_rows(z, dz, labels, row_loss, scale, ignore_index):
-    """Per-row loss into row_loss; with dz (may alias z), the scaled softmax gradient into dz."""
+def triton_ce_rows(z, labels, row_loss, scale, ignore_index, write_grad):
+    """Per-row loss into row_loss; with write_grad, the scaled softmax gradient written over z."""
     n, V = z.shape
     block, num_warps = ce_rows_config(V)
-    _ce_rows_kernel[(n,)](z, z if dz is None else dz, labels, row_loss, scale, V, z.stride(0),
-                          z.stride(0) if dz is None else dz.stride(0), ignore_index,
-                          WRITE_GRAD=dz is not None, BLOCK_V=block, num_warps=num_warps)
+    _ce_rows_kernel[(n,)](z, labels, row_loss, scale, V, z.stride(0), ignore_index,
+                          WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=num_warps)
 
 
 def mm_fp32(a, b, out=None) -> torch.Tensor:
@@ -190,6 +194,13 @@ def mm_fp32(a, b, out=None) -> torch.Tensor:
     if a.is_cuda and a.dtype == b.dtype:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
     return torch.mm(a.float(), b.float(), out=out)
+
+
+def _mm_into(a, b, out):
+    """a @ b into out, in out's dtype (fp32 out from half inputs: mm_fp32), accumulated in fp32."""
+    if out.dtype == torch.float32:
+        return mm_fp32(a, b, out)
+    return torch.mm(a, b, out=out)
 
 
 def _addmm_fp32_(acc, a, b):
@@ -211,43 +222,38 @@ def _loss_scale(labels, ignore_index, reduction):
 
 
 def _fused_forward(hidden, weight, labels, ignore_index, reduction, budget_bytes, need_gh, need_gw, ce_rows):
-    """(loss, grad_hidden or None, grad_weight or None), gradients for grad_output = 1."""
+    """(loss, grad_hidden or None, grad_weight or None), gradients for grad_output = 1; grad_weight is the
+    fp32 accumulator when chunk_plan uses one (backward rounds it)."""
     T, H = hidden.shape
     V = weight.shape[0]
     grads = need_gh or need_gw
     plan = chunk_plan(T, H, V, hidden.dtype, budget_bytes, grads)
-    chunk, group = plan.chunk_tokens, plan.group_tokens or plan.chunk_tokens
-    z = torch.empty((chunk, V), dtype=torch.float32, device=hidden.device)
-    dz = None
-    if grads:
-        dz = z if hidden.dtype == torch.float32 else torch.empty((group, V), dtype=hidden.dtype, device=hidden.device)
+    chunk = plan.chunk_tokens
+    width = padded_width(V, plan.logits_dtype, hidden.device)
+    logits = torch.empty((chunk, width), dtype=plan.logits_dtype, device=hidden.device)[:, :V]
     row_loss = torch.empty(T, dtype=torch.float32, device=hidden.device)
     n_valid, scale = _loss_scale(labels, ignore_index, reduction)
     grad_hidden = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device) if need_gh else None
     grad_w = None
-    for group_start in range(0, T, group):
-        group_end = min(group_start + group, T)
-        for start in range(group_start, group_end, chunk):
-            end = min(start + chunk, group_end)
-            n, at = end - start, start - group_start
-            mm_fp32(hidden[start:end], weight.t(), z[:n])
-            ce_rows(z[:n], None if dz is None else dz[at:at + n], labels[start:end], row_loss[start:end], scale,
-                    ignore_index)
-        dz_g, h_g = (None, None) if dz is None else (dz[:group_end - group_start], hidden[group_start:group_end])
-        if need_gh:
-            torch.mm(dz_g, weight, out=grad_hidden[group_start:group_end])
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        z, h = logits[:end - start], hidden[start:end]
+        _mm_into(h, weight.t(), z)
+        ce_rows(z, labels[start:end], row_loss[start:end], scale, ignore_index, grads)
+        if need_gh:    # z now holds dz
+            torch.mm(z, weight, out=grad_hidden[start:end])
         if need_gw:
-            if grad_w is None:   # the first group writes: no zeroing pass
-                grad_w = mm_fp32(dz_g.t(), h_g) if plan.accumulates(T, hidden.dtype) else torch.mm(dz_g.t(), h_g)
+            if grad_w is None:   # the first chunk writes: no zeroing pass
+                grad_w = mm_fp32(z.t(), h) if plan.accumulates(T, hidden.dtype) else torch.mm(z.t(), h)
             else:
-                _addmm_fp32_(grad_w, dz_g.t(), h_g)
-    del z, dz
+                _addmm_fp32_(grad_w, z.t(), h)
+    del logits
     if reduction == "none":
         return row_loss, None, None
     loss = row_loss.sum()
     if reduction == "mean":
         loss = loss / n_valid
-    return loss, grad_hidden, None if grad_w is None else grad_w.to(weight.dtype)
+    return loss, grad_hidden, grad_w
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -256,7 +262,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, grad_hidden, grad_weight = _fused_forward(hidden, weight, labels, ignore_index, reduction,
                                                         budget_bytes, need_gh, need_gw, ce_rows)
-        ctx.grads = (grad_hidden, grad_weight)
+        ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype
         return loss
 
     @staticmethod
@@ -268,15 +274,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.grads = None
         if grad_hidden is not None:
             grad_hidden.mul_(grad_loss)
-        if grad_weight is not None:
+        if grad_weight is not None and grad_weight.dtype == ctx.weight_dtype:
             grad_weight.mul_(grad_loss)
+        elif grad_weight is not None:     # the fp32 accumulator: scaled and rounded in one pass
+            grad_weight = torch.mul(grad_weight, grad_loss,
+                                    out=torch.empty(grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device))
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean", *,
                          budget_bytes: int = LOGITS_BUDGET_BYTES):
     """fp32 loss (a scalar; [T] per token for reduction "none"); see the module docstring.
-    budget_bytes bounds the fp32 logits chunk. The torch path runs the same chunks with torch row
+    budget_bytes bounds the logits chunk. The torch path runs the same chunks with torch row
     ops for fp32 inputs (so a real vocabulary does not need [T, V] logits on a CPU either); other
     dtypes take the reference."""
     if reduction not in ("mean", "sum", "none"):

@@ -12,6 +12,8 @@ same torch code as the reference, so angles match bit for bit); on the GPU tl.co
 libdevice's accurate cosf/sinf, with full range reduction for large positions. No table, no
 host sync. The backward is the inverse rotation (angle -> -angle) of the incoming gradients.
 q and k may be strided views (e.g. slices of a fused qkv projection) with unit last stride.
+`rope_qkv` takes the fused projection's output itself: its backward writes the gradients of q, k
+and v into one tensor.
 
 In place: `inplace=True` overwrites q and k and returns them, but only where that is safe:
 when no gradient is recorded (torch.no_grad / inference_mode, or neither input requires
@@ -135,6 +137,42 @@ class RopeFunction(torch.autograd.Function):
         (position_ids,) = ctx.saved_tensors
         dq, dk = _rotated_copy(dq, dk, position_ids, ctx.theta, inverse=True)
         return dq, dk, None, None
+
+
+def split_heads(qkv, n_q_heads: int, n_kv_heads: int):
+    """q [T, Hq, D], k and v [T, Hkv, D]: views of a fused projection's output qkv [T, (Hq + 2 Hkv) D]."""
+    heads = qkv.view(qkv.shape[0], n_q_heads + 2 * n_kv_heads, -1)
+    return heads[:, :n_q_heads], heads[:, n_q_heads:n_q_heads + n_kv_heads], heads[:, n_q_heads + n_kv_heads:]
+
+
+class RopeQKVFunction(torch.autograd.Function):
+    """(q_rot, k_rot, v) from one fused projection; the backward writes dq, dk (rotated back) and dv
+    into one gradient of qkv's shape, so no concatenation of three gradients follows it."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_q_heads, n_kv_heads, position_ids, theta):
+        ctx.save_for_backward(position_ids)
+        ctx.theta, ctx.heads = theta, (n_q_heads, n_kv_heads)
+        q, k, v = split_heads(qkv, n_q_heads, n_kv_heads)
+        return (*_rotated_copy(q, k, position_ids, theta, inverse=False), v)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        (position_ids,) = ctx.saved_tensors
+        d_qkv = torch.empty((dq.shape[0], dq.shape[1] * dq.shape[2] + 2 * dv.shape[1] * dv.shape[2]),
+                            dtype=dq.dtype, device=dq.device)
+        d_q, d_k, d_v = split_heads(d_qkv, *ctx.heads)
+        _launch(_unit_last_stride(dq), _unit_last_stride(dk), d_q, d_k, position_ids, ctx.theta, inverse=True)
+        d_v.copy_(dv)
+        return d_qkv, None, None, None, None
+
+
+def rope_qkv(qkv, n_q_heads: int, n_kv_heads: int, position_ids, theta: float):
+    """(q_rot [T, Hq, D], k_rot [T, Hkv, D], v [T, Hkv, D], a view) from a fused projection qkv [T, (Hq + 2 Hkv) D]."""
+    if use_triton(qkv):
+        return RopeQKVFunction.apply(qkv, n_q_heads, n_kv_heads, position_ids, theta)
+    q, k, v = split_heads(qkv, n_q_heads, n_kv_heads)
+    return (*rope_reference(q, k, position_ids, theta), v)
 
 
 def rope(q, k, position_ids, theta: float, inplace: bool = False):

@@ -220,6 +220,16 @@ def argmax_over_column_tiles(hidden, weight, columns: int) -> torch.Tensor:
     return best_index.squeeze(-1)
 
 
+class FusedLinear(nn.Linear):
+    """One GEMM for several projections of the same input: the weight (and bias) is theirs stacked by rows
+    in `checkpoint_parts` order ({name: out_features}, sibling module names in a checkpoint). Checkpoints
+    keep each part under its own name: models/weights.py splits and joins the rows."""
+
+    def __init__(self, in_features: int, checkpoint_parts: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(checkpoint_parts.values()), bias=bias)
+        self.checkpoint_parts = dict(checkpoint_parts)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -235,8 +245,9 @@ class LayerNorm(nn.Module):
         super().__init__()
         self.weight, self.bias, self.eps = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim)), eps
 
-    def forward(self, x):
-        return layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(self, x, residual=None):
+        """norm(x), or with `residual`: (norm(x + residual), x + residual) in one pass."""
+        return layer_norm(x, self.weight, self.bias, self.eps, residual)
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:

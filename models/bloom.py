@@ -8,7 +8,8 @@ matrix is the embedding.
 
 With apply_residual_connection_post_layernorm the residual is the normalized input instead.
 query_key_value's output rows are interleaved per head: (q, k, v) of head 0, then head 1, ...
-Module and parameter names are transformers' own.
+Module and parameter names are transformers' own. The residual adds are fused into the next norm
+(layer_norm(..., residual=)).
 """
 from __future__ import annotations
 
@@ -67,11 +68,14 @@ class BloomBlock(nn.Module):
         self.post_attention_layernorm = LayerNorm(c.hidden_size, c.norm_eps)
         self.mlp = BloomMLP(c)
 
-    def forward(self, x, ctx: AttentionContext, slopes):
-        h = self.input_layernorm(x)
-        x = (h if self.post_ln_residual else x) + self.self_attention(h, ctx, slopes)
-        h = self.post_attention_layernorm(x)
-        return (h if self.post_ln_residual else x) + self.mlp(h)
+    def forward(self, x, residual, ctx: AttentionContext, slopes):
+        """x: the previous sublayer's output; residual: what it adds to (None at block 0). Returns this
+        block's MLP output and what that adds to: the stream, or with apply_residual_connection_post_layernorm
+        the post-attention norm's output."""
+        h, stream = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x), x)
+        h2, stream = self.post_attention_layernorm(self.self_attention(h, ctx, slopes),
+                                                   h if self.post_ln_residual else stream)
+        return self.mlp(h2), h2 if self.post_ln_residual else stream
 
 
 class BloomForCausalLM(CausalLM):
@@ -100,8 +104,8 @@ class BloomForCausalLM(CausalLM):
 
     def hidden_states(self, input_ids, ctx: AttentionContext) -> torch.Tensor:
         t = self.transformer
-        x = t.word_embeddings_layernorm(t.word_embeddings(input_ids))
+        x, residual = t.word_embeddings_layernorm(t.word_embeddings(input_ids)), None
         slopes = self.slopes(x.device)
         for block in t.h:
-            x = block(x, ctx, slopes)
-        return t.ln_f(x)
+            x, residual = block(x, residual, ctx, slopes)
+        return t.ln_f(x, residual)[0]

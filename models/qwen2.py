@@ -5,17 +5,19 @@ grouped-query attention with q/k/v biases, and a SwiGLU MLP.
     for each block:  x = x + attn(rmsnorm(x));  x = x + mlp(rmsnorm(x))
     hidden = rmsnorm(x);  logits = hidden @ W_out^T   (W_out tied to the embedding or not)
 
-Module and parameter names are transformers' own, so a checkpoint's tensor names are our
-state_dict keys. The residual adds are fused into the next norm (rms_norm(..., residual=)).
+Module and parameter names are transformers' own, except two fused projections: q, k and v are
+one GEMM (qkv_proj), gate and up another (gate_up_proj); checkpoints keep transformers' names
+(q_proj/k_proj/v_proj, gate_proj/up_proj: models/weights.py splits the rows). The residual adds
+are fused into the next norm (rms_norm(..., residual=)).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from kernels.rope import rope
+from kernels.rope import rope_qkv
 from kernels.swiglu import swiglu
-from models.base import AttentionContext, CausalLM, RMSNorm, attend
+from models.base import AttentionContext, CausalLM, FusedLinear, RMSNorm, attend
 from models.config import ModelConfig
 
 
@@ -23,29 +25,25 @@ class Qwen2Attention(nn.Module):
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.c = layer, c
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.qkv_proj = FusedLinear(c.hidden_size, {"q_proj": q_dim, "k_proj": kv_dim, "v_proj": kv_dim}, bias=True)
+        self.o_proj = nn.Linear(q_dim, c.hidden_size, bias=False)
 
     def forward(self, x, ctx: AttentionContext):
-        tokens, c = x.shape[0], self.c
-        q = self.q_proj(x).view(tokens, c.num_heads, c.head_dim)
-        k = self.k_proj(x).view(tokens, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).view(tokens, c.num_kv_heads, c.head_dim)
-        q, k = rope(q, k, ctx.position_ids, c.rope_theta)
-        return self.o_proj(attend(q, k, v, self.layer, ctx).reshape(tokens, -1))
+        c = self.c
+        q, k, v = rope_qkv(self.qkv_proj(x), c.num_heads, c.num_kv_heads, ctx.position_ids, c.rope_theta)
+        return self.o_proj(attend(q, k, v, self.layer, ctx).reshape(x.shape[0], -1))
 
 
 class Qwen2MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        inter = c.intermediate_size
+        self.gate_up_proj = FusedLinear(c.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=False)
+        self.down_proj = nn.Linear(inter, c.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class Qwen2Block(nn.Module):

@@ -2,7 +2,8 @@
 config.json + model.safetensors out.
 
 The models use transformers' module names, so a checkpoint tensor name is a state_dict key,
-up to the body prefix ("model." / "transformer."), which some checkpoints omit. Loading
+up to the body prefix ("model." / "transformer."), which some checkpoints omit, and up to the
+fused projections, whose rows each part's name holds (`checkpoint_tensors`). Loading
 builds the model on the meta device, allocates it once in the target dtype, and copies the
 checkpoint in tensor by tensor: no second full copy of the model is ever held.
 """
@@ -62,9 +63,26 @@ def iter_tensors(path: Path):
     yield from state.items()
 
 
+def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
+    """Every parameter under its checkpoint name; a fused projection's (models.base.FusedLinear) as the
+    row views its parts own, each under its part's name (qkv_proj.weight -> q_proj.weight, ...)."""
+    tensors = {}
+    for name, p in model.named_parameters():
+        module_name, _, kind = name.rpartition(".")
+        parts = getattr(model.get_submodule(module_name), "checkpoint_parts", None)
+        if parts is None:
+            tensors[name] = p
+            continue
+        parent, start = module_name.rpartition(".")[0], 0
+        for part, rows in parts.items():
+            tensors[f"{parent}.{part}.{kind}"] = p[start:start + rows]
+            start += rows
+    return tensors
+
+
 def load_weights(model, directory: Path) -> None:
     """Fill `model` (allocated, in its dtype) from the checkpoint in `directory`."""
-    expected = dict(model.named_parameters())
+    expected = checkpoint_tensors(model)
     prefix = model.body_prefix
     loaded = set()
     for path in checkpoint_files(directory):
@@ -94,7 +112,7 @@ def save_pretrained(model, out_dir, tokenizer=None) -> None:
     """config.json + model.safetensors (+ tokenizer files) that transformers loads as-is."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
+    state = {name: t.detach().contiguous().cpu() for name, t in checkpoint_tensors(model).items()}
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config = model.config.to_dict(model.dtype)
     atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))

@@ -93,6 +93,31 @@ def test_bench_exits_2_with_a_line_per_failed_model(tmp_path, monkeypatch, capsy
                       for m in ("tiny-qwen2", "tiny-bloom")]
     assert json.loads((tmp_path / "throughput-cpu-detail.json").read_text())["errors"].keys() == {"tiny-qwen2",
                                                                                                    "tiny-bloom"}
+    # what was measured before the failure stays: our training and evaluation, as partial rows
+    result = json.loads((tmp_path / "throughput-cpu.json").read_text())
+    assert result["models"] == {} and result["partial"].keys() == {"tiny-qwen2", "tiny-bloom"}
+    assert all(m["eval_tokens_per_second"] > 0 and "baseline" not in m for m in result["partial"].values())
+
+
+def test_a_model_cut_at_the_step_limit_leaves_its_partial_row(tmp_path, monkeypatch):
+    """gpu.sh's timeout interrupts (SIGINT) a model during its evaluation: the files already hold its
+    training numbers and its measured / modeled split (modeled on H100 ceilings here, as on a GPU)."""
+    from bench import throughput
+    from kernels.hardware import PROJECTION
+    monkeypatch.setattr(throughput.Settings, "for_device", classmethod(lambda cls, *a: cls(256, 0, 1, 1, 2, 2, 1)))
+    monkeypatch.setattr(throughput.common, "hardware", lambda device: PROJECTION)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(throughput, "eval_ours", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        throughput.main(["--quick", "--models", "tiny-qwen2", "--out", str(tmp_path)])
+    stem = tmp_path / "throughput-cpu"
+    entry = json.loads(stem.with_suffix(".json").read_text())["partial"]["tiny-qwen2"]
+    assert entry["train_tokens_per_second"] > 0 and "eval_tokens_per_second" not in entry
+    assert entry["modeled_step_seconds"].keys() == entry["step_seconds"].keys() == {"forward", "backward", "optimizer"}
+    table = stem.with_suffix(".md").read_text()
+    assert "| tiny-qwen2 (partial) |" in table and "Measured / modeled ms" in table
 
 
 def test_results_go_to_the_users_folder_by_default():

@@ -126,7 +126,8 @@ def test_plan_batches_and_buckets():
 def test_graphs_recorded_once_per_size_over_an_evaluation(setup, monkeypatch):
     """Three decode batches through the CUDA-graph path, with a stand-in recorder whose replay
     reruns the recorded step on the static buffers: each graph batch size is recorded once for
-    the whole evaluation, not once per batch, and the tokens equal the eager ones."""
+    the whole evaluation, not once per batch, and the tokens equal the eager ones; later calls
+    replay the decode state kept on the model, until its weights are other tensors."""
     import engine.generate as generate
     model, _, prompts, reference = setup
     recorded, sizes_per_batch = [], []
@@ -158,6 +159,31 @@ def test_graphs_recorded_once_per_size_over_an_evaluation(setup, monkeypatch):
     assert stats["batches"] == len(sizes_per_batch) == 3
     assert stats["graph_captures"] == len(recorded) == len(used) == 3
     assert sum(map(len, sizes_per_batch)) == 6           # recording per batch would have taken 6
+    kept = model.decode_state
+    # a later evaluation (the next one of a training run) replays the kept graphs: nothing recorded
+    again = {}
+    assert greedy_generate(model, prompts, CAPS, eos_token_ids=[], kv_budget_bytes=budget, check_every=1,
+                           stats=again) == reference
+    assert again["graph_captures"] == 0 and len(recorded) == 3 and model.decode_state is kept
+    # a smaller evaluation fits the kept cache: still nothing recorded
+    assert greedy_generate(model, prompts[:2], CAPS[:2], eos_token_ids=[], kv_budget_bytes=budget,
+                           stats=again) == reference[:2]
+    assert again["graph_captures"] == 0 and model.decode_state is kept
+    # new weight tensors (graphs read the old addresses): the state is rebuilt and its graphs recorded anew
+    first = next(model.parameters())
+    first.data = first.data.clone()
+    assert greedy_generate(model, prompts, CAPS, eos_token_ids=[], kv_budget_bytes=budget, check_every=1,
+                           stats=again) == reference
+    assert again["graph_captures"] == 3 and model.decode_state is not kept
+    # a state larger than the bound is not kept; release_decode_state frees a kept one
+    monkeypatch.setattr(generate, "CPU_KV_BUDGET", model.decode_state.nbytes - 1)
+    greedy_generate(model, prompts[:1], CAPS[:1], eos_token_ids=[], kv_budget_bytes=budget)
+    assert model.decode_state is None
+    monkeypatch.setattr(generate, "CPU_KV_BUDGET", 1 << 30)
+    greedy_generate(model, prompts[:1], CAPS[:1], eos_token_ids=[], kv_budget_bytes=budget)
+    assert model.decode_state is not None
+    generate.release_decode_state(model)
+    assert model.decode_state is None
     monkeypatch.undo()
     eager = {}
     assert greedy_generate(model, prompts, CAPS, eos_token_ids=[], kv_budget_bytes=budget, cuda_graphs=False,

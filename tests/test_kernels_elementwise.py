@@ -10,7 +10,7 @@ import torch
 
 import kernels
 from kernels.gelu import gelu
-from kernels.rope import rope, rope_reference
+from kernels.rope import rope, rope_qkv, rope_reference
 from kernels.swiglu import swiglu
 from tests.helpers import rel_err
 from tests.test_kernels_norms import DTYPES, check_against_reference
@@ -64,6 +64,14 @@ def test_rope_inplace_ignored_under_autograd():
     assert torch.equal(q, q_before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(14, 2, 64), (12, 2, 128), (3, 1, 64)])
+def test_rope_on_fused_qkv(heads, kv_heads, head_dim, dtype):
+    """q and k rotated, v passed through, from one fused projection; one gradient for all three."""
+    qkv = torch.randn(len(POSITIONS), (heads + 2 * kv_heads) * head_dim)
+    check_against_reference(lambda qkv: rope_qkv(qkv, heads, kv_heads, POSITIONS, THETA), (qkv,), dtype)
+
+
 # (rows, I): single element, odd width, widths that are not multiples of the 1024 column
 # block, and real intermediate sizes with one or two rows.
 ELEMENTWISE_SHAPES = [(1, 1), (3, 100), (2, 2816), (1, 4864), (1, 8960), (2, 3, 1100)]
@@ -72,11 +80,13 @@ ELEMENTWISE_SHAPES = [(1, 1), (3, 100), (2, 2816), (1, 4864), (1, 8960), (2, 3, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES)
 def test_swiglu(shape, dtype):
-    check_against_reference(swiglu, (3 * torch.randn(shape), torch.randn(shape)), dtype)
+    """gate_up [..., 2I]: gate (scaled by 3, into silu's curved range) then up."""
+    check_against_reference(swiglu, (torch.cat((3 * torch.randn(shape), torch.randn(shape)), dim=-1),), dtype)
 
 
-def test_swiglu_halves_of_fused_projection():
-    check_against_reference(lambda gate_up: swiglu(*gate_up.chunk(2, dim=-1)), (torch.randn(3, 2 * 1100),),
+def test_swiglu_on_a_strided_row_view():
+    """gate_up as a column slice of a wider tensor (row stride > 2I): the gradient still lands in place."""
+    check_against_reference(lambda wide: swiglu(wide[:, 3:3 + 2 * 1100]), (torch.randn(3, 2 * 1100 + 5),),
                             torch.float32)
 
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.linear_cross_entropy import CHUNK_MULTIPLE, chunk_plan, linear_cross_entropy
+from kernels.linear_cross_entropy import (CHUNK_MULTIPLE, chunk_plan, linear_cross_entropy, padded_width,
+                                         triton_ce_rows)
 from tests.helpers import rel_err
 
 # triton 3.6's interpreter warns on every `range` over a runtime bound
@@ -30,12 +31,17 @@ def reference(hidden, weight, labels, reduction):
     return loss.detach(), h.grad, w.grad
 
 
-def fused(hidden, weight, labels, reduction, chunk, backend="triton"):
-    """The chunked op: Triton rows ("triton") or torch rows ("torch", fp32 only)."""
+def budget(chunk, V, dtype):
+    """The logits budget that gives training chunks of `chunk` rows (logits in the inputs' dtype)."""
+    return chunk * dtype.itemsize * V
+
+
+def fused(hidden, weight, labels, reduction, chunk, backend="triton", grad_output=1.0):
+    """The chunked op: Triton rows ("triton") or torch rows ("torch", fp32 only); gradients of grad_output * loss."""
     with kernels.backend(backend):
         loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction,
-                                    budget_bytes=chunk * 4 * weight.shape[0])
-    loss.backward()
+                                    budget_bytes=budget(chunk, weight.shape[0], hidden.dtype))
+    (grad_output * loss).backward()
     return loss.detach(), hidden.grad, weight.grad
 
 
@@ -84,9 +90,13 @@ def test_bf16_matches_float64_reference(seed):
     loss, grad_h, grad_w = fused(hidden, weight, labels, "mean", CHUNK_MULTIPLE)
     ref_loss, ref_h, ref_w = reference(hidden, weight, labels, "mean")
     assert grad_h.dtype == grad_w.dtype == torch.bfloat16 and loss.dtype == torch.float32
-    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-5  # fp32 logits: the loss is not bf16-rounded
+    # training: bf16 logits (each rounded by at most 2^-9), the loss summed in fp32
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-3
     assert rel_err(grad_h, ref_h) < TOL[torch.bfloat16]
     assert rel_err(grad_w, ref_w) < TOL[torch.bfloat16]
+    with torch.no_grad(), kernels.backend("triton"):   # forward only: fp32 logits, the loss not bf16-rounded
+        exact = linear_cross_entropy(hidden, weight, labels, budget_bytes=budget(CHUNK_MULTIPLE, V, torch.float32))
+    assert abs(exact.item() - ref_loss.item()) / ref_loss.item() < 1e-5
 
 
 def test_cpu_gemms_get_no_padded_rows(monkeypatch):
@@ -152,42 +162,64 @@ def test_no_grad_loss_and_single_backward():
         loss.backward()
 
 
-def test_chunk_plan_at_qwen2_0_5b_shape_fits_1_6gb():
-    """The logits chunk (384 MB), the bf16 dz group (512 MB: 5 groups at 8K tokens instead of 13 passes
-    over the fp32 grad_W) and the fp32 accumulator (545 MB) stay within ANCHORS' 1-2 GB at 32K tokens."""
+def test_chunk_plan_at_qwen2_0_5b_shape_fits_1_2gb():
+    """The bf16 logits chunk (512 MB: 5 chunks at 8K tokens) and the fp32 grad_W accumulator (545 MB)
+    stay within ANCHORS' 1-2 GB at 32K tokens; forward only, fp32 logits in the same budget."""
     T, H, V = 32768, 896, 151936
     plan = chunk_plan(T, H, V, torch.bfloat16)
-    assert plan.chunk_tokens % CHUNK_MULTIPLE == 0 and plan.chunk_tokens >= 512
-    assert plan.group_tokens % CHUNK_MULTIPLE == 0 and plan.group_tokens >= 2 * plan.chunk_tokens
-    assert plan.peak_extra_bytes <= 1.6e9
+    assert plan.chunk_tokens % CHUNK_MULTIPLE == 0 and plan.chunk_tokens >= 1024
+    assert plan.logits_dtype == torch.bfloat16 and -(-8192 // plan.chunk_tokens) == 5
+    assert plan.peak_extra_bytes <= 1.2e9
+    scoring = chunk_plan(T, H, V, torch.bfloat16, grads=False)
+    assert scoring.logits_dtype == torch.float32 and scoring.chunk_tokens == 768   # 512 MB of fp32 rows
     logits_gb = 4 * T * V / 1e9  # what an unfused fp32 loss would hold, before its gradient
     assert logits_gb > 19
     assert chunk_plan(64, H, V, torch.bfloat16).chunk_tokens == 64  # never more rows than tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradient_groups_of_several_chunks_match_float64_reference(dtype):
-    """dz in groups of 2 chunks (3 groups, the last one short): grad_W written by the first group and
-    added by the next; with one group (bf16) grad_W written straight in bf16."""
+def test_several_chunks_and_one_chunk_match_float64_reference(dtype):
+    """Chunks of 128 rows (6, the last one short): grad_W written by the first chunk and added by the
+    next, scaled by grad_output and rounded in backward; with one chunk (bf16) grad_W written straight
+    in bf16 and scaled in place."""
     T, H, V = 5 * CHUNK_MULTIPLE + 3, 32, 517
-    tol = TOL[dtype]
-    for groups in (3, 1):
+    for chunk in (CHUNK_MULTIPLE, 6 * CHUNK_MULTIPLE):
         hidden, weight, labels = make_inputs(T, H, V, dtype)
         labels[::9] = -100
-        gradient_budget = (2 if groups == 3 else 6) * CHUNK_MULTIPLE * V * dtype.itemsize
-        plan = chunk_plan(T, H, V, dtype, CHUNK_MULTIPLE * 4 * V, gradient_budget_bytes=gradient_budget)
-        if dtype == torch.bfloat16:
-            assert -(-T // plan.group_tokens) == groups
-        with kernels.backend("triton"), pytest.MonkeyPatch.context() as mp:
-            mp.setattr("kernels.linear_cross_entropy.GRADIENT_BUDGET_BYTES", gradient_budget)
-            mp.setattr("kernels.linear_cross_entropy.chunk_plan.__defaults__",
-                       (chunk_plan.__defaults__[0], True, gradient_budget))
-            loss = linear_cross_entropy(hidden, weight, labels, budget_bytes=CHUNK_MULTIPLE * 4 * V)
-        loss.backward()
+        plan = chunk_plan(T, H, V, dtype, budget(chunk, V, dtype))
+        assert plan.chunk_tokens == min(chunk, T) and plan.accumulates(T, dtype) == (chunk < T or dtype == torch.float32)
+        loss, grad_h, grad_w = fused(hidden, weight, labels, "mean", chunk, grad_output=-2.5)
         ref_loss, ref_h, ref_w = reference(hidden, weight, labels, "mean")
-        assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-5
-        assert rel_err(hidden.grad, ref_h) < tol and rel_err(weight.grad, ref_w) < tol
-        assert weight.grad.dtype == dtype
+        ref_h, ref_w = -2.5 * ref_h, -2.5 * ref_w
+        assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < (1e-5 if dtype == torch.float32 else 1e-3)
+        assert rel_err(grad_h, ref_h) < TOL[dtype] and rel_err(grad_w, ref_w) < TOL[dtype]
+        assert grad_w.dtype == dtype
+
+
+@pytest.mark.parametrize("V", [517, 151936])
+def test_row_kernel_on_padded_rows_writes_only_the_logical_row(V):
+    """The row kernel over a logits buffer whose rows are padded to 16 bytes (as on a GPU; odd and
+    Qwen2's vocabulary): loss and dz in place match float64, the padding columns are never written."""
+    assert padded_width(517, torch.bfloat16, torch.device("cuda")) == 520
+    assert padded_width(517, torch.float32, torch.device("cuda")) == 520
+    assert padded_width(517, torch.bfloat16, torch.device("cpu")) == 517
+    assert padded_width(V, torch.bfloat16, torch.device("cuda")) == -(-V // 8) * 8
+    rows, width = 3, V + 11
+    buf = torch.full((rows, width), 7.0).to(torch.bfloat16)
+    z = buf[:, :V]
+    z.copy_(torch.randn(rows, V) * 4)
+    labels = torch.tensor([0, -100, V - 1])
+    zd = z.double()
+    want_loss = torch.logsumexp(zd, 1) - zd[[0, 0, 2], [0, 0, V - 1]]
+    want_dz = (torch.softmax(zd, 1) - F.one_hot(labels.clamp(min=0), V)) * 0.5
+    want_dz[1] = 0
+    loss = torch.full((rows,), float("nan"))
+    with kernels.backend("triton"):
+        triton_ce_rows(z, labels, loss, torch.tensor([0.5]), -100, True)
+    assert (loss[[0, 2]].double() - want_loss[[0, 2]]).abs().max() < 1e-5 * want_loss.abs().max()
+    assert loss[1] == 0
+    assert rel_err(z, want_dz) < TOL[torch.bfloat16]
+    assert (buf[:, V:] == 7.0).all()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -198,6 +230,20 @@ def test_no_gradients_computed_under_no_grad(reduction, monkeypatch):
     mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(a[0].shape) or mm(*a, **k))
     with torch.no_grad(), kernels.backend("triton"):
-        loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, budget_bytes=CHUNK_MULTIPLE * 4 * 259)
+        loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, budget_bytes=budget(CHUNK_MULTIPLE, 259, torch.float32))
     assert len(calls) == 2          # two chunks' logits, no grad_hidden / grad_W products
     assert abs(loss.item() - reference(hidden, weight, labels, reduction)[0].item()) < 1e-4 * abs(loss.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="padded logits rows exist on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_odd_vocabulary_on_a_gpu_pads_the_logits_rows(dtype):
+    """V = 1003: the cuBLAS GEMMs write and read logits rows padded to 16 bytes (a strided out= view)."""
+    T, H, V = 2 * CHUNK_MULTIPLE + 7, 64, 1003
+    assert padded_width(V, dtype, torch.device("cuda")) > V
+    hidden, weight, labels = (t.cuda() for t in make_inputs(T, H, V, dtype))
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss, grad_h, grad_w = fused(hidden, weight, labels, "mean", CHUNK_MULTIPLE)
+    ref_loss, ref_h, ref_w = reference(hidden.cpu(), weight.cpu(), labels.cpu(), "mean")
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < (1e-5 if dtype == torch.float32 else 1e-3)
+    assert rel_err(grad_h.cpu(), ref_h) < TOL[dtype] and rel_err(grad_w.cpu(), ref_w) < TOL[dtype]

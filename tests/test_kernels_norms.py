@@ -97,6 +97,15 @@ def test_layer_norm(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES + [(2, 2048)])
+def test_layer_norm_with_fused_residual_add(shape, dtype):
+    """(y, x + residual): both outputs get a gradient, as BLOOM's stream does (the sum feeds the next add)."""
+    x, w = _norm_inputs(shape)
+    check_against_reference(lambda x, w, b, r: layer_norm(x, w, b, 1e-5, residual=r),
+                            (x, w, 0.1 * torch.randn(shape[-1]), torch.randn(shape)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(77, 100), (37, 896), (13, 1536)])
 def test_norm_backward_row_tiles(shape, dtype):
     """Backward programs take several rows per iteration (kernels.launch.backward_rows): row counts that
@@ -110,3 +119,5 @@ def test_norm_backward_row_tiles(shape, dtype):
     check_against_reference(lambda x, w, r: rms_norm(x, w, 1e-6, residual=r), (x, w, torch.randn(shape)), dtype)
     check_against_reference(lambda x, w, b: layer_norm(x, w, b, 1e-5), (*_norm_inputs(shape), torch.randn(shape[1])),
                             dtype)
+    check_against_reference(lambda x, w, b, r: layer_norm(x, w, b, 1e-5, residual=r),
+                            (*_norm_inputs(shape), torch.randn(shape[1]), torch.randn(shape)), dtype)

@@ -18,6 +18,7 @@ SHAPES = {
     "qwen2-mha16-d64": ("qwen2", 16, 16, 64, {"tied": False}),
     "bloom-16h-d64": ("bloom", 16, 16, 64, {}),
     "bloom-12h-d16": ("bloom", 12, 12, 16, {}),
+    "bloom-post-ln-residual": ("bloom", 4, 4, 16, {"apply_residual_connection_post_layernorm": True}),
 }
 
 

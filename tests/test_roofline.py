@@ -3,7 +3,7 @@ import torch
 
 from engine.costs import model_config
 from engine.optim import step_traffic
-from engine.roofline import layer_linears, roofline_table, summary, train_step_phases
+from engine.roofline import layer_linears, roofline_table, stage_seconds, summary, train_step_phases
 from kernels.hardware import PROJECTION
 from kernels.linear_cross_entropy import chunk_plan, traffic
 
@@ -13,7 +13,9 @@ def test_layer_gemm_flops_are_6_per_weight_per_token():
     gemms = next(p for p in train_step_phases(c, tokens=1000) if p.name == "layer GEMMs")
     weights = sum(i * o for i, o in layer_linears(c))
     assert gemms.flops == 6 * 1000 * weights
-    assert len(layer_linears(c)) == 7 * c.num_layers     # q, k, v, o, gate, up, down
+    assert len(layer_linears(c)) == 4 * c.num_layers     # qkv (fused), o, gate_up (fused), down
+    assert (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim) in layer_linears(c)
+    assert (c.hidden_size, 2 * c.intermediate_size) in layer_linears(c)
 
 
 def test_phase_time_is_the_slower_ceiling():
@@ -42,3 +44,12 @@ def test_loss_and_optimizer_bytes_follow_their_plans():
 def test_table_names_every_model_and_its_largest_phases():
     table = roofline_table(["qwen2-0.5b", "bloom-1b4-zh"])
     assert "qwen2-0.5b" in table and "bloom-1b4-zh" in table and "layer GEMMs" in table
+
+
+def test_stage_split_sums_to_the_step():
+    """The forward / backward / optimizer split bench/throughput.py prints next to its measured one."""
+    for name in ("qwen2-0.5b", "bloom-1b4-zh"):
+        c = model_config(name)
+        split = stage_seconds(c, 4096, 100)
+        assert abs(sum(split.values()) - sum(p.seconds for p in train_step_phases(c, 4096, 100))) < 1e-12
+        assert split["forward"] > 0 and split["backward"] > split["optimizer"] > 0
