@@ -250,7 +250,8 @@ def modeled_stages(raw: dict, batches: list[PackedBatch], device) -> dict | None
         return None
     tokens = statistics.mean(b.num_tokens for b in batches)
     seq_len = tokens / statistics.mean(b.num_sequences for b in batches)
-    return stage_seconds(ModelConfig.from_dict(raw, "bench config"), round(tokens), seq_len, hw)
+    share = sum(len(b.target_rows) for b in batches) / sum(b.num_tokens for b in batches)
+    return stage_seconds(ModelConfig.from_dict(raw, "bench config"), round(tokens), seq_len, hw, share)
 
 
 def bench_model(name: str, s: Settings, device, dtype, peak, matmul, save) -> tuple[dict, dict]:

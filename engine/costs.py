@@ -80,7 +80,7 @@ def activation_bytes(config: ModelConfig, tokens: int) -> int:
     k and v (2·kv_dim), and the MLP's saved tensors: gate, up and their product (3·I) for SwiGLU,
     fc1 and gelu outputs (2·I) for BLOOM; flash attention keeps no s x s scores. On top: the final
     norm (2h per token) and the fused linear cross-entropy's peak (kernels.linear_cross_entropy.
-    chunk_plan: fp32 logits chunk, fp32 output-matrix gradient, bf16 hidden gradient).
+    chunk_plan: the logits chunk in the training dtype and its gradients, counted for every row: a bound).
     """
     h, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     mlp = (3 if config.model_type == "qwen2" else 2) * config.intermediate_size

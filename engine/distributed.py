@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from engine.data import IGNORE, Example
+from engine.generate import release_decode_state
 from engine.packing import PackedBatch, bins_best_fit, collate
 from models import model_class
 
@@ -148,13 +149,14 @@ def gathered(model):
     units = [module for module in model.modules() if is_sharded(module)]
     for unit in units:
         unit.unshard()
+    with torch.device("meta"):                      # the model's own class (FSDP2 subclassed it)
+        plain = model_class(model.config)(model.config)
     try:
-        with torch.device("meta"):                  # the model's own class (FSDP2 subclassed it)
-            plain = model_class(model.config)(model.config)
         plain.load_state_dict({name: p.detach() for name, p in model.named_parameters()}, assign=True)
         plain.source_dir = getattr(model, "source_dir", None)
         yield plain.eval()
     finally:
+        release_decode_state(plain)     # its graphs read the gathered weights, which resharding frees
         for unit in units:
             unit.reshard()
 

@@ -10,7 +10,9 @@ The traffic comes from the same plans the code runs: the model's own nn.Linear m
 meta device; Qwen2's fused qkv and gate_up projections are one GEMM each) give the GEMMs, kernels.linear_cross_entropy.traffic the fused loss's chunks,
 engine.optim.step_traffic the optimizer's passes; change a kernel's plan and its bytes change here.
 bf16 weights and activations, fp32 masters and moments, one micro-batch per step (the defaults);
-sequences of `seq_len` tokens (attention keys: (seq_len + 1) / 2 per token on average).
+sequences of `seq_len` tokens (attention keys: (seq_len + 1) / 2 per token on average), of which
+`target_share` predict a poem token: the output layer and the loss run on those rows only (the
+training step's model.loss(target_rows=)); summary() takes it from the model's default prompt format.
 """
 from __future__ import annotations
 
@@ -22,12 +24,17 @@ from torch import nn
 from engine.optim import step_traffic
 from kernels.hardware import PROJECTION, Hardware
 from kernels.linear_cross_entropy import traffic as loss_traffic
-from models import KVCache, ModelConfig, model_class
+from models import REGISTRY, KVCache, ModelConfig, model_class
 
 BF16 = 2
 DEFAULT_TOKENS = 8192      # TrainConfig's batch_tokens for pretrained models
 DEFAULT_SEQ_LEN = 128      # a CN poem with its prompt, in tokens (~80-150)
 EVAL_BATCH = 256           # sequences decoded together (engine.costs.EVAL_BATCH)
+# The share of a step's tokens that predict a poem token, i.e. the rows of the output layer and the loss,
+# by prompt format: the frozen CN-256 poems have 108,499 target tokens in 244,112 in the chat format (the
+# instruct models' default) and in 152,110 in the plain one (BLOOM's), counted with the tiny tokenizer,
+# the models' own being unavailable offline: a proxy, their own counts differ.
+TARGET_SHARE = {"chat": 0.44, "plain": 0.71}
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,8 @@ def layer_linears(config: ModelConfig) -> list[tuple[int, int]]:
             if isinstance(m, nn.Linear) and "lm_head" not in name]
 
 
-def train_step_kernels(config: ModelConfig, tokens: int = DEFAULT_TOKENS,
-                       seq_len: int = DEFAULT_SEQ_LEN) -> dict[str, list[tuple[float, float, str]]]:
+def train_step_kernels(config: ModelConfig, tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
+                       target_share: float = 1.0) -> dict[str, list[tuple[float, float, str]]]:
     """Phase name -> its kernels (flops, bytes, stage): stage is FWD, BWD or OPT, where the kernel runs
     in bench/throughput.py's split of a step (the fused loss computes its gradients in the forward;
     the hooks' gradient adds run during the backward)."""
@@ -90,10 +97,12 @@ def train_step_kernels(config: ModelConfig, tokens: int = DEFAULT_TOKENS,
         elementwise = (rope + [(0, 3 * e * T * inter, FWD), (0, 5 * e * T * inter, BWD)]) * L
     else:      # GELU
         elementwise = [(0, 2 * e * T * inter, FWD), (0, 3 * e * T * inter, BWD)] * L
-    V = config.vocab_size
-    gemm_flops = {"logits GEMM": 2 * T * V * h, "grad_hidden GEMM": 2 * T * V * h, "grad_W GEMM": 2 * T * V * h}
+    V, K = config.vocab_size, round(T * target_share)      # K: the target rows the output layer sees
+    gemm_flops = {"logits GEMM": 2 * K * V * h, "grad_hidden GEMM": 2 * K * V * h, "grad_W GEMM": 2 * K * V * h}
     loss = [(gemm_flops.get(part, 0), nbytes, BWD if part == "grad_W round, scale" else FWD)
-            for part, nbytes in loss_traffic(T, h, V, torch.bfloat16).items()]
+            for part, nbytes in loss_traffic(K, h, V, torch.bfloat16).items()]
+    if K < T:   # the target rows gathered (forward), their gradient scattered into a zeroed [T, h] (backward)
+        loss += [(0, 2 * e * K * h, FWD), (0, e * T * h + 2 * e * K * h, BWD)]
     # embedding: gather forward; backward a dense [V, h] gradient written, added to the head's when tied
     embedding = [(0, e * T * h, FWD),
                  (0, e * V * h + e * T * h + (3 * e * V * h if config.tie_word_embeddings else 0), BWD)]
@@ -105,15 +114,16 @@ def train_step_kernels(config: ModelConfig, tokens: int = DEFAULT_TOKENS,
 
 
 def train_step_phases(config: ModelConfig, tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
-                      hw: Hardware = PROJECTION) -> list[Phase]:
-    return [phase(name, kernels, hw) for name, kernels in train_step_kernels(config, tokens, seq_len).items()]
+                      hw: Hardware = PROJECTION, target_share: float = 1.0) -> list[Phase]:
+    return [phase(name, kernels, hw) for name, kernels in train_step_kernels(config, tokens, seq_len,
+                                                                            target_share).items()]
 
 
 def stage_seconds(config: ModelConfig, tokens: int = DEFAULT_TOKENS, seq_len: float = DEFAULT_SEQ_LEN,
-                  hw: Hardware = PROJECTION) -> dict[str, float]:
+                  hw: Hardware = PROJECTION, target_share: float = 1.0) -> dict[str, float]:
     """The modeled step split as bench/throughput.py measures it: {forward, backward, optimizer} seconds."""
     split = dict.fromkeys((FWD, BWD, OPT), 0.0)
-    for kernels in train_step_kernels(config, tokens, seq_len).values():
+    for kernels in train_step_kernels(config, tokens, seq_len, target_share).values():
         for flops, nbytes, stage in kernels:
             split[stage] += _kernel(flops, nbytes, hw)[0]
     return split
@@ -134,7 +144,10 @@ def decode_step_phases(config: ModelConfig, batch: int = EVAL_BATCH, context: in
 
 
 def summary(name: str, config: ModelConfig, tokens: int = DEFAULT_TOKENS, hw: Hardware = PROJECTION) -> dict:
-    train, decode = train_step_phases(config, tokens, hw=hw), decode_step_phases(config, hw=hw)
+    """The modeled step of a registry model (or folder) in its default prompt format's TARGET_SHARE."""
+    spec = REGISTRY.get(name)
+    share = TARGET_SHARE["chat" if spec is not None and spec.chat else "plain"]
+    train, decode = train_step_phases(config, tokens, hw=hw, target_share=share), decode_step_phases(config, hw=hw)
     step, decode_s = sum(p.seconds for p in train), sum(p.seconds for p in decode)
     return {"model": name, "tokens": tokens, "step_seconds": step, "train_tokens_per_second": tokens / step,
             "decode_step_seconds": decode_s, "decode_tokens_per_second": EVAL_BATCH / decode_s,
@@ -156,6 +169,8 @@ def roofline_table(models: list[str], tokens: int = DEFAULT_TOKENS, hw: Hardware
     ceilings = (f"{hw.name}: matmul {hw.roofline_matmul_flops / 1e12:.0f} TFLOP/s, copy "
                 f"{hw.roofline_bytes_per_second / 1e12:.1f} TB/s")
     return (f"Speed of light (a model, engine/roofline.py; {ceilings}): one training step of {tokens:,} tokens "
-            f"(sequences of {DEFAULT_SEQ_LEN}), one decode step of {EVAL_BATCH} sequences.\n\n"
+            f"(sequences of {DEFAULT_SEQ_LEN}; the output layer and loss on the {TARGET_SHARE['chat']:.0%} (chat format) "
+            f"or {TARGET_SHARE['plain']:.0%} (plain) of the rows that predict a poem token), one decode step of "
+            f"{EVAL_BATCH} sequences.\n\n"
             + markdown_table(["model", "step ms", "train tok/s", "three largest phases", "decode tok/s"], rows)
             + "\n\n" + markdown_table(["model", "phase", "TFLOP", "GB", "ms", "bound"], details))

@@ -1,4 +1,5 @@
 """engine/roofline.py: the speed-of-light model's phases come from the code's own plans."""
+import pytest
 import torch
 
 from engine.costs import model_config
@@ -53,3 +54,12 @@ def test_stage_split_sums_to_the_step():
         split = stage_seconds(c, 4096, 100)
         assert abs(sum(split.values()) - sum(p.seconds for p in train_step_phases(c, 4096, 100))) < 1e-12
         assert split["forward"] > 0 and split["backward"] > split["optimizer"] > 0
+
+
+def test_the_output_layer_runs_on_the_target_rows_only():
+    c = model_config("qwen2-0.5b")
+    head = lambda share: next(p for p in train_step_phases(c, 8192, target_share=share) if p.name == "LM head + loss")
+    whole, chat = head(1.0), head(0.44)
+    assert chat.flops == pytest.approx(0.44 * whole.flops, rel=1e-3)       # the three vocabulary GEMMs
+    assert chat.bytes < 0.6 * whole.bytes
+    assert summary("qwen2-0.5b", c)["step_seconds"] < summary("qwen2-0.5b-folder", c)["step_seconds"]   # chat < plain
