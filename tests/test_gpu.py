@@ -185,3 +185,59 @@ def test_generation_with_cuda_graphs(name):
         reference = greedy_generate(model, prompts, list(caps), [7], cuda_graphs=False)
     assert graphs == eager == reference
     assert len({tuple(o) for o in reference}) > 1
+
+
+def test_fsdp2_on_one_device_trains_generates_and_checkpoints(tmp_path):
+    """FSDP2 on this device in a one-rank group (NCCL on a GPU, gloo on the CPU): its CUDA path (the
+    sharded fp32 model computing in bf16, unshard for the gathered model, CUDA graphs over the gathered
+    weights, DCP from device tensors) against a bf16 model with fp32 masters in one process."""
+    import socket
+
+    import torch.distributed as dist
+
+    from engine.distributed import gathered, shard_model
+    from engine.optim import model_names
+    from engine.runs import restore, save_checkpoint
+    from engine.train import train_step
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        name = "tiny-qwen2" if ON_CPU else "qwen2-0.5b"
+        plain = build_model(config(name), DEVICE, torch.bfloat16, seed=0)
+        plain.load_state_dict(initial_weights(name))
+
+        def sharded_model():
+            model = build_model(config(name), DEVICE, torch.float32, seed=0)
+            model.load_state_dict({k: v.float() for k, v in initial_weights(name).items()})
+            return shard_model(model, 1, torch.bfloat16)
+
+        sharded = sharded_model()
+        g = torch.Generator().manual_seed(2)
+        prompts = [torch.randint(0, plain.config.vocab_size, (n,), generator=g).tolist() for n in (3, 9, 1)]
+        with backend("triton"):
+            with gathered(sharded) as whole:       # the same bf16 weights: the same tokens, graphs and all
+                assert whole.dtype == torch.bfloat16 and whole.device.type == DEVICE.type
+                assert greedy_generate(whole, prompts, [5, 2, 4], [7]) == greedy_generate(plain, prompts, [5, 2, 4], [7])
+            b = packed_batch(plain.config.vocab_size)
+            losses = []
+            for model in (plain, sharded):
+                opt = AdamW(parameter_groups(model, 0.01), lr=LR)
+                losses.append([train_step(model, opt, [b], b.num_target_tokens, DEVICE, 1.0)[0].item()
+                               for _ in range(STEPS + 1)])
+        assert losses[1][0] == losses[0][0]      # identical bf16 weights and kernels before any update
+        for step, (got, want) in enumerate(zip(*reversed(losses))):
+            assert abs(got - want) / want < LOSS_FLOOR[torch.bfloat16] * COMPOUNDING ** step, (step, losses)
+        names = model_names(sharded, opt)
+        state = opt.state_dict(names)
+        with gathered(sharded) as whole:
+            save_checkpoint(tmp_path, whole, None, state, 1, STEPS + 1, {}, {"model": name}, rank=0)
+        again = sharded_model()
+        again_opt = AdamW(parameter_groups(again, 0.01), lr=LR)
+        restore(tmp_path / "checkpoint-1", again_opt, model_names(again, again_opt))
+        restored = again_opt.state_dict(model_names(again, again_opt))
+        for key in ("weights", "exp_avg", "exp_avg_sq"):
+            assert all(torch.equal(restored[key][n].to_local(), t.to_local()) for n, t in state[key].items()), key
+    finally:
+        dist.destroy_process_group()
