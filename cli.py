@@ -22,7 +22,9 @@ def cmd_memorize(args) -> None:
     config = from_flags(args)
     if args.nproc_per_node > 1 and "RANK" not in os.environ:
         from engine.launch import launch
-        config.resolved()                      # every check once, here, before any process starts
+        resolved = config.resolved()           # every check once, here, before any process starts
+        from engine.runs import check_output
+        check_output(Path(resolved.out), resolved.resume)
         launch(without_launcher_flags(args.argv), args.nproc_per_node)
         return
     results = memorize(config)

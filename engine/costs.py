@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.data import encode_examples, load_poems, model_format
-from engine.distributed import RESHARD_ABOVE, blocks
+from engine.distributed import RESHARD_ABOVE, blocks, step_traffic_bytes
 from engine.report import (ACCURACY_LABEL, PAPER_ACCURACY, bits_per_parameter, cell, duration, markdown_table, pooled,
                            pyplot, save_figure, seed_groups)
 from engine.runs import find_runs, run_gpu_seconds, write_text
@@ -157,8 +157,10 @@ def ranks_table(models: list[str], micro_batch_tokens: int) -> str:
              f"and one micro-batch's activations. N on a card: the fewest ranks whose peak fits {PLAN_SHARE:.0%} of "
              "it; fewer --micro-batch-tokens lower the activations (gradient accumulation keeps the step).",
              "Communication per step and micro-batch, each rank: (N-1)/N x (2 bytes gathered + 4 reduce-scattered) "
-             "a parameter (engine.distributed.step_traffic_bytes): 3 bytes a parameter on 2 ranks (1.5 GB a step "
-             "for a 0.5B model), 5.25 on 8; FSDP2 overlaps it with the blocks' compute."]
+             f"a parameter (engine.distributed.step_traffic_bytes): {step_traffic_bytes(1000, 2) / 1000:g} bytes a "
+             f"parameter on 2 ranks ({step_traffic_bytes(count_parameters(model_config('qwen2-0.5b')), 2) / 1e9:.1f} "
+             f"GB a step for qwen2-0.5b), {step_traffic_bytes(1000, 8) / 1000:g} on 8; FSDP2 overlaps it with the "
+             "blocks' compute."]
     return markdown_table(header, body) + "\n\n" + "\n".join(notes)
 
 

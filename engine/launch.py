@@ -11,6 +11,7 @@ RuntimeError with one line for the whole run, which cli.py prints and exits 2 on
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import uuid
@@ -26,6 +27,7 @@ def launch(argv: list[str], nproc: int) -> None:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     os.environ.setdefault("OMP_NUM_THREADS", "1")      # as torchrun: N ranks on one host share its cores
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)   # the one line below says it
     try:
         elastic_launch(config, sys.executable)(str(CLI), *argv)
     except ChildFailedError as e:

@@ -263,7 +263,7 @@ class AdamW:
     def _norm_and_scale(self, max_norm: float):
         """The global gradient norm (over every shard of every rank when sharded) and the clipping factor."""
         grads = [t for g in self.groups for t in g.parts()[1]]
-        squares = torch.stack([torch.linalg.vector_norm(t) for t in grads]).square().sum()
+        squares = torch.stack(torch._foreach_norm(grads)).square().sum()     # one launch per group of tensors
         if any(g.sharded for g in self.groups) and dist.is_initialized():
             dist.all_reduce(squares)
         norm = squares.sqrt()

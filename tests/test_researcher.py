@@ -107,3 +107,7 @@ def test_several_processes_from_cli_py(tmp_path):
     assert good.returncode == 0, good.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["world_size"] == 2 and "2 processes" in (tmp_path / "run" / "train.log").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)     # the run is refused, whole
+    assert again.returncode == 2 and again.stderr == (f"error: {tmp_path / 'run'} already holds a run: pass --resume "
+                                                      "to continue it, or another --out\n")
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
