@@ -259,4 +259,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if "RANK" in os.environ:                 # one of torchrun's processes (or --nproc-per-node's)
+        from engine.distributed import exit_rank
+        exit_rank(status)
+    sys.exit(status)

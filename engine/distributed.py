@@ -1,11 +1,11 @@
 """Data parallelism over torch.distributed (NCCL on GPUs, gloo on the CPU), as torchrun starts it.
 
-    rank, world, device = init_distributed(device)         # (0, 1, device) without torchrun
-    model = shard_model(model, world, torch.bfloat16)       # FSDP2; before the optimizer (world > 1)
-    mine = shard_step(step_batches, world, rank, micro_batch_tokens)    # each step (the same batches on every rank)
-    train_step(model, opt, mine, step_target_tokens, device, ...)       # engine/train.py: backwards, step
-    with gathered(model) as whole:                           # every rank; the plain model over gathered weights
-        summary, records = evaluate_sharded(whole, tokenizer, poems, lang, fmt, world, rank)  # rank 0 gets them
+    with distributed(device) as (rank, world, device):      # (0, 1, device) without torchrun
+        model = shard_model(model, world, torch.bfloat16)   # FSDP2; before the optimizer (world > 1)
+        mine = shard_step(step_batches, world, rank, micro_batch_tokens)    # each step (the same batches on every rank)
+        train_step(model, opt, mine, step_target_tokens, device, ...)       # engine/train.py: backwards, step
+        with gathered(model) as whole:                       # every rank; the plain model over gathered weights
+            summary, records = evaluate_sharded(whole, tokenizer, poems, lang, fmt, world, rank)  # rank 0 gets them
 
 One step is the same global step as in one process: every rank sees the whole step (the data
 order stays a pure function of seed and epoch), takes a token-balanced share of its sequences,
@@ -40,18 +40,40 @@ from models import model_class
 TIMEOUT = timedelta(hours=1)
 
 
-def init_distributed(device: str) -> tuple[int, int, str]:
-    """(rank, world size, device) from torchrun's environment; (0, 1, device) without it.
-    On GPUs each rank takes cuda:LOCAL_RANK."""
+@contextlib.contextmanager
+def distributed(device: str):
+    """(rank, world size, device) from torchrun's environment, the process group up for the block;
+    (0, 1, device) without torchrun. On GPUs each rank takes cuda:LOCAL_RANK.
+
+    A block that ends normally ends in a barrier (rank 0 may still be writing the run's results) and
+    tears the group down on every rank. A block that raises leaves the group as it is: a peer may be
+    waiting in a collective this rank will never join, and the launcher stops the other ranks once
+    one has failed. The process itself ends through exit_rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device
+        yield 0, 1, device
+        return
     cuda = device.startswith("cuda")
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
-    return dist.get_rank(), dist.get_world_size(), device
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    yield dist.get_rank(), dist.get_world_size(), device
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def exit_rank(status: int):
+    """Ends one of torchrun's processes with `status`, its output flushed, without the interpreter's
+    finalization. gloo's worker threads outlive destroy_process_group (FSDP2's device mesh keeps the
+    group), and one may still be releasing the last collective's work, which holds tensors of
+    FSDP2's all-gathers, when the main thread finalizes: its decref then waits for a GIL that never
+    comes, the thread is unwound through a noexcept destructor and the process aborts ("terminate
+    called without an active exception", SIGABRT; 10 of 30 4-rank exits with torch 2.13 on the CPU).
+    Every file of the run is written and closed before this."""
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 # ---------------------------------------------------------------- sharding one step

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from engine.console import Console, duration, size
 from engine.data import encode_examples, fingerprint, load_poems, local_path, model_format
-from engine.distributed import all_gather, evaluate_sharded, gathered, init_distributed, shard_model, shard_step
+from engine.distributed import all_gather, evaluate_sharded, gathered, distributed, shard_model, shard_step
 from engine.dynamics import EVALS_FILE, dynamics_summary, eval_lines
 from engine.evaluate import resolve_device
 from engine.optim import AdamW, lr_at, model_names, parameter_groups
@@ -371,7 +371,12 @@ class Run:
 def memorize(config: TrainConfig, progress: bool = True) -> dict:
     """Train, evaluate and write the run's folder; returns results.json's content (rank 0)."""
     config = config.resolved()
-    rank, world, device = init_distributed(config.device)
+    with distributed(config.device) as (rank, world, device):
+        return memorize_rank(config, rank, world, device, progress)
+
+
+def memorize_rank(config: TrainConfig, rank: int, world: int, device: str, progress: bool) -> dict:
+    """memorize() in one of `world` processes; rank 0 writes the run's files and returns the results."""
     out = Path(config.out)
     with claimed(out, lambda folder: check_output(folder, config.resume)) if rank == 0 else contextlib.nullcontext():
         saved = check_resume(config) if rank == 0 and config.resume else None

@@ -81,12 +81,18 @@ def recite_setup():
 
 
 def worker(rank, world, port, out_dir):
-    from engine.distributed import init_distributed
+    from engine.distributed import distributed, exit_rank
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    assert init_distributed("cpu") == (rank, world, "cpu")
-    out_dir = Path(out_dir)
+    with distributed("cpu") as found:
+        assert found == (rank, world, "cpu")
+        work(rank, world, Path(out_dir))
+    exit_rank(0)            # as cli.py ends a rank's process
+
+
+def work(rank, world, out_dir):
+    """One rank's share of every check; its findings to out_dir/rank{rank}.pt."""
     model, opt = setup(world)
     steps = train(world, rank, model, opt)
     resident, state = opt.resident_bytes(), opt.state_dict(model_names(model, opt))
@@ -107,7 +113,6 @@ def worker(rank, world, port, out_dir):
     bf16_losses = [[step["loss"] for step in train(n, rank if n > 1 else 0, *pair)] for n, pair in zip((1, world), bf16)]
     torch.save({"steps": steps, "weights": weights, "summary": summary, "records": records, "resident": resident,
                 "next_step": next_step, "resumed_equal": same, "bf16_losses": bf16_losses}, out_dir / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
 
 
 def free_port() -> int:
