@@ -135,13 +135,14 @@ def blocks(model) -> torch.nn.ModuleList:
     return next(module for module in model.modules() if isinstance(module, torch.nn.ModuleList))
 
 
-def shard_model(model, world: int, compute_dtype: torch.dtype):
+def shard_model(model, world: int, compute_dtype: torch.dtype, device: str | None = None):
     """FSDP2 over `world` ranks: each block sharded on its own, then the root (embedding, final norm,
     output layer). The model comes in fp32: its shards are the master weights; the forward and backward
-    run in compute_dtype (MixedPrecisionPolicy) and gradients are reduce-scattered in fp32."""
+    run in compute_dtype (MixedPrecisionPolicy) and gradients are reduce-scattered in fp32. A model on
+    the meta device (models.load_model's `shard`) names the `device` its shards will be allocated on."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(model.device.type, (world,))
+    mesh = init_device_mesh(torch.device(device or model.device).type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     reshard = model.num_parameters() > RESHARD_ABOVE
     units = [fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard) for block in blocks(model)]

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from engine.console import Console, duration, size
 from engine.data import encode_examples, fingerprint, load_poems, local_path, model_format
-from engine.distributed import all_gather, evaluate_sharded, gathered, distributed, shard_model, shard_step
+from engine.distributed import all_gather, distributed, evaluate_sharded, gathered, shard_model, shard_step
 from engine.dynamics import EVALS_FILE, dynamics_summary, eval_lines
 from engine.evaluate import resolve_device
 from engine.optim import AdamW, lr_at, model_names, parameter_groups
@@ -503,11 +503,11 @@ def setup(config: TrainConfig, rank: int, world: int, device: str) -> Run:
         raise ConfigError(f"--warmup-steps {warmup} is longer than the run ({total_steps} steps): the learning "
                           f"rate would never reach --lr; use fewer (the default, 3%, is {max(1, round(0.03 * total_steps))})")
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    # several ranks: loaded in fp32, whose shards become the master weights (FSDP2 computes in dtype)
-    model = load_model(config.model, device=device, seed=config.seed, dtype=torch.float32 if world > 1 else dtype)
+    # several ranks: loaded in fp32 as this rank's shards, which are the master weights (FSDP2 computes in dtype)
+    shard = (lambda model: shard_model(model, world, dtype, device)) if world > 1 else None
+    model = load_model(config.model, device=device, seed=config.seed, dtype=torch.float32 if world > 1 else dtype,
+                       shard=shard)
     check_vocabulary(examples, tokenizer, model.config.vocab_size, config.model)
-    if world > 1:
-        model = shard_model(model, world, dtype)
     opt = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
                 weight_decay=config.weight_decay)
     return Run(config, Path(config.out), rank, world, device, model, dtype, tokenizer, fmt, poems, examples, opt,

@@ -21,13 +21,15 @@ def model_class(config: ModelConfig) -> type[CausalLM]:
     return {"qwen2": Qwen2ForCausalLM, "bloom": BloomForCausalLM}[config.model_type]
 
 
-def empty_model(config: ModelConfig, device, dtype) -> CausalLM:
+def empty_model(config: ModelConfig, device, dtype, shard=None) -> CausalLM:
     """The model allocated once on `device` in `dtype` (bf16 on GPUs, fp32 on the CPU when None),
-    its values not yet set: built on the meta device, where .to(dtype) allocates nothing."""
+    its values not yet set: built on the meta device, where .to(dtype) allocates nothing, and
+    sharded there by `shard` if given, so that only this rank's shards are allocated."""
     with torch.device("meta"):
         model = model_class(config)(config)
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    return model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    return (shard(model) if shard else model).to_empty(device=device)
 
 
 def build_model(config: ModelConfig, device="cpu", dtype=None, seed: int | None = None) -> CausalLM:
@@ -40,15 +42,20 @@ def build_model(config: ModelConfig, device="cpu", dtype=None, seed: int | None 
     return model
 
 
-def load_model(name_or_path, device="cpu", dtype=None, random_init: bool = False, seed: int = 0) -> CausalLM:
+def load_model(name_or_path, device="cpu", dtype=None, random_init: bool = False, seed: int = 0,
+               shard=None) -> CausalLM:
     """A model from a folder, a registry name (local cache, then the hub) or a tiny preset.
-    `random_init` builds the registry's shape with random weights instead (needs no download)."""
+    `random_init` builds the registry's shape with random weights instead (needs no download).
+    `shard` (engine.distributed's FSDP2 over several ranks) takes the model and returns it sharded:
+    a checkpoint's model is sharded before its weights are read, and each rank reads only its rows;
+    a random one is built whole and then sharded, its values those of one process."""
     directory, spec = (None, REGISTRY[name_or_path]) if random_init else resolve(name_or_path)
     if directory is None:
         model = build_model(ModelConfig.from_dict(spec.config, f"preset {spec.name}"), device, dtype, seed)
+        model = shard(model) if shard else model
         model.source_dir = TINY_TOKENIZER if spec.repo is None else None
         return model
-    model = empty_model(ModelConfig.from_file(directory / "config.json"), device, dtype)
+    model = empty_model(ModelConfig.from_file(directory / "config.json"), device, dtype, shard)
     load_weights(model, directory)
     model.source_dir = directory
     return model

@@ -5,7 +5,9 @@ The models use transformers' module names, so a checkpoint tensor name is a stat
 up to the body prefix ("model." / "transformer."), which some checkpoints omit, and up to the
 fused projections, whose rows each part's name holds (`checkpoint_tensors`). Loading
 builds the model on the meta device, allocates it once in the target dtype, and copies the
-checkpoint in tensor by tensor: no second full copy of the model is ever held.
+checkpoint in tensor by tensor: no second full copy of the model is ever held. A model sharded
+on the meta device (FSDP2, several ranks) is allocated as this rank's shards, which take only
+their rows of each tensor: no rank ever holds the whole model.
 """
 from __future__ import annotations
 
@@ -63,26 +65,53 @@ def iter_tensors(path: Path):
     yield from state.items()
 
 
-def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
-    """Every parameter under its checkpoint name; a fused projection's (models.base.FusedLinear) as the
-    row views its parts own, each under its part's name (qkv_proj.weight -> q_proj.weight, ...)."""
-    tensors = {}
+def checkpoint_rows(model) -> dict[str, tuple[torch.Tensor, int, int | None]]:
+    """Every checkpoint tensor's name: (the parameter holding it, its first row there, its row count,
+    None for all of it). A fused projection (models.base.FusedLinear) holds its parts' rows in order
+    (qkv_proj.weight: q_proj.weight's rows, then k_proj's, then v_proj's)."""
+    rows = {}
     for name, p in model.named_parameters():
         module_name, _, kind = name.rpartition(".")
         parts = getattr(model.get_submodule(module_name), "checkpoint_parts", None)
         if parts is None:
-            tensors[name] = p
+            rows[name] = (p, 0, None)
             continue
         parent, start = module_name.rpartition(".")[0], 0
-        for part, rows in parts.items():
-            tensors[f"{parent}.{part}.{kind}"] = p[start:start + rows]
-            start += rows
-    return tensors
+        for part, count in parts.items():
+            rows[f"{parent}.{part}.{kind}"] = (p, start, count)
+            start += count
+    return rows
+
+
+def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
+    """Every parameter under its checkpoint name; a fused projection's as the row views its parts own,
+    each under its part's name (qkv_proj.weight -> q_proj.weight, ...)."""
+    return {name: p if count is None else p[start:start + count]
+            for name, (p, start, count) in checkpoint_rows(model).items()}
+
+
+def write_rows(param: torch.Tensor, start: int, tensor: torch.Tensor) -> None:
+    """`tensor` into param's rows from `start`. A parameter sharded by rows across ranks (FSDP2's DTensor,
+    Shard(0): rank r holds rows [r*c, (r+1)*c), c = ceil(rows / ranks)) takes only the rows this rank holds."""
+    local, first = param, 0
+    if hasattr(param, "to_local"):
+        local, mesh = param.to_local(), param.device_mesh
+        per_rank = -(-param.shape[0] // mesh.size())
+        first = min(mesh.get_local_rank() * per_rank, param.shape[0])
+        if len(param.placements) != 1 or not param.placements[0].is_shard(0) or \
+                local.shape[0] != min(per_rank, param.shape[0] - first):
+            raise NotImplementedError(f"a parameter sharded as {param.placements} with local rows "
+                                      f"{local.shape[0]} of {param.shape[0]}: only FSDP2's row sharding loads")
+    low, high = max(start, first), min(start + tensor.shape[0], first + local.shape[0])
+    if low < high:
+        with torch.no_grad():
+            local[low - first:high - first].copy_(tensor[low - start:high - start])
 
 
 def load_weights(model, directory: Path) -> None:
-    """Fill `model` (allocated, in its dtype) from the checkpoint in `directory`."""
-    expected = checkpoint_tensors(model)
+    """Fill `model` (allocated, in its dtype; its parameters may be FSDP2 shards, which take their rows
+    only) from the checkpoint in `directory`."""
+    expected = checkpoint_rows(model)
     prefix = model.body_prefix
     loaded = set()
     for path in checkpoint_files(directory):
@@ -95,12 +124,12 @@ def load_weights(model, directory: Path) -> None:
                     continue
                 raise CheckpointError(f"{path.name}: unexpected tensor {name!r}: is this checkpoint a "
                                       f"{model.config.model_type} model as its config.json says?")
-            target = expected[key]
-            if tuple(tensor.shape) != tuple(target.shape):
+            param, start, count = expected[key]
+            shape = tuple(param.shape) if count is None else (count, *param.shape[1:])
+            if tuple(tensor.shape) != shape:
                 raise CheckpointError(f"{path.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                      f"config.json implies {tuple(target.shape)}")
-            with torch.no_grad():
-                target.copy_(tensor)
+                                      f"config.json implies {shape}")
+            write_rows(param, start, tensor)
             loaded.add(key)
     missing = sorted(set(expected) - loaded)
     if missing:

@@ -19,7 +19,7 @@ from engine.optim import AdamW, model_names, parameter_groups
 from engine.packing import collate, pack
 from engine.runs import restore, save_checkpoint
 from engine.train import train_step
-from models import load_tokenizer
+from models import load_model, load_tokenizer
 from tests.helpers import rel_err, tiny_model
 
 POEMS = Path(__file__).parent / "fixtures" / "poems-en.jsonl"
@@ -111,7 +111,15 @@ def work(rank, world, out_dir):
     # (here, in each rank) keeps a bf16 model with fp32 masters in its flat buffers
     bf16 = [setup(n, torch.bfloat16) for n in (1, world)]
     bf16_losses = [[step["loss"] for step in train(n, rank if n > 1 else 0, *pair)] for n, pair in zip((1, world), bf16)]
-    torch.save({"steps": steps, "weights": weights, "summary": summary, "records": records, "resident": resident,
+    # a checkpoint read into a model sharded on the meta device (each rank reads its rows only) against the same
+    # checkpoint read whole
+    shard = lambda model: shard_model(model, world, torch.float32, "cpu")     # noqa: E731
+    loaded_equal = {}
+    for family in FAMILIES:
+        whole = dict(load_model(out_dir / family, dtype=torch.float32).named_parameters())
+        sharded = load_model(out_dir / family, dtype=torch.float32, shard=shard)
+        loaded_equal[family] = {name: torch.equal(full(p), whole[name]) for name, p in sharded.named_parameters()}
+    torch.save({"loaded_equal": loaded_equal, "steps": steps, "weights": weights, "summary": summary, "records": records, "resident": resident,
                 "next_step": next_step, "resumed_equal": same, "bf16_losses": bf16_losses}, out_dir / f"rank{rank}.pt")
 
 
@@ -133,6 +141,8 @@ def one_process():
 def ranks(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"ranks{world}")
+    for family in FAMILIES:
+        odd_checkpoint(out / family, family)
     mp.spawn(worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)], out
 
@@ -212,6 +222,32 @@ def test_a_checkpoint_saved_on_n_ranks_resumes_on_n_and_on_one(ranks, one_proces
     for name, p in model.named_parameters():
         assert torch.equal(p, ranks[0]["weights"][name]), name
     assert opt.step_count == 3 and world > 1
+
+
+FAMILIES = ("qwen2", "bloom")
+
+
+def odd_checkpoint(directory, family):
+    """A model folder whose shards are uneven and whose fused projections' parts straddle the ranks' rows:
+    4099 vocabulary rows; Qwen2's qkv_proj holds 48 + 16 + 16 rows (q_proj's 48 cross the boundary of
+    2 ranks' 40-row shards, k_proj's that of 4 ranks' 20-row ones), gate_up_proj 72 + 72."""
+    from models import build_model
+    from models.config import ModelConfig
+    from models.registry import REGISTRY
+    preset = REGISTRY[f"tiny-{family}"].config
+    config = ModelConfig.from_dict({**preset, "vocab_size": 4099, "hidden_size": 48, "num_attention_heads": 3,
+                                    "num_key_value_heads": 1, "intermediate_size": 72, "num_hidden_layers": 2})
+    build_model(config, seed=11).save_pretrained(directory)
+
+
+def test_a_checkpoint_loads_as_each_ranks_rows(ranks):
+    """models.load_model(shard=...): the model sharded on the meta device, each rank reading only its rows of
+    each tensor, gathers to exactly the weights of the same checkpoint read whole (Qwen2's fused qkv and
+    gate/up, BLOOM's, tied embeddings, uneven shards)."""
+    for rank in ranks[0]:
+        for family in FAMILIES:
+            equal = rank["loaded_equal"][family]
+            assert len(equal) > 5 and all(equal.values()), (family, [n for n, same in equal.items() if not same])
 
 
 def test_idle_micro_batch_costs_nothing(one_thread):
