@@ -33,7 +33,7 @@ from engine.optim import AdamW, parameter_groups
 from engine.packing import PackedBatch
 from kernels.attention import cu_seqlens
 from kernels.dispatch import backend
-from models import REGISTRY, ModelConfig, build_model
+from models import REGISTRY, ModelConfig, build_model, load_model
 
 ATTENTION = importlib.import_module("kernels.attention")   # the module (kernels/__init__ may shadow the name)
 ON_CPU = os.environ.get("GPU_TESTS_ON_CPU") == "1"
@@ -57,8 +57,9 @@ YARDSTICK = 3.0        # x the torch path's own bf16 error (for the loss: its la
 
 
 def config(name: str, **override) -> ModelConfig:
-    """The registry's model cut to two layers."""
-    return dataclasses.replace(ModelConfig.from_dict(REGISTRY[name].config, name), num_layers=2, **override)
+    """The registry's model cut to two layers (in its raw config too, which a saved config.json holds)."""
+    return dataclasses.replace(ModelConfig.from_dict({**REGISTRY[name].config, "num_hidden_layers": 2}, name),
+                               **override)
 
 
 def packed_batch(vocab: int) -> PackedBatch:
@@ -239,5 +240,12 @@ def test_fsdp2_on_one_device_trains_generates_and_checkpoints(tmp_path):
         restored = again_opt.state_dict(model_names(again, again_opt))
         for key in ("weights", "exp_avg", "exp_avg_sq"):
             assert all(torch.equal(restored[key][n].to_local(), t.to_local()) for n, t in state[key].items()), key
+        # the saved model/ read back as this rank's shards, allocated on the device from the meta device
+        loaded = load_model(tmp_path / "checkpoint-1" / "model", DEVICE, torch.float32,
+                            shard=lambda model: shard_model(model, 1, torch.bfloat16, DEVICE))
+        with gathered(sharded) as whole:
+            saved = {n: p.float() for n, p in whole.named_parameters()}
+        assert all(p.to_local().device.type == DEVICE.type and torch.equal(p.to_local(), saved[n])
+                   for n, p in loaded.named_parameters())
     finally:
         dist.destroy_process_group()
