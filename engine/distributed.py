@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -70,7 +71,6 @@ def exit_rank(status: int):
     comes, the thread is unwound through a noexcept destructor and the process aborts ("terminate
     called without an active exception", SIGABRT; 10 of 30 4-rank exits with torch 2.13 on the CPU).
     Every file of the run is written and closed before this."""
-    import sys
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
