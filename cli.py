@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from engine.launch import report_error
+
 # `bench` and `kernels` hand their arguments to the benchmark scripts (see their --help).
 PASSTHROUGH = {"bench": ("bench.throughput", "training and evaluation throughput against transformers"),
                "kernels": ("bench.kernel_report", "compile every Triton launch for sm_80, sm_89 and sm_90 and report")}
@@ -246,14 +248,14 @@ def main(argv=None) -> int:
             check_value(name, value)
         args.run(args)
     except KeyboardInterrupt:
-        print(f"error: interrupted: {interrupted(args)}", file=sys.stderr)
+        report_error(f"error: interrupted: {interrupted(args)}")
         return 2
     except Exception as e:
         if debug:
             raise
         known = isinstance(e, (ValueError, OSError, RuntimeError)) and not isinstance(e, NotImplementedError)
-        print(f"error: {e}" if known else f"error: {type(e).__name__}: {e} (run again with --debug for the "
-              "traceback, and please report it)", file=sys.stderr)
+        report_error(f"error: {e}" if known else f"error: {type(e).__name__}: {e} (run again with --debug for the "
+                     "traceback, and please report it)")
         return 2
     return 0
 

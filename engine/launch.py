@@ -6,18 +6,35 @@ torchrun runs on), without torchrun's traceback when a rank fails:
 The caller checks the arguments once, in this process, before anything starts; then every rank runs the
 same command line without --nproc-per-node, as `cli.py` under the same Python, with RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT set by the launcher (a local rendezvous on a free port, as
-torchrun --standalone does). A rank that fails has printed its own `error:` line; launch() raises
-RuntimeError with one line for the whole run, which cli.py prints and exits 2 on.
+torchrun --standalone does). A failure stays one line: a rank's `error:` line goes through
+report_error, which leaves it in a folder of the launcher's (rank 0 prints its own too); launch()
+then shows each other line that says something else once, and a last line naming the failed ranks
+unless rank 0's line explains them all (the others failed the same way, or were stopped by the
+launcher once rank 0 had failed). Under torchrun every rank prints its own line.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
+ERRORS = "MEMORIZE_RANK_ERRORS"           # the launcher's folder of the ranks' error lines, in their environment
+
+
+def report_error(line: str) -> None:
+    """A command's one error line: printed, and under the engine's launcher also left for it (ranks other
+    than 0 only leave it)."""
+    folder, rank = os.environ.get(ERRORS), os.environ.get("RANK")
+    if folder and rank is not None:
+        Path(folder, f"rank{rank}").write_text(line, encoding="utf-8")
+        if rank != "0":
+            return
+    print(line, file=sys.stderr)
 
 
 def launch(argv: list[str], nproc: int) -> None:
@@ -27,10 +44,25 @@ def launch(argv: list[str], nproc: int) -> None:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     os.environ.setdefault("OMP_NUM_THREADS", "1")      # as torchrun: N ranks on one host share its cores
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)   # the one line below says it
-    try:
-        elastic_launch(config, sys.executable)(str(CLI), *argv)
-    except ChildFailedError as e:
-        failed = sorted(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in e.failures.items())
-        raise RuntimeError(f"{len(failed)} of {nproc} processes failed: {', '.join(failed)}; their messages are "
-                           "above") from None
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)   # the lines below say it
+    with tempfile.TemporaryDirectory(prefix="rank-errors-") as folder:
+        os.environ[ERRORS] = folder
+        try:
+            elastic_launch(config, sys.executable)(str(CLI), *argv)
+        except ChildFailedError as e:
+            lines = {int(path.name[4:]): path.read_text(encoding="utf-8") for path in Path(folder).glob("rank*")}
+            failures = {rank: failure.exitcode for rank, failure in e.failures.items()}
+        else:
+            return
+        finally:
+            del os.environ[ERRORS]
+    first = lines.get(0)
+    for line in dict.fromkeys(line for rank, line in sorted(lines.items()) if line != first):
+        ranks = [rank for rank, said in sorted(lines.items()) if said == line]
+        print(f"{line} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})", file=sys.stderr)
+    stopped = -signal.SIGTERM
+    if first is not None and all(lines.get(rank) == first or code == stopped for rank, code in failures.items()):
+        raise SystemExit(2)                           # rank 0's line, printed, is the whole story
+    failed = [f"rank {rank} (exit code {code})" for rank, code in sorted(failures.items())]
+    raise RuntimeError(f"{len(failed)} of {nproc} processes failed: {', '.join(failed)}" +
+                       ("; their messages are above" if lines else ""))

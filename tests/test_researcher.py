@@ -1,6 +1,7 @@
 """What a researcher sees and keeps: the start summary and train.log, provenance in results.json and
 report.md, a run re-made from its config file, checkpoints that fit a disk, several processes from cli.py."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -111,3 +112,18 @@ def test_several_processes_from_cli_py(tmp_path):
     assert again.returncode == 2 and again.stderr == (f"error: {tmp_path / 'run'} already holds a run: pass --resume "
                                                       "to continue it, or another --out\n")
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+
+
+def test_a_failure_inside_the_ranks_is_one_line(tmp_path):
+    """Every rank fails the same way (a truncated checkpoint): rank 0's line alone, exit 2 (each rank printed
+    it, then the launcher a line of its own). The launcher's folder of error lines is gone after."""
+    from tests.helpers import tiny_checkpoint
+    model = tiny_checkpoint(tmp_path / "model")
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])
+    command = [sys.executable, str(ROOT / "cli.py"), "memorize", "--nproc-per-node", "2", "--model", str(model),
+               "--poems", "4", "--epochs", "1", "--out", str(tmp_path / "run")]
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+    assert failed.stderr.startswith(f"error: {model / 'model.safetensors'} is truncated or corrupt"), failed.stderr
+    assert not list(tmp_path.glob("rank-errors-*")) and not (tmp_path / "run").exists()
