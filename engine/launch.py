@@ -10,7 +10,9 @@ torchrun --standalone does). A failure stays one line: a rank's `error:` line go
 report_error, which leaves it in a folder of the launcher's (rank 0 prints its own too); launch()
 then shows each other line that says something else once, and a last line naming the failed ranks
 unless rank 0's line explains them all (the others failed the same way, or were stopped by the
-launcher once rank 0 had failed). Under torchrun every rank prints its own line.
+launcher once rank 0 had failed). A launcher interrupted itself (Ctrl-C, a scheduler's SIGTERM) leaves
+the line to rank 0, or, where rank 0 could not say it, to cli.py: what the run kept and how to resume it.
+Under torchrun every rank prints its own line.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ def report_error(line: str) -> None:
 
 def launch(argv: list[str], nproc: int) -> None:
     """Run `cli.py *argv` in `nproc` processes and wait for all of them."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
@@ -49,14 +52,17 @@ def launch(argv: list[str], nproc: int) -> None:
         os.environ[ERRORS] = folder
         try:
             elastic_launch(config, sys.executable)(str(CLI), *argv)
-        except ChildFailedError as e:
-            lines = {int(path.name[4:]): path.read_text(encoding="utf-8") for path in Path(folder).glob("rank*")}
-            failures = {rank: failure.exitcode for rank, failure in e.failures.items()}
-        else:
             return
+        except ChildFailedError as e:
+            failures = {rank: failure.exitcode for rank, failure in e.failures.items()}
+        except SignalException:            # this process was signalled (Ctrl-C, a scheduler's SIGTERM); the ranks stop
+            failures = None
         finally:
             del os.environ[ERRORS]
+        lines = {int(path.name[4:]): path.read_text(encoding="utf-8") for path in Path(folder).glob("rank*")}
     first = lines.get(0)
+    if failures is None:                   # rank 0 said what the interruption left; if it could not, cli.py does
+        raise SystemExit(2) if first is not None else KeyboardInterrupt
     for line in dict.fromkeys(line for rank, line in sorted(lines.items()) if line != first):
         ranks = [rank for rank, said in sorted(lines.items()) if said == line]
         print(f"{line} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})", file=sys.stderr)

@@ -3,8 +3,10 @@ report.md, a run re-made from its config file, checkpoints that fit a disk, seve
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,28 @@ def test_a_failure_inside_the_ranks_is_one_line(tmp_path):
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
     assert failed.stderr.startswith(f"error: {model / 'model.safetensors'} is truncated or corrupt"), failed.stderr
     assert not list(tmp_path.glob("rank-errors-*")) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("signalled", ["Ctrl-C", "SIGTERM to the launcher"])
+def test_an_interrupted_run_on_several_ranks_is_one_line(tmp_path, signalled):
+    """Ctrl-C (SIGINT to the whole process group) or a scheduler's SIGTERM to the launcher alone, after the
+    first checkpoint: one line naming the checkpoint to resume from, exit 2 (the launcher used to add
+    "SignalException ... please report it")."""
+    from tests.helpers import tiny_checkpoint
+    model, out = tiny_checkpoint(tmp_path / "model"), tmp_path / "run"
+    run = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "memorize", "--nproc-per-node", "2", "--model",
+                            str(model), "--poems", "16", "--epochs", "200", "--checkpoint-every", "1", "--eval-every",
+                            "1000", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "latest").is_file() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert run.poll() is None, "the run must be under way for this test to mean anything"
+    if signalled == "Ctrl-C":
+        os.killpg(run.pid, signal.SIGINT)
+    else:
+        run.send_signal(signal.SIGTERM)
+    errors = [line for line in run.communicate(timeout=120)[1].replace("\r", "\n").splitlines() if "error" in line]
+    assert run.returncode == 2 and len(errors) == 1, errors
+    assert re.fullmatch(rf"error: interrupted: {re.escape(str(out))} keeps its checkpoint of epoch \d+: continue with "
+                        rf"python cli.py memorize --resume --out {re.escape(str(out))}", errors[0]), errors
