@@ -8,9 +8,9 @@ same command line without --nproc-per-node, as `cli.py` under the same Python, w
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT set by the launcher (a local rendezvous on a free port, as
 torchrun --standalone does). A failure stays one line: a rank's `error:` line goes through
 report_error, which leaves it in a folder of the launcher's (rank 0 prints its own too); launch()
-then shows each other line that says something else once, and a last line naming the failed ranks
-unless rank 0's line explains them all (the others failed the same way, or were stopped by the
-launcher once rank 0 had failed). A launcher interrupted itself (Ctrl-C, a scheduler's SIGTERM) leaves
+then shows each other line that says something else once, naming its ranks, and a last line naming
+the failed ranks unless one line explains them all (every rank that failed said it, or was stopped
+by the launcher once another had failed: the first to fail is not always rank 0). A launcher interrupted itself (Ctrl-C, a scheduler's SIGTERM) leaves
 the line to rank 0, or, where rank 0 could not say it, to cli.py: what the run kept and how to resume it.
 Under torchrun every rank prints its own line.
 """
@@ -40,7 +40,8 @@ def report_error(line: str) -> None:
 
 
 def launch(argv: list[str], nproc: int) -> None:
-    """Run `cli.py *argv` in `nproc` processes and wait for all of them."""
+    """Run `cli.py *argv` in `nproc` processes and wait for all of them; a failure ends in SystemExit(2)
+    once its lines are out."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -60,15 +61,25 @@ def launch(argv: list[str], nproc: int) -> None:
         finally:
             del os.environ[ERRORS]
         lines = {int(path.name[4:]): path.read_text(encoding="utf-8") for path in Path(folder).glob("rank*")}
-    first = lines.get(0)
     if failures is None:                   # rank 0 said what the interruption left; if it could not, cli.py does
-        raise SystemExit(2) if first is not None else KeyboardInterrupt
-    for line in dict.fromkeys(line for rank, line in sorted(lines.items()) if line != first):
+        raise SystemExit(2) if 0 in lines else KeyboardInterrupt
+    for line in failure_lines(lines, failures, nproc):
+        print(line, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def failure_lines(lines: dict[int, str], failures: dict[int, int], nproc: int) -> list[str]:
+    """What the launcher prints once ranks failed (`failures`: rank -> exit code), given the error lines
+    they left (`lines`: rank -> line; rank 0 printed its own): each other line once, naming its ranks; then
+    a line naming the failed ranks, unless one line explains them all (every failed rank said it, or was
+    stopped by the launcher once another had failed)."""
+    shown = []
+    for line in dict.fromkeys(line for rank, line in sorted(lines.items()) if line != lines.get(0)):
         ranks = [rank for rank, said in sorted(lines.items()) if said == line]
-        print(f"{line} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})", file=sys.stderr)
-    stopped = -signal.SIGTERM
-    if first is not None and all(lines.get(rank) == first or code == stopped for rank, code in failures.items()):
-        raise SystemExit(2)                           # rank 0's line, printed, is the whole story
+        shown.append(f"{line} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})")
+    if len(set(lines.values())) == 1 and all(rank in lines or code == -signal.SIGTERM
+                                             for rank, code in failures.items()):
+        return shown
     failed = [f"rank {rank} (exit code {code})" for rank, code in sorted(failures.items())]
-    raise RuntimeError(f"{len(failed)} of {nproc} processes failed: {', '.join(failed)}" +
-                       ("; their messages are above" if lines else ""))
+    return shown + [f"error: {len(failed)} of {nproc} processes failed: {', '.join(failed)}" +
+                    ("; their messages are above" if lines else "")]

@@ -117,8 +117,9 @@ def test_several_processes_from_cli_py(tmp_path):
 
 
 def test_a_failure_inside_the_ranks_is_one_line(tmp_path):
-    """Every rank fails the same way (a truncated checkpoint): rank 0's line alone, exit 2 (each rank printed
-    it, then the launcher a line of its own). The launcher's folder of error lines is gone after."""
+    """Every rank fails the same way (a truncated checkpoint): one line, exit 2 (each rank printed it, then the
+    launcher a line of its own). The line is rank 0's, or, where another rank failed first and the launcher
+    stopped rank 0, that rank's, naming it. The launcher's folder of error lines is gone after."""
     from tests.helpers import tiny_checkpoint
     model = tiny_checkpoint(tmp_path / "model")
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])
@@ -129,6 +130,26 @@ def test_a_failure_inside_the_ranks_is_one_line(tmp_path):
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
     assert failed.stderr.startswith(f"error: {model / 'model.safetensors'} is truncated or corrupt"), failed.stderr
     assert not list(tmp_path.glob("rank-errors-*")) and not (tmp_path / "run").exists()
+
+
+def test_the_launcher_names_what_one_line_does_not_explain():
+    from engine.launch import failure_lines
+    corrupt, lost = "error: the checkpoint is corrupt", "error: connection closed by peer"
+    term, kill = -signal.SIGTERM, -signal.SIGKILL
+    # every rank said it, or rank 0 said it and the launcher stopped the others: rank 0 printed it, nothing more
+    assert failure_lines({0: corrupt, 1: corrupt}, {0: 2, 1: 2}, 2) == []
+    assert failure_lines({0: corrupt}, {0: 2, 1: term, 2: term}, 3) == []
+    # rank 1 failed first and the launcher stopped rank 0: rank 1's line, naming it
+    assert failure_lines({1: corrupt}, {0: term, 1: 2}, 2) == [f"{corrupt} (rank 1)"]
+    # two stories: the other one, naming its ranks, and the summary
+    assert failure_lines({0: corrupt, 1: lost, 2: lost}, {0: 2, 1: 2, 2: 2}, 3) == [
+        f"{lost} (ranks 1, 2)", "error: 3 of 3 processes failed: rank 0 (exit code 2), rank 1 (exit code 2), "
+        "rank 2 (exit code 2); their messages are above"]
+    # a rank killed by a signal of someone else's: named, whatever the others said
+    assert failure_lines({0: lost}, {0: 2, 1: kill}, 2) == [
+        "error: 2 of 2 processes failed: rank 0 (exit code 2), rank 1 (exit code -9); their messages are above"]
+    assert failure_lines({}, {0: term, 1: kill}, 2) == [
+        "error: 2 of 2 processes failed: rank 0 (exit code -15), rank 1 (exit code -9)"]
 
 
 @pytest.mark.parametrize("signalled", ["Ctrl-C", "SIGTERM to the launcher"])
