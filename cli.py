@@ -25,9 +25,15 @@ def cmd_memorize(args) -> None:
     if args.nproc_per_node > 1 and "RANK" not in os.environ:
         from engine.launch import launch
         resolved = config.resolved()           # every check once, here, before any process starts
-        from engine.runs import check_output
-        check_output(Path(resolved.out), resolved.resume)
-        launch(without_launcher_flags(args.argv), args.nproc_per_node)
+        from engine.runs import check_output, leave_nothing
+        out = Path(resolved.out)
+        check_output(out, resolved.resume)
+        created = not out.exists()
+        try:
+            launch(without_launcher_flags(args.argv), args.nproc_per_node)
+        except BaseException:                  # rank 0 may have been stopped before it could clean up
+            leave_nothing(out, created)
+            raise
         return
     results = memorize(config)
     if results:                 # rank 0's

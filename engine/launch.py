@@ -7,12 +7,12 @@ The caller checks the arguments once, in this process, before anything starts; t
 same command line without --nproc-per-node, as `cli.py` under the same Python, with RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT set by the launcher (a local rendezvous on a free port, as
 torchrun --standalone does). A failure stays one line: a rank's `error:` line goes through
-report_error, which leaves it in a folder of the launcher's (rank 0 prints its own too); launch()
-then shows each other line that says something else once, naming its ranks, and a last line naming
-the failed ranks unless one line explains them all (every rank that failed said it, or was stopped
-by the launcher once another had failed: the first to fail is not always rank 0). A launcher interrupted itself (Ctrl-C, a scheduler's SIGTERM) leaves
-the line to rank 0, or, where rank 0 could not say it, to cli.py: what the run kept and how to resume it.
-Under torchrun every rank prints its own line.
+report_error, which leaves it in a folder of the launcher's instead of printing it, and launch()
+prints what they say: the one line that explains every failed rank (each said it, or was stopped by
+the launcher once another had failed: the first to fail is not always rank 0); or each different
+line once, naming its ranks, and a line naming the failed ranks. A launcher interrupted itself
+(Ctrl-C, a scheduler's SIGTERM) says so in cli.py's one line, what the run kept and how to resume it:
+an interrupted rank may have failed in a collective first. Under torchrun every rank prints its own.
 """
 from __future__ import annotations
 
@@ -29,14 +29,12 @@ ERRORS = "MEMORIZE_RANK_ERRORS"           # the launcher's folder of the ranks' 
 
 
 def report_error(line: str) -> None:
-    """A command's one error line: printed, and under the engine's launcher also left for it (ranks other
-    than 0 only leave it)."""
+    """A command's one error line: printed, or under the engine's launcher left for it to print."""
     folder, rank = os.environ.get(ERRORS), os.environ.get("RANK")
     if folder and rank is not None:
         Path(folder, f"rank{rank}").write_text(line, encoding="utf-8")
-        if rank != "0":
-            return
-    print(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
 
 
 def launch(argv: list[str], nproc: int) -> None:
@@ -61,8 +59,8 @@ def launch(argv: list[str], nproc: int) -> None:
         finally:
             del os.environ[ERRORS]
         lines = {int(path.name[4:]): path.read_text(encoding="utf-8") for path in Path(folder).glob("rank*")}
-    if failures is None:                   # rank 0 said what the interruption left; if it could not, cli.py does
-        raise SystemExit(2) if 0 in lines else KeyboardInterrupt
+    if failures is None:
+        raise KeyboardInterrupt
     for line in failure_lines(lines, failures, nproc):
         print(line, file=sys.stderr)
     raise SystemExit(2)
@@ -70,16 +68,16 @@ def launch(argv: list[str], nproc: int) -> None:
 
 def failure_lines(lines: dict[int, str], failures: dict[int, int], nproc: int) -> list[str]:
     """What the launcher prints once ranks failed (`failures`: rank -> exit code), given the error lines
-    they left (`lines`: rank -> line; rank 0 printed its own): each other line once, naming its ranks; then
-    a line naming the failed ranks, unless one line explains them all (every failed rank said it, or was
-    stopped by the launcher once another had failed)."""
+    they left (`lines`: rank -> line): the one line that explains every failed rank (each said it, or was
+    stopped by the launcher once another had failed); else each line once, naming its ranks, then a line
+    naming the failed ranks."""
+    told = list(dict.fromkeys(line for _, line in sorted(lines.items())))
+    if len(told) == 1 and all(rank in lines or code == -signal.SIGTERM for rank, code in failures.items()):
+        return told
     shown = []
-    for line in dict.fromkeys(line for rank, line in sorted(lines.items()) if line != lines.get(0)):
+    for line in told:
         ranks = [rank for rank, said in sorted(lines.items()) if said == line]
         shown.append(f"{line} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})")
-    if len(set(lines.values())) == 1 and all(rank in lines or code == -signal.SIGTERM
-                                             for rank, code in failures.items()):
-        return shown
     failed = [f"rank {rank} (exit code {code})" for rank, code in sorted(failures.items())]
     return shown + [f"error: {len(failed)} of {nproc} processes failed: {', '.join(failed)}" +
                     ("; their messages are above" if lines else "")]

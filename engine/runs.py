@@ -130,6 +130,13 @@ def check_eval_output(out: Path, overwrite: bool) -> None:
                             "folder (or over its own results with --overwrite): pass another --out")
 
 
+def leave_nothing(out: Path, created: bool) -> None:
+    """After a failed command: the folder it created is removed unless a checkpoint was written into it
+    (which --resume continues)."""
+    if created and not checkpoints(out):
+        shutil.rmtree(out, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def claimed(out: Path, check):
     """Check the folder (check(out) raises what a command must not write into), create it, and hold its
@@ -159,8 +166,7 @@ def claimed(out: Path, check):
         check(out)                     # under the lock: no other command changes the folder meanwhile
         yield
     except BaseException:
-        if created and not checkpoints(out):
-            shutil.rmtree(out, ignore_errors=True)
+        leave_nothing(out, created)
         raise
     finally:
         lock.close()                   # closing the file releases the lock
@@ -237,6 +243,8 @@ def written_whole(final: Path, what: str, intact: str, rank: int | None = None):
         if making:
             shutil.rmtree(tmp, ignore_errors=True)
         e = first_failure(e)
+        if not isinstance(e, Exception):    # Ctrl-C inside DCP's save (which wraps it): not a write error
+            raise e from None
         reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
         raise TrainingError(f"cannot write {what} ({reason}): free disk space or fix the permissions of "
                             f"{final.parent}, then continue with --resume ({intact})") from None

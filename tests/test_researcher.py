@@ -118,8 +118,8 @@ def test_several_processes_from_cli_py(tmp_path):
 
 def test_a_failure_inside_the_ranks_is_one_line(tmp_path):
     """Every rank fails the same way (a truncated checkpoint): one line, exit 2 (each rank printed it, then the
-    launcher a line of its own). The line is rank 0's, or, where another rank failed first and the launcher
-    stopped rank 0, that rank's, naming it. The launcher's folder of error lines is gone after."""
+    launcher a line of its own), whichever rank failed first. The launcher's folder of error lines is gone
+    after, and so is the run's folder, which held no checkpoint."""
     from tests.helpers import tiny_checkpoint
     model = tiny_checkpoint(tmp_path / "model")
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])
@@ -136,18 +136,18 @@ def test_the_launcher_names_what_one_line_does_not_explain():
     from engine.launch import failure_lines
     corrupt, lost = "error: the checkpoint is corrupt", "error: connection closed by peer"
     term, kill = -signal.SIGTERM, -signal.SIGKILL
-    # every rank said it, or rank 0 said it and the launcher stopped the others: rank 0 printed it, nothing more
-    assert failure_lines({0: corrupt, 1: corrupt}, {0: 2, 1: 2}, 2) == []
-    assert failure_lines({0: corrupt}, {0: 2, 1: term, 2: term}, 3) == []
-    # rank 1 failed first and the launcher stopped rank 0: rank 1's line, naming it
-    assert failure_lines({1: corrupt}, {0: term, 1: 2}, 2) == [f"{corrupt} (rank 1)"]
-    # two stories: the other one, naming its ranks, and the summary
+    # one story: every failed rank told it, or told it and the launcher stopped the others (rank 0 among them)
+    assert failure_lines({0: corrupt, 1: corrupt}, {0: 2, 1: 2}, 2) == [corrupt]
+    assert failure_lines({0: corrupt}, {0: 2, 1: term, 2: term}, 3) == [corrupt]
+    assert failure_lines({1: corrupt}, {0: term, 1: 2}, 2) == [corrupt]
+    # two stories: each, naming its ranks, and the summary
     assert failure_lines({0: corrupt, 1: lost, 2: lost}, {0: 2, 1: 2, 2: 2}, 3) == [
-        f"{lost} (ranks 1, 2)", "error: 3 of 3 processes failed: rank 0 (exit code 2), rank 1 (exit code 2), "
-        "rank 2 (exit code 2); their messages are above"]
-    # a rank killed by a signal of someone else's: named, whatever the others said
+        f"{corrupt} (rank 0)", f"{lost} (ranks 1, 2)", "error: 3 of 3 processes failed: rank 0 (exit code 2), "
+        "rank 1 (exit code 2), rank 2 (exit code 2); their messages are above"]
+    # a rank killed by a signal of someone else's: named, whatever the others told
     assert failure_lines({0: lost}, {0: 2, 1: kill}, 2) == [
-        "error: 2 of 2 processes failed: rank 0 (exit code 2), rank 1 (exit code -9); their messages are above"]
+        f"{lost} (rank 0)", "error: 2 of 2 processes failed: rank 0 (exit code 2), rank 1 (exit code -9); their "
+        "messages are above"]
     assert failure_lines({}, {0: term, 1: kill}, 2) == [
         "error: 2 of 2 processes failed: rank 0 (exit code -15), rank 1 (exit code -9)"]
 
@@ -155,8 +155,9 @@ def test_the_launcher_names_what_one_line_does_not_explain():
 @pytest.mark.parametrize("signalled", ["Ctrl-C", "SIGTERM to the launcher"])
 def test_an_interrupted_run_on_several_ranks_is_one_line(tmp_path, signalled):
     """Ctrl-C (SIGINT to the whole process group) or a scheduler's SIGTERM to the launcher alone, after the
-    first checkpoint: one line naming the checkpoint to resume from, exit 2 (the launcher used to add
-    "SignalException ... please report it")."""
+    first checkpoint: one line naming the checkpoint to resume from, exit 2. The launcher used to add
+    "SignalException ... please report it"; rank 0, interrupted inside a checkpoint's collective after
+    rank 1 had exited, said "cannot write the checkpoint (Connection closed by peer): free disk space"."""
     from tests.helpers import tiny_checkpoint
     model, out = tiny_checkpoint(tmp_path / "model"), tmp_path / "run"
     run = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "memorize", "--nproc-per-node", "2", "--model",

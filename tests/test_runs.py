@@ -194,3 +194,17 @@ def test_cpu_threads_follow_the_models_size(model_dir, tmp_path, monkeypatch, om
     monkeypatch.setattr(engine.train, "train_step", lambda *a, **k: seen.add(torch.get_num_threads()) or real_step(*a, **k))
     memorize(config(model_dir, tmp_path), progress=False)
     assert seen == ({1} if omp is None else {2}) and torch.get_num_threads() == 2
+
+
+def test_an_interruption_inside_a_sharded_save_stays_an_interruption(tmp_path):
+    """DCP's save wraps whatever a rank raised, Ctrl-C too, in a CheckpointException: written_whole gives the
+    KeyboardInterrupt back (cli.py then says what the run kept), not "cannot write the checkpoint", and leaves
+    no temporary folder; a real write error still becomes one TrainingError."""
+    import torch.distributed.checkpoint as dcp
+
+    from engine.runs import written_whole
+    for raised, expected in ((KeyboardInterrupt(), KeyboardInterrupt), (OSError(28, "No space left"), TrainingError)):
+        with pytest.raises(expected):
+            with written_whole(tmp_path / "checkpoint-2", "the checkpoint", "earlier checkpoints are intact"):
+                raise dcp.CheckpointException("save failed", {0: (raised, None)})
+        assert list(tmp_path.iterdir()) == []
