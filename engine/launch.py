@@ -32,9 +32,12 @@ def report_error(line: str) -> None:
     """A command's one error line: printed, or under the engine's launcher left for it to print."""
     folder, rank = os.environ.get(ERRORS), os.environ.get("RANK")
     if folder and rank is not None:
-        Path(folder, f"rank{rank}").write_text(line, encoding="utf-8")
-    else:
-        print(line, file=sys.stderr)
+        try:
+            Path(folder, f"rank{rank}").write_text(line, encoding="utf-8")
+            return
+        except OSError:                    # the launcher is gone: say it here
+            pass
+    print(line, file=sys.stderr)
 
 
 def launch(argv: list[str], nproc: int) -> None:
