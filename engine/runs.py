@@ -207,10 +207,16 @@ def save_checkpoint(out: Path, whole, tokenizer, optimizer_state: dict, epoch: i
         dist.barrier()             # the checkpoint is whole for every rank when this returns
 
 
-def first_failure(error: Exception) -> Exception:
-    """The error itself, or under DCP's CheckpointException (which holds each failed rank's) the first rank's."""
+def first_failure(error: BaseException) -> Exception:
+    """The error itself, or under DCP's CheckpointException (which holds each failed rank's) the first rank's.
+    A wrapped interruption (Ctrl-C inside DCP's save or load) is raised again: it is not a failure to read
+    or write the checkpoint."""
     failures = getattr(error, "failures", None)
-    return first_failure(next(iter(failures.values()))[0]) if isinstance(failures, dict) and failures else error
+    if isinstance(failures, dict) and failures:
+        return first_failure(next(iter(failures.values()))[0])
+    if not isinstance(error, Exception):
+        raise error from None
+    return error
 
 
 @contextlib.contextmanager
@@ -243,8 +249,6 @@ def written_whole(final: Path, what: str, intact: str, rank: int | None = None):
         if making:
             shutil.rmtree(tmp, ignore_errors=True)
         e = first_failure(e)
-        if not isinstance(e, Exception):    # Ctrl-C inside DCP's save (which wraps it): not a write error
-            raise e from None
         reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
         raise TrainingError(f"cannot write {what} ({reason}): free disk space or fix the permissions of "
                             f"{final.parent}, then continue with --resume ({intact})") from None
